@@ -1,0 +1,35 @@
+# k2repro: two commands on a fresh machine, `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.k2repro-installed
+export DVC_NO_ANALYTICS := 1
+export OMP_NUM_THREADS := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test lint bench faults clean
+
+setup: $(STAMP)
+
+# torch is pinned here (a local CPU wheel); the package metadata stays permissive (torch>=2.6)
+# so that GPU clusters keep their own build.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+run: setup
+	$(BIN)/python scripts/run_pipeline.py
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check src tests bench scripts
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf runs reports/pipeline data/work
