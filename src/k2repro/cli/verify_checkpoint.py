@@ -1,0 +1,28 @@
+"""`k2repro verify-checkpoint PATH`: check every file against the checkpoint's manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from k2repro.errors import CheckpointError, VerificationFailed
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a checkpoint folder (…/checkpoints/step_00000010)")
+    parser.add_argument("--json", action="store_true", help="machine-readable result")
+
+
+def run(args: argparse.Namespace) -> int:
+    from k2repro.train.checkpoint import verify_checkpoint
+
+    try:
+        manifest = verify_checkpoint(args.path)
+    except CheckpointError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "path": args.path, "error": str(exc)}))
+        raise VerificationFailed(str(exc)) from None  # exit 1: DESIGN.md section 5
+    out = {"ok": True, "path": args.path, "step": manifest.get("step"), "files": len(manifest["files"]),
+           "world_size": manifest.get("world_size")}
+    print(json.dumps(out) if args.json else f"ok: {args.path} (step {out['step']}, {out['files']} files)")
+    return 0

@@ -1,0 +1,7 @@
+"""`torchrun --nproc-per-node N -m k2repro.train [overrides]` lands here."""
+
+import sys
+
+from k2repro.train.trainer import main
+
+sys.exit(main())

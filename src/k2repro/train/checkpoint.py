@@ -1,0 +1,168 @@
+"""DCP checkpoints with a sha256 manifest, written to a temporary folder and renamed.
+
+Layout of `<base>/<run_id>/checkpoints/step_00000010/`:
+- DCP files (`.metadata`, `__<rank>_<n>.distcp`): model + optimizer through
+  get_state_dict/set_state_dict, so a checkpoint saved at one world size loads at another;
+- `rank<r>.pt`: each rank's own state (RNG states, sampler, guard, step);
+- `manifest.json`: sha256 and size of every file (each rank hashes the files it wrote),
+  checked before anything is loaded. DCP writes `.metadata` last, and the folder appears under
+  its final name only once the manifest is complete, so a crash leaves either a whole checkpoint
+  or a `.step_*.tmp` folder that nothing loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from k2repro.data.packed import sha256_file
+from k2repro.errors import CheckpointError
+
+FORMAT = "k2repro-ckpt-v1"
+MANIFEST = "manifest.json"
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    rank_state: dict, rank: int, world_size: int, meta: dict,
+                    before_rename=None) -> dict:  # noqa: ANN001
+    """Collective: every rank calls it. Returns the `checkpoints` row (on every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if _is_dist():
+        dist.barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
+    mine = sorted(
+        f.name for f in tmp.iterdir()
+        if f.name == f"rank{rank}.pt" or f.name.startswith(f"__{rank}_") or (rank == 0 and f.name == ".metadata")
+    )
+    hashes = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in mine}
+    if _is_dist():
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, hashes)
+    else:
+        gathered = [hashes]
+    files: dict = {}
+    for g in gathered:
+        files.update(g)
+    manifest = {"format": FORMAT, "step": meta["step"], "world_size": world_size, "files": files, **meta}
+    if rank == 0:
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if before_rename is not None:
+            before_rename()
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    if _is_dist():
+        dist.barrier()
+    total = sum(int(v["bytes"]) for v in files.values())
+    return {
+        "step": int(meta["step"]), "path": str(path),
+        "manifest_sha256": sha256_file(path / MANIFEST), "bytes": total,
+        "save_s": time.perf_counter() - t0,
+    }
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Check that every file of the manifest is there with its sha256; raise CheckpointError
+    naming the first file that is missing or changed. Returns the manifest."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not mpath.exists():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST} (incomplete or not a k2repro checkpoint)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint manifest {mpath} is corrupt") from None
+    for name, info in sorted(files.items()):
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"checkpoint file {f} is missing")
+        if f.stat().st_size != int(info["bytes"]) or sha256_file(f) != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {f} is corrupt (sha256 differs from the manifest)")
+    return manifest
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    rank: int, world_size: int) -> tuple[dict, dict]:
+    """Verify, then load model + optimizer (resharding as needed) and this rank's state.
+    Returns (manifest, rank_state). A checkpoint from another world size gives each rank the
+    state of rank `rank % saved_world_size`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    manifest = verify_checkpoint(path)
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    saved_ws = int(manifest["world_size"])
+    rank_state = torch.load(Path(path) / f"rank{rank % saved_ws}.pt", weights_only=False)
+    return manifest, rank_state
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (final names only) in a run's checkpoint folder, oldest first."""
+    if not directory.is_dir():
+        return []
+    out = []
+    for d in directory.iterdir():
+        if d.is_dir() and d.name.startswith("step_") and (d / MANIFEST).exists():
+            try:
+                out.append((int(d.name[5:]), d))
+            except ValueError:
+                continue
+    return sorted(out)
+
+
+def prune(directory: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    ckpts = list_checkpoints(directory)
+    for _, d in ckpts[:-keep_last]:
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,462 @@
+"""The training loop: build, then fit.
+
+The loop computes; the audit sink records. Statistics stay on the device as tensors and move
+to the host once per flush (`audit.flush_every` steps). Every per-step reduction that the audit
+needs is folded into the one collective the step already does for gradient clipping: each rank
+contributes one vector (per-parameter squared gradient norms and max |grad|, loss sums, the
+previous layer-stats step's parameter/update norms) and a single all_gather gives every rank
+the same global numbers, so guard decisions agree across ranks without a host sync.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from k2repro.config.load import config_hash, flatten, load_config, to_dict
+from k2repro.config.schema import RunConfig
+from k2repro.data.loader import StepSampler, batch_hash, rank_slice
+from k2repro.data.packed import PackedDataset
+from k2repro.distributed.determinism import set_determinism
+from k2repro.distributed.fsdp import apply_fsdp, local
+from k2repro.distributed.init import DistInfo, barrier, broadcast_object, init_distributed, teardown
+from k2repro.errors import BadInputError, CheckpointError, GuardAbort, K2ReproError
+from k2repro.model.flops import flops_per_token
+from k2repro.model.llama import ModelArgs, Transformer, token_losses
+from k2repro.train import checkpoint as ckpt
+from k2repro.train import faults as F
+from k2repro.train.optim import build_optimizer, lr_at
+
+PURPOSE_INIT = 3
+STEP_FIELDS = ("loss", "grad_norm", "clipped", "loss_min", "loss_max", "loss_std", "logz_mean", "applied")
+
+
+def new_run_id(name: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40] or "run"
+    return f"{safe}-{stamp}-{secrets.token_hex(3)}"
+
+
+def init_generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([seed, PURPOSE_INIT]).generate_state(1)[0]))
+    return g
+
+
+def build_model(cfg: RunConfig, device: torch.device | str = "cpu") -> Transformer:
+    """The model with its seeded initial weights: identical on every rank and world size."""
+    with torch.device("meta" if str(device) == "meta" else "cpu"):
+        model = Transformer(ModelArgs.from_config(cfg.model))
+    if str(device) != "meta":
+        model.init_weights(init_generator(cfg.train.seed))
+        model.to(device)
+    return model
+
+
+@dataclass
+class Pending:
+    """Device-side statistics waiting for the next flush."""
+
+    steps: list = field(default_factory=list)  # (step, lr, tokens, dt, ids_hash, skipped_host, vec)
+    samples: list = field(default_factory=list)  # (step, ids, loss tensor, n_tokens)
+    layers: list = field(default_factory=list)  # (step, tensor (P, 5))
+    norms: tuple | None = None  # (step, grad_sq, grad_max, param_sq, update_sq) awaiting reduction
+
+
+class Trainer:
+    """Owns the model, optimizer, data order, checkpoints and the audit sink of one launch."""
+
+    def __init__(self, cfg: RunConfig, info: DistInfo, run_id: str) -> None:
+        self.cfg, self.info, self.run_id = cfg, info, run_id
+        t = cfg.train
+        self.det = set_determinism(t.deterministic)
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.data = PackedDataset(cfg.data.packed_dir, "train")
+        if self.data.seq_len < t.seq_len:
+            raise BadInputError(
+                f"config key 'train.seq_len': {t.seq_len} exceeds the packed window "
+                f"{self.data.seq_len} of {cfg.data.packed_dir} (re-run `k2repro data pack`)")
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise BadInputError(
+                f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
+                f"tokenizer's {self.data.vocab_size} ({cfg.data.packed_dir})")
+        if len(self.data) < t.global_batch_size:
+            raise BadInputError(f"data: {cfg.data.packed_dir} has {len(self.data)} samples, fewer than "
+                                f"train.global_batch_size={t.global_batch_size}")
+        self.model = build_model(cfg, info.device)
+        self.param_names = [n for n, _ in self.model.named_parameters()]
+        if info.distributed:
+            apply_fsdp(self.model, t.precision)
+        self.params = [p for _, p in self.model.named_parameters()]
+        self.opt = build_optimizer(self.model, cfg.optim)
+        self.sampler = StepSampler(t.seed, len(self.data), t.global_batch_size, t.max_steps)
+        self.micro_per_rank = t.global_batch_size // (t.micro_batch_size * info.world_size)
+        self.start_step = 0
+        self.parent_run_id: str | None = None
+        self.ckpt_base = Path(cfg.ckpt.dir or cfg.audit.store)
+        self.ckpt_dir = self.ckpt_base / run_id / "checkpoints"
+        self.fpt = flops_per_token(cfg.model, t.seq_len)
+        self.sink = None
+        self.pending = Pending()
+        self.skip_steps = set(t.skip_steps)
+        self.guard = None
+
+    # ---- resume -------------------------------------------------------------------------------
+    def resolve_resume(self, target: str) -> Path:
+        p = Path(target)
+        if (p / ckpt.MANIFEST).exists() or (p.is_dir() and p.name.startswith("step_")):
+            return p
+        hits = [d for d in self.ckpt_base.glob(f"**/{target}/checkpoints") if d.is_dir()]
+        found = [c for d in hits for c in ckpt.list_checkpoints(d)]
+        if not found:
+            raise BadInputError(f"config key 'train.resume': no checkpoint of run '{target}' under {self.ckpt_base}")
+        return max(found)[1]
+
+    def resume(self, target: str) -> None:
+        path = self.resolve_resume(target)
+        manifest, state = ckpt.load_checkpoint(path, self.model, self.opt, self.info.rank, self.info.world_size)
+        self.start_step = int(manifest["step"])
+        self.parent_run_id = manifest.get("run_id")
+        self.sampler.load_state_dict(state.get("sampler", {}))
+        if int(manifest["world_size"]) == self.info.world_size:
+            ckpt.set_rng_state(state["rng"])
+        self.resumed_from = str(path)
+
+    # ---- audit --------------------------------------------------------------------------------
+    def start_audit(self) -> None:
+        cfg, info = self.cfg, self.info
+        if not cfg.audit.enabled:
+            return
+        from k2repro.audit.facts import capture_facts
+        from k2repro.audit.sink import AuditSink
+
+        self.sink = AuditSink(cfg.audit.store, self.run_id, rank=info.rank, world_size=info.world_size,
+                              flush_every=cfg.audit.flush_every, queue_size=cfg.audit.queue_size,
+                              heartbeat_s=cfg.audit.heartbeat_s)
+        env = capture_facts(info.rank, info.world_size, extra=self.det)
+        resolved = to_dict(cfg)
+        run = {
+            "name": cfg.run.name, "parent_run_id": self.parent_run_id,
+            "resumed_from_step": self.start_step if self.parent_run_id else None,
+            "source": os.environ.get("K2REPRO_SOURCE", "train"), "config_hash": config_hash(cfg),
+            "git_commit": env.get("git.commit"), "git_dirty": env.get("git.dirty") == "True",
+            "world_size": info.world_size, "started_at": datetime.now(timezone.utc),
+            "config_json": json.dumps(resolved, sort_keys=True, default=str),
+            "argv": json.dumps(sys.argv),
+        }
+        manifest = [
+            {"artifact": a["artifact"], "path": str(Path(cfg.data.packed_dir) / a["path"])
+             if not os.path.isabs(a["path"]) and (Path(cfg.data.packed_dir) / a["path"]).exists() else a["path"],
+             "sha256": a["sha256"], "n_docs": a.get("n_docs"), "n_tokens": a.get("n_tokens")}
+            for a in self.data.artifacts()
+        ]
+        self.sink.start(run, flatten(resolved), env, manifest)
+        if self.parent_run_id:
+            self.sink.log_event("resume", step=self.start_step, detail={
+                "parent_run_id": self.parent_run_id, "checkpoint": self.resumed_from})
+        self.sink.log_event("start", step=self.start_step, detail={"world_size": info.world_size})
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _local_batches(self, step: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        t, f = self.cfg.train, self.cfg.faults
+        ids = self.sampler.ids(step)
+        mine = rank_slice(ids, self.info.rank, self.info.world_size)
+        per = len(ids) // self.info.world_size
+        positions = np.arange(self.info.rank * per, (self.info.rank + 1) * per)
+        tokens = self.data.get(mine, t.seq_len)
+        if step in f.bad_batch_steps:
+            bad = F.bad_positions(t.seed, step, len(ids), f.bad_batch_fraction)
+            tokens = F.inject_bad_batch(tokens, positions, bad, t.seed, step, self.data.vocab_size,
+                                        f.bad_batch_kind)
+            if self.sink is not None and self.info.is_main:
+                self.sink.log_event("fault_injected", step=step, severity="warning", detail={
+                    "kind": "bad_batch", "bad_batch_kind": f.bad_batch_kind,
+                    "sample_ids": [int(ids[i]) for i in bad], "positions": [int(i) for i in bad]})
+        mb = t.micro_batch_size
+        chunks = [tokens[i:i + mb] for i in range(0, len(tokens), mb)]
+        id_chunks = [mine[i:i + mb] for i in range(0, len(mine), mb)]
+        return ids, chunks, id_chunks
+
+    def train_step(self, step: int, want_layers: bool) -> None:
+        cfg, info = self.cfg, self.info
+        t, f = cfg.train, cfg.faults
+        dev = info.device
+        ids, chunks, id_chunks = self._local_batches(step)
+        denom = float(t.global_batch_size * t.seq_len) / info.world_size
+        sample_losses, sample_logz = [], []
+        self.model.train()
+        for i, chunk in enumerate(chunks):
+            x = torch.from_numpy(chunk).to(dev, non_blocking=True)
+            last = i == len(chunks) - 1
+            if info.distributed:
+                self.model.set_requires_gradient_sync(last)
+            logits = self.model(x[:, :-1])
+            loss_tok, lse = token_losses(logits, x[:, 1:])
+            if f.nan_step and step == f.nan_step and info.rank == 0 and i == 0:
+                loss_tok = loss_tok * F.nan_tensor(loss_tok[:1, :1])
+            (loss_tok.sum() / denom).backward()
+            sample_losses.append(loss_tok.detach().mean(dim=1))
+            sample_logz.append(lse.detach().mean(dim=1))
+        F.maybe_kill(f, step, info.rank, "step")
+        sl = torch.cat(sample_losses).float()
+        lz = torch.cat(sample_logz).float()
+        grads = [local(p.grad) if p.grad is not None else torch.zeros(0, device=dev) for p in self.params]
+        grad_sq = torch.stack([g.float().pow(2).sum() for g in grads])
+        grad_max = torch.stack([g.float().abs().max() if g.numel() else torch.zeros((), device=dev) for g in grads])
+        n_tok = float(t.seq_len)
+        head_sum = torch.stack([(sl * n_tok).sum(), (sl * sl).sum(), lz.sum(),
+                                torch.tensor(float(len(sl)), device=dev)])
+        head_max = torch.stack([sl.max(), -sl.min()])
+        prev = self.pending.norms
+        sum_parts = [grad_sq, head_sum]
+        if prev is not None:
+            sum_parts += [prev[3], prev[4]]
+        vec_sum = torch.cat(sum_parts)
+        vec_max = torch.cat([grad_max, head_max])
+        if info.distributed:
+            both = torch.cat([vec_sum, vec_max])
+            out = [torch.empty_like(both) for _ in range(info.world_size)]
+            dist.all_gather(out, both)
+            stacked = torch.stack(out)
+            n_sum = vec_sum.numel()
+            vec_sum = stacked[:, :n_sum].sum(0)
+            vec_max = stacked[:, n_sum:].max(0).values
+        P = len(self.params)
+        g_sq, head = vec_sum[:P], vec_sum[P:P + 4]
+        g_max, hmax = vec_max[:P], vec_max[P:]
+        if prev is not None:
+            self._emit_layers(prev[0], prev[1], prev[2], vec_sum[P + 4:2 * P + 4], vec_sum[2 * P + 4:])
+            self.pending.norms = None
+        grad_norm = g_sq.sum().sqrt()
+        clipped = torch.zeros((), device=dev)
+        if cfg.optim.clip_grad > 0:
+            coef = (cfg.optim.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
+            clipped = (coef < 1.0).float()
+            torch._foreach_mul_([g for g in grads if g.numel()], coef)
+        lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, t.max_steps)
+        if step in f.lr_spike_steps:
+            lr *= f.lr_spike_factor
+            if self.sink is not None and info.is_main:
+                self.sink.log_event("fault_injected", step=step, severity="warning",
+                                    detail={"kind": "lr_spike", "factor": f.lr_spike_factor, "lr": lr})
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        n_samples = head[3]
+        loss = head[0] / (n_samples * n_tok)
+        mean = head[0] / (n_samples * n_tok)
+        loss_std = (head[1] / n_samples - mean * mean).clamp(min=0).sqrt()
+        logz_mean = head[2] / n_samples
+        apply = None
+        if step in self.skip_steps:
+            apply = torch.zeros((), dtype=torch.bool, device=dev)
+        if self.guard is not None:
+            decision = self.guard.observe(step, loss, grad_norm)
+            apply = decision if apply is None else apply & decision
+        norms = self.opt.step(apply=apply, norms_for=self.params if want_layers else None)
+        self.opt.zero_grad(set_to_none=True)
+        if want_layers:
+            self.pending.norms = (step, g_sq, g_max, norms[0], norms[1])
+        applied = torch.ones((), device=dev) if apply is None else apply.float()
+        vec = torch.stack([loss, grad_norm, clipped, hmax[1].neg(), hmax[0], loss_std, logz_mean, applied])
+        self.pending.steps.append((step, lr, t.global_batch_size * t.seq_len, batch_hash(ids), vec))
+        if cfg.audit.sample_stats:
+            mine = np.concatenate(id_chunks) if id_chunks else np.zeros(0, dtype=np.int64)
+            self.pending.samples.append((step, mine, sl))
+
+    def _emit_layers(self, step: int, g_sq: torch.Tensor, g_max: torch.Tensor, p_sq: torch.Tensor,
+                     u_sq: torch.Tensor) -> None:
+        gn, pn, un = g_sq.sqrt(), p_sq.sqrt(), u_sq.sqrt()
+        ratio = un / pn.clamp(min=1e-30)
+        self.pending.layers.append((step, torch.stack([gn, pn, un, ratio, g_max], dim=1)))
+
+    def reduce_leftover_norms(self) -> None:
+        """The last layer-stats step has no next step to carry its norms: reduce them now."""
+        prev = self.pending.norms
+        if prev is None:
+            return
+        vec = torch.cat([prev[3], prev[4]])
+        if self.info.distributed:
+            dist.all_reduce(vec)
+        P = len(self.params)
+        self._emit_layers(prev[0], prev[1], prev[2], vec[:P], vec[P:])
+        self.pending.norms = None
+
+    # ---- flush --------------------------------------------------------------------------------
+    def flush(self, times: dict[int, float]) -> list[dict]:
+        """Move pending statistics to the host (one transfer per kind) and hand them to the sink."""
+        rows: list[dict] = []
+        pend = self.pending
+        if pend.steps:
+            host = torch.stack([s[4] for s in pend.steps]).double().cpu().numpy()
+            for (step, lr, tokens, bh, _), vals in zip(pend.steps, host):
+                dt = times.get(step, float("nan"))
+                r = dict(zip(STEP_FIELDS, (float(v) for v in vals)))
+                r.update(step=step, lr=lr, tokens=tokens, batch_hash=bh, step_time_s=dt,
+                         tokens_per_s=tokens / dt if dt and dt == dt else None)
+                r["skipped"] = r.pop("applied") < 0.5
+                r["clipped"] = r["clipped"] > 0.5
+                r["mfu"] = None
+                rows.append(r)
+            pend.steps.clear()
+        if self.sink is None:
+            pend.samples.clear()
+            pend.layers.clear()
+            return rows
+        if rows and self.info.is_main:
+            cols = {k: [r[k] for r in rows] for k in rows[0]}
+            self.sink.log_steps(cols)
+        if pend.samples:
+            losses = torch.cat([s[2] for s in pend.samples]).double().cpu().numpy()
+            steps = np.concatenate([np.full(len(s[1]), s[0]) for s in pend.samples])
+            ids = np.concatenate([s[1] for s in pend.samples])
+            self.sink.log_samples({
+                "step": steps.tolist(), "rank": [self.info.rank] * len(ids), "sample_id": ids.tolist(),
+                "loss": losses.tolist(), "n_tokens": [self.cfg.train.seq_len] * len(ids)})
+            pend.samples.clear()
+        if pend.layers and self.info.is_main:
+            mats = torch.stack([m for _, m in pend.layers]).double().cpu().numpy()
+            n = len(self.param_names)
+            cols = {"step": [], "param": [], "grad_norm": [], "param_norm": [], "update_norm": [],
+                    "update_ratio": [], "grad_max_abs": []}
+            for (step, _), mat in zip(pend.layers, mats):
+                cols["step"] += [step] * n
+                cols["param"] += self.param_names
+                for j, key in enumerate(("grad_norm", "param_norm", "update_norm", "update_ratio", "grad_max_abs")):
+                    cols[key] += mat[:, j].tolist()
+            self.sink.log_layer_stats(cols)
+        pend.layers.clear()
+        self.sink.flush()
+        return rows
+
+    # ---- checkpoint ---------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        cfg, info = self.cfg, self.info
+
+        def fault_hook() -> None:
+            F.maybe_kill(cfg.faults, step, info.rank, "checkpoint")
+
+        row = ckpt.save_checkpoint(
+            self.ckpt_dir / ckpt.step_dirname(step), self.model, self.opt,
+            rank_state={"step": step, "sampler": self.sampler.state_dict()},
+            rank=info.rank, world_size=info.world_size,
+            meta={"step": step, "run_id": self.run_id, "config_hash": config_hash(cfg)},
+            before_rename=fault_hook if info.rank == cfg.faults.kill_rank else None,
+        )
+        if self.sink is not None and info.is_main:
+            self.sink.log_checkpoint(row)
+        if info.is_main:
+            ckpt.prune(self.ckpt_dir, cfg.ckpt.keep_last)
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        cfg, info = self.cfg, self.info
+        t, a = cfg.train, cfg.audit
+        last = t.stop_at_step or t.max_steps
+        flush_every = a.flush_every if self.sink is not None else max(1, t.log_every)
+        times: dict[int, float] = {}
+        history: list[dict] = []
+        step = self.start_step
+        t_prev = time.perf_counter()
+        while step < last:
+            step += 1
+            want_layers = bool(self.sink is not None and a.layer_stats_every and step % a.layer_stats_every == 0)
+            self.train_step(step, want_layers)
+            now = time.perf_counter()
+            times[step] = now - t_prev
+            t_prev = now
+            if step % flush_every == 0 or step == last:
+                if step == last:
+                    self.reduce_leftover_norms()
+                rows = self.flush(times)
+                times.clear()
+                F.maybe_kill(cfg.faults, step, info.rank, "flush")
+                history.extend(rows)
+                if info.is_main and rows:
+                    r = rows[-1]
+                    print(f"step {r['step']:>6}/{t.max_steps}  loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}"
+                          f"  lr {r['lr']:.2e}  tok/s {r['tokens_per_s'] or 0:,.0f}", flush=True)
+            if cfg.ckpt.interval and step % cfg.ckpt.interval == 0:
+                self.save(step)
+                t_prev = time.perf_counter()
+        return history
+
+
+def _exit_file(code: int) -> None:
+    path = os.environ.get("K2REPRO_EXIT_FILE")
+    if path:
+        try:
+            with open(f"{path}.{os.environ.get('RANK', '0')}", "w") as fh:
+                fh.write(str(code))
+        except OSError:
+            pass
+
+
+def run_training(cfg: RunConfig, run_id: str | None = None) -> tuple[int, str, list[dict]]:
+    """Train in this process (one rank of a torchrun launch, or world size 1).
+    Returns (exit code, run id, step rows seen on this rank)."""
+    info = init_distributed(cfg.parallel.backend)
+    trainer = None
+    rid = run_id or os.environ.get("K2REPRO_RUN_ID") or new_run_id(cfg.run.name)
+    rid = broadcast_object(rid, info)
+    try:
+        if info.is_main:
+            print(f"run_id={rid}", flush=True)
+        trainer = Trainer(cfg, info, rid)
+        if cfg.train.resume:
+            trainer.resume(cfg.train.resume)
+        trainer.start_audit()
+        history = trainer.fit()
+        barrier(info)
+        if trainer.sink is not None:
+            trainer.sink.close("completed")
+        return 0, rid, history
+    except GuardAbort as exc:
+        if trainer is not None and trainer.sink is not None:
+            trainer.sink.close("failed", error=f"GuardAbort: {exc}")
+        print(f"k2repro train: spike guard aborted: {exc}", file=sys.stderr)
+        return exc.exit_code, rid, []
+    except K2ReproError as exc:
+        if trainer is not None and trainer.sink is not None:
+            trainer.sink.close("failed", error=f"{type(exc).__name__}: {exc}")
+        if info.is_main:
+            print(f"k2repro train: error: {exc}", file=sys.stderr)
+        return exc.exit_code, rid, []
+    except Exception:
+        tb = traceback.format_exc()
+        if trainer is not None and trainer.sink is not None:
+            trainer.sink.close("failed", error=tb)
+        raise
+    finally:
+        teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m k2repro.train` (what `torchrun` launches)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_name = os.environ.get("K2REPRO_CONFIG_NAME", "config")
+    if argv and argv[0] == "--config-name":
+        config_name, argv = argv[1], argv[2:]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(argv, config_name, world_size=world)
+    except K2ReproError as exc:
+        print(f"k2repro train: error: {exc}", file=sys.stderr)
+        _exit_file(exc.exit_code)
+        return exc.exit_code
+    code, _, _ = run_training(cfg)
+    _exit_file(code)
+    return code
+
+
+__all__ = ["Trainer", "build_model", "run_training", "main", "new_run_id", "CheckpointError"]
