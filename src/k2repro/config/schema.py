@@ -33,6 +33,9 @@ class DataConfig:
     # Inputs of the data pipeline.
     source: str = "data/sample"
     text_field: str = "text"
+    # Reader: auto (by extension; a folder of JSONL/Parquet files or of text files), jsonl,
+    # parquet, text.
+    format: str = "auto"
     work_dir: str = "data/work"
     # Packed token shards that the trainer reads (written by `k2repro data pack`).
     packed_dir: str = "data/work/packed"

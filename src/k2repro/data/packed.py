@@ -64,6 +64,7 @@ def write_packed(
     out.parent.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if vocab_size <= 65535 else np.uint32
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the output is an ordinary folder
     try:
         window = seq_len + 1
         manifest: dict = {

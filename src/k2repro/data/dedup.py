@@ -1,0 +1,360 @@
+"""`k2repro data dedup`: exact, then near-duplicate removal with MinHash LSH.
+
+1. Exact: documents whose normalised text has the same sha256 collapse to the first one
+   (documents are in doc-id order, so "first" does not depend on how the input was listed).
+2. Near: word n-gram shingles (lowercased `\\w+` words) -> 128-slot MinHash signatures from
+   `rensa` (R-MinHash, Rust; docs/data.md says why not datasketch) -> LSH with `bands x rows`
+   -> every candidate pair is verified by its estimated Jaccard (share of equal slots) >=
+   threshold -> union-find clusters, each keeps its first document.
+
+Defaults follow LLM360's TxT360 (128 permutations, Jaccard 0.8), but not its 9 bands x 13
+rows, which finds a pair at Jaccard 0.9 only with probability 0.93: with bands = rows = 0 we
+pick the largest `rows` whose LSH recall at a quarter of the way from the threshold to 1 is
+>= 0.99 (16 x 8 for 128 slots at 0.8: 0.9999 at Jaccard 0.9, 0.994 at 0.85). The extra
+candidates that more bands bring (6% of pairs at Jaccard 0.5) are removed by the verification.
+
+Both splits are deduplicated together, so a validation document never has a copy in train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from k2repro.data.workdir import (
+    DOCS_FORMAT,
+    SPLITS,
+    artifact,
+    atomic_dir,
+    domain_counts,
+    read_docs,
+    read_manifest,
+    rebase,
+    write_docs,
+    write_json,
+)
+from k2repro.errors import BadInputError, ConfigError
+
+STAGE = "dedup"
+MINHASH_SEED = 1
+# Buckets bigger than this are verified as a star around their first member plus a chain,
+# not all pairs, so one huge template bucket cannot make the stage quadratic.
+MAX_BUCKET_PAIRS = 256
+SNIPPET_CHARS = 160
+_WORD = re.compile(r"\w+")
+
+
+@dataclass(frozen=True)
+class DedupParams:
+    num_perm: int = 128
+    threshold: float = 0.8
+    ngram: int = 5
+    bands: int = 0  # 0 with rows 0: choose_bands_rows
+    rows: int = 0
+    seed: int = MINHASH_SEED
+
+    def resolved(self) -> DedupParams:
+        """Validated, with bands x rows filled in."""
+        if self.num_perm < 1:
+            raise ConfigError(f"config key 'data.dedup_num_perm': must be >= 1 (got {self.num_perm})")
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"config key 'data.dedup_threshold': must be in (0, 1] (got {self.threshold})")
+        if self.ngram < 1:
+            raise ConfigError(f"config key 'data.dedup_ngram': must be >= 1 (got {self.ngram})")
+        if (self.bands == 0) != (self.rows == 0):
+            raise ConfigError("config key 'data.dedup_bands': set data.dedup_bands and data.dedup_rows together (or both 0)")
+        if self.bands < 0 or self.rows < 0:
+            raise ConfigError(f"config key 'data.dedup_bands': bands and rows must be >= 0 (got {self.bands} x {self.rows})")
+        if self.bands * self.rows > self.num_perm:
+            raise ConfigError(f"config key 'data.dedup_bands': bands x rows = {self.bands * self.rows} "
+                              f"exceeds data.dedup_num_perm = {self.num_perm}")
+        if self.bands:
+            return self
+        b, r = choose_bands_rows(self.num_perm, self.threshold)
+        return DedupParams(self.num_perm, self.threshold, self.ngram, b, r, self.seed)
+
+
+def lsh_probability(s: float, bands: int, rows: int) -> float:
+    """Probability that two documents with Jaccard `s` share at least one LSH bucket."""
+    return 1.0 - (1.0 - s**rows) ** bands
+
+
+def choose_bands_rows(num_perm: int, threshold: float, recall: float = 0.99) -> tuple[int, int]:
+    """The largest `rows` (fewest false candidates) whose recall at
+    threshold + (1 - threshold) / 4 is still >= `recall`, with bands = num_perm // rows."""
+    target = threshold + (1.0 - threshold) / 4
+    best = (num_perm, 1)
+    for rows in range(1, num_perm + 1):
+        bands = num_perm // rows
+        if lsh_probability(target, bands, rows) >= recall:
+            best = (bands, rows)
+    return best
+
+
+def shingles(text: str, n: int) -> list[str]:
+    """Word n-grams of the lowercased text (a text shorter than n words is one shingle)."""
+    words = _WORD.findall(text.lower())
+    if len(words) < n:
+        return [" ".join(words)] if words else []
+    return [" ".join(g) for g in zip(*(words[i:] for i in range(n)))]
+
+
+def signatures(texts: list[str], num_perm: int, ngram: int, seed: int = MINHASH_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """MinHash signatures (n x num_perm, uint32) and a mask of documents that have words."""
+    from rensa import RMinHash
+
+    sh = [shingles(t, ngram) for t in texts]
+    has = np.array([bool(s) for s in sh], dtype=bool)
+    if not has.any():
+        return np.zeros((len(texts), num_perm), dtype=np.uint32), has
+    m = RMinHash.digest_matrix_from_token_sets([s for s in sh if s], num_perm, seed)
+    sig = np.zeros((len(texts), num_perm), dtype=np.uint32)
+    sig[has] = np.asarray(m.to_rows(), dtype=np.uint32)
+    return sig, has
+
+
+def estimated_jaccard(sig: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    return (sig[i] == sig[j]).mean(axis=1)
+
+
+def candidate_pairs(sig: np.ndarray, bands: int, rows: int, rows_of: np.ndarray) -> np.ndarray:
+    """Unique (i, j), i < j, of documents that share a bucket in at least one band.
+    `rows_of` maps signature rows back to document indices."""
+    n = int(rows_of.max(initial=0)) + 1
+    found: list[np.ndarray] = []
+    for b in range(bands):
+        band = np.ascontiguousarray(sig[:, b * rows : (b + 1) * rows])
+        keys = band.view(np.dtype((np.void, band.dtype.itemsize * rows))).ravel()
+        _, inv, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        if counts.max(initial=0) < 2:
+            continue
+        order = np.argsort(inv, kind="stable")
+        ends = np.cumsum(counts)
+        for k in np.nonzero(counts > 1)[0]:
+            members = order[ends[k] - counts[k] : ends[k]]
+            if len(members) <= MAX_BUCKET_PAIRS:
+                a, c = np.triu_indices(len(members), k=1)
+                found.append(np.stack([members[a], members[c]], axis=1))
+            else:
+                found.append(np.stack([np.repeat(members[0], len(members) - 1), members[1:]], axis=1))
+                found.append(np.stack([members[:-1], members[1:]], axis=1))
+    if not found:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = np.sort(rows_of[np.concatenate(found)], axis=1).astype(np.int64)
+    keys = np.unique(pairs[:, 0] * n + pairs[:, 1])  # sorted, so the order is deterministic
+    return np.stack([keys // n, keys % n], axis=1)
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:  # the smaller index (earlier document) stays the root: it is kept
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+@dataclass
+class DedupResult:
+    """What to drop from a list of texts, and why."""
+
+    params: DedupParams
+    exact_of: dict[int, int] = field(default_factory=dict)  # removed -> kept (identical text)
+    near_of: dict[int, tuple[int, float]] = field(default_factory=dict)  # removed -> (kept, est. Jaccard)
+    n_candidates: int = 0
+    n_verified: int = 0
+
+    def keep_mask(self, n: int) -> np.ndarray:
+        keep = np.ones(n, dtype=bool)
+        keep[list(self.exact_of)] = False
+        keep[list(self.near_of)] = False
+        return keep
+
+    def duplicate_pairs(self) -> set[tuple[int, int]]:
+        """All (i, j), i < j, that end up in one cluster (for precision/recall)."""
+        root: dict[int, int] = {}
+        for i, k in self.exact_of.items():
+            root[i] = k
+        for i, (k, _) in self.near_of.items():
+            root[i] = k
+
+        def top(i: int) -> int:
+            while i in root:
+                i = root[i]
+            return i
+
+        groups: dict[int, list[int]] = {}
+        for i in root:
+            groups.setdefault(top(i), []).append(i)
+        out = set()
+        for r, members in groups.items():
+            ms = sorted([r, *members])
+            out.update((a, b) for x, a in enumerate(ms) for b in ms[x + 1 :])
+        return out
+
+
+def find_duplicates(texts: list[str], params: DedupParams | None = None) -> DedupResult:
+    """Exact then near duplicates among `texts` (earlier texts are kept)."""
+    p = (params or DedupParams()).resolved()
+    res = DedupResult(p)
+    first: dict[bytes, int] = {}
+    survivors: list[int] = []
+    for i, t in enumerate(texts):
+        h = hashlib.sha256(t.encode("utf-8")).digest()
+        if h in first:
+            res.exact_of[i] = first[h]
+        else:
+            first[h] = i
+            survivors.append(i)
+    if len(survivors) < 2:
+        return res
+    surv = np.asarray(survivors, dtype=np.int64)
+    sig_all, has = signatures([texts[i] for i in survivors], p.num_perm, p.ngram, p.seed)
+    sig, idx = sig_all[has], surv[has]
+    pairs = candidate_pairs(sig, p.bands, p.rows, np.arange(len(sig)))
+    res.n_candidates = len(pairs)
+    if len(pairs) == 0:
+        return res
+    est = estimated_jaccard(sig, pairs[:, 0], pairs[:, 1])
+    ok = est >= p.threshold
+    res.n_verified = int(ok.sum())
+    uf = _UnionFind(len(sig))
+    for a, b in pairs[ok]:
+        uf.union(int(a), int(b))
+    for k in range(len(sig)):
+        r = uf.find(k)
+        if r != k:
+            j = float(estimated_jaccard(sig, np.array([k]), np.array([r]))[0])
+            res.near_of[int(idx[k])] = (int(idx[r]), round(j, 4))
+    return res
+
+
+def _snippet(text: str, n: int = SNIPPET_CHARS) -> str:
+    s = " ".join(text[: n * 2].split())
+    return s[:n] + ("..." if len(s) > n or len(text) > n * 2 else "")
+
+
+def _clusters(docs: list[dict], res: DedupResult) -> list[dict]:
+    """Report clusters: one per kept document that has exact or near copies."""
+    by_kept: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for i, k in res.exact_of.items():
+        by_kept.setdefault(("exact", k), []).append((i, 1.0))
+    for i, (k, j) in res.near_of.items():
+        by_kept.setdefault(("near", k), []).append((i, j))
+    out = []
+    for (kind, k), members in by_kept.items():
+        members.sort()
+        out.append({
+            "kind": kind, "kept": docs[k]["doc_id"], "kept_domain": docs[k]["domain"],
+            "kept_snippet": _snippet(docs[k]["text"]), "size": len(members) + 1,
+            "removed": [{"doc_id": docs[i]["doc_id"], "jaccard": j, "snippet": _snippet(docs[i]["text"])}
+                        for i, j in members],
+        })
+    out.sort(key=lambda c: (-c["size"], c["kind"], c["kept"]))
+    return out
+
+
+def _markdown(report: dict) -> str:
+    c, p = report["counts"], report["params"]
+    lines = [
+        "# Dedup report", "",
+        f"MinHash LSH with {p['library']}: {p['num_perm']} permutations, word {p['ngram']}-grams, "
+        f"{p['bands']} bands x {p['rows']} rows, candidates verified by estimated Jaccard >= {p['threshold']}.",
+        "",
+        "| | documents | bytes |", "|---|---:|---:|",
+        f"| input | {c['input_docs']} | {c['input_bytes']} |",
+        f"| exact duplicates removed | {c['exact_removed']} | {c['exact_removed_bytes']} |",
+        f"| near duplicates removed | {c['near_removed']} | {c['near_removed_bytes']} |",
+        f"| kept | {c['kept_docs']} | {c['kept_bytes']} |",
+        "",
+        f"Dedup ratio (documents removed / input): {c['dedup_ratio']:.4f}. "
+        f"LSH candidate pairs: {c['candidate_pairs']}, verified: {c['verified_pairs']}.",
+        "",
+    ]
+    for kind in ("exact", "near"):
+        cl = [x for x in report["clusters"] if x["kind"] == kind]
+        lines += [f"## {kind.capitalize()} duplicate clusters ({len(cl)}; the largest 10)", ""]
+        for x in cl[:10]:
+            lines.append(f"- kept `{x['kept']}` ({x['kept_domain']}), {x['size'] - 1} removed: "
+                         + ", ".join(f"`{r['doc_id']}` (J~{r['jaccard']:.2f})" for r in x["removed"][:5])
+                         + (" ..." if len(x["removed"]) > 5 else ""))
+            lines.append(f"  > {x['kept_snippet']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def dedup(in_dir: str | os.PathLike, out: str | os.PathLike, params: DedupParams | None = None) -> dict:
+    """Deduplicate the output of `prepare` into `out`; returns the report."""
+    src = Path(in_dir)
+    p = (params or DedupParams()).resolved()
+    upstream = read_manifest(src, "prepare")
+    docs: list[dict] = []
+    split_of: list[str] = []
+    for s in SPLITS:
+        for d in read_docs(src / f"{s}.jsonl"):
+            docs.append(d)
+            split_of.append(s)
+    order = sorted(range(len(docs)), key=lambda i: docs[i]["doc_id"])
+    docs = [docs[i] for i in order]
+    split_of = [split_of[i] for i in order]
+    if not docs:
+        raise BadInputError(f"{src}: no documents to deduplicate")
+    res = find_duplicates([d["text"] for d in docs], p)
+    keep = res.keep_mask(len(docs))
+    nbytes = [len(d["text"].encode("utf-8")) for d in docs]
+    counts = {
+        "input_docs": len(docs), "input_bytes": sum(nbytes),
+        "exact_removed": len(res.exact_of), "exact_removed_bytes": sum(nbytes[i] for i in res.exact_of),
+        "near_removed": len(res.near_of), "near_removed_bytes": sum(nbytes[i] for i in res.near_of),
+        "kept_docs": int(keep.sum()), "kept_bytes": int(sum(b for b, k in zip(nbytes, keep) if k)),
+        "dedup_ratio": round(1 - keep.sum() / len(docs), 6),
+        "candidate_pairs": res.n_candidates, "verified_pairs": res.n_verified,
+    }
+    kept = {s: [d for d, k, sp in zip(docs, keep, split_of) if k and sp == s] for s in SPLITS}
+    counts["splits"] = {s: {"input_docs": split_of.count(s), "kept_docs": len(kept[s]), "domains": domain_counts(kept[s])}
+                        for s in SPLITS}
+    counts["domains"] = {dom: {"input_docs": n, "kept_docs": sum(1 for d, k in zip(docs, keep) if k and d["domain"] == dom)}
+                         for dom, n in domain_counts(docs).items()}
+    report = {
+        "stage": STAGE,
+        "params": {"num_perm": p.num_perm, "threshold": p.threshold, "ngram": p.ngram, "bands": p.bands,
+                   "rows": p.rows, "seed": p.seed, "library": f"rensa {version('rensa')} RMinHash",
+                   "lsh_recall_at": {str(s): round(lsh_probability(s, p.bands, p.rows), 6)
+                                     for s in (0.5, 0.7, p.threshold, 0.9, 0.95)}},
+        "counts": counts,
+        "clusters": _clusters(docs, res),
+    }
+    removed = [{"doc_id": docs[i]["doc_id"], "split": split_of[i], "kind": "exact", "kept": docs[k]["doc_id"], "jaccard": 1.0}
+               for i, k in res.exact_of.items()]
+    removed += [{"doc_id": docs[i]["doc_id"], "split": split_of[i], "kind": "near", "kept": docs[k]["doc_id"], "jaccard": j}
+                for i, (k, j) in res.near_of.items()]
+    removed.sort(key=lambda r: r["doc_id"])
+    # Upstream artefacts (corpus files, prepared documents), paths relative to this folder.
+    inputs = rebase(upstream.get("inputs", []) + upstream["artifacts"], src, out)
+    manifest = {"stage": STAGE, "format": DOCS_FORMAT, "params": report["params"], "counts": counts,
+                "inputs": inputs, "artifacts": []}
+    with atomic_dir(out) as tmp:
+        for s in SPLITS:
+            write_docs(tmp / f"{s}.jsonl", kept[s])
+            manifest["artifacts"].append(artifact(tmp, f"{s}.jsonl", f"dedup/{s}", n_docs=len(kept[s])))
+        write_docs(tmp / "removed.jsonl", removed)
+        write_json(tmp / "report.json", report)
+        (tmp / "report.md").write_text(_markdown(report), encoding="utf-8")
+        for name in ("removed.jsonl", "report.json", "report.md"):
+            manifest["artifacts"].append(artifact(tmp, name, f"dedup/{name.removesuffix('.jsonl')}",
+                                                  n_docs=len(removed) if name == "removed.jsonl" else 0))
+        write_json(tmp / "manifest.json", manifest)
+    return report
