@@ -27,7 +27,7 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> f
 
 
 class MaskableAdamW(torch.optim.Optimizer):
-    """Decoupled-weight-decay Adam (Loshchilov & Hutter) on local shards."""
+    """Decoupled-weight-decay Adam (Loshchilov & Hutter) on local shards, with foreach kernels."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,  # noqa: ANN001
                  weight_decay: float = 0.1) -> None:
@@ -40,46 +40,65 @@ class MaskableAdamW(torch.optim.Optimizer):
         parameters in the caller's order), returns (param_sq, update_sq): local sums of squares
         of each parameter after the step and of the update applied, stacked in that order."""
         assert closure is None
-        want_norms = norms_for is not None
-        sq: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        pn: list[torch.Tensor] = []
+        un: list[torch.Tensor] = []
+        order: list[int] = []
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
                 st = self.state[p]
                 if not st:
                     st["step"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
                     st["exp_avg"] = torch.zeros_like(p)
                     st["exp_avg_sq"] = torch.zeros_like(p)
-                w, g = local(p), local(p.grad)
-                m, v = local(st["exp_avg"]), local(st["exp_avg_sq"])
-                step_t = st["step"]
-                new_step = step_t + 1
-                new_m = m * b1 + g * (1 - b1)
-                new_v = v * b2 + g * g * (1 - b2)
-                bc1 = 1 - b1 ** new_step
-                bc2 = 1 - b2 ** new_step
-                denom = (new_v / bc2).sqrt() + eps
-                new_w = w * (1 - lr * wd) - (new_m / bc1) / denom * lr
-                if apply is None:
-                    upd = new_w - w if want_norms else None
-                    w.copy_(new_w)
-                    m.copy_(new_m)
-                    v.copy_(new_v)
-                    step_t.copy_(new_step)
-                else:
-                    upd = (new_w - w) * apply if want_norms else None
-                    w.copy_(torch.where(apply, new_w, w))
-                    m.copy_(torch.where(apply, new_m, m))
-                    v.copy_(torch.where(apply, new_v, v))
-                    step_t.copy_(torch.where(apply, new_step, step_t))
-                if want_norms:
-                    sq[id(p)] = (w.float().pow(2).sum(), upd.float().pow(2).sum())
+            ws = [local(p) for p in params]
+            gs = [local(p.grad) for p in params]
+            ms = [local(self.state[p]["exp_avg"]) for p in params]
+            vs = [local(self.state[p]["exp_avg_sq"]) for p in params]
+            steps = [self.state[p]["step"] for p in params]
+            inplace = apply is None
+            # Every parameter of a group is updated together, so one step count serves all.
+            t = steps[0] + 1
+            bc1 = 1 - b1 ** t
+            bc2_sqrt = (1 - b2 ** t).sqrt()
+            if inplace:
+                new_m, new_v = ms, vs
+                torch._foreach_lerp_(ms, gs, 1 - b1)
+                torch._foreach_mul_(vs, b2)
+            else:
+                new_m = torch._foreach_lerp(ms, gs, 1 - b1)
+                new_v = torch._foreach_mul(vs, b2)
+            torch._foreach_addcmul_(new_v, gs, gs, 1 - b2)
+            denom = torch._foreach_sqrt(new_v)
+            torch._foreach_div_(denom, bc2_sqrt)
+            torch._foreach_add_(denom, eps)
+            upd = list(torch._foreach_div(new_m, denom))
+            torch._foreach_mul_(upd, -lr / bc1)
+            if wd:
+                torch._foreach_add_(upd, torch._foreach_mul(ws, -lr * wd))
+            if inplace:
+                torch._foreach_add_(ws, upd)
+                torch._foreach_add_(steps, 1.0)
+            else:
+                for i in range(len(ws)):
+                    upd[i] = torch.where(apply, upd[i], torch.zeros_like(upd[i]))
+                    ws[i].copy_(torch.where(apply, ws[i] + upd[i], ws[i]))
+                    ms[i].copy_(torch.where(apply, new_m[i], ms[i]))
+                    vs[i].copy_(torch.where(apply, new_v[i], vs[i]))
+                    steps[i].copy_(torch.where(apply, steps[i] + 1, steps[i]))
+            if norms_for is not None:
+                pn.append(torch.stack(torch._foreach_norm(ws)))
+                un.append(torch.stack(torch._foreach_norm(upd)))
+                order += [id(p) for p in params]
         if norms_for is not None:
-            zero = torch.zeros((), dtype=torch.float32)
-            pairs = [sq.get(id(p), (zero, zero)) for p in norms_for]
-            return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+            where = {k: i for i, k in enumerate(order)}
+            idx = torch.tensor([where[id(p)] for p in norms_for], device=pn[0].device)
+            p_sq = torch.cat(pn).float().pow(2).index_select(0, idx)
+            u_sq = torch.cat(un).float().pow(2).index_select(0, idx)
+            return p_sq, u_sq
         return None
 
 

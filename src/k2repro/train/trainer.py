@@ -211,9 +211,11 @@ class Trainer:
         F.maybe_kill(f, step, info.rank, "step")
         sl = torch.cat(sample_losses).float()
         lz = torch.cat(sample_logz).float()
-        grads = [local(p.grad) if p.grad is not None else torch.zeros(0, device=dev) for p in self.params]
-        grad_sq = torch.stack([g.float().pow(2).sum() for g in grads])
-        grad_max = torch.stack([g.float().abs().max() if g.numel() else torch.zeros((), device=dev) for g in grads])
+        grads = [local(p.grad) if p.grad is not None else torch.zeros(1, device=dev) for p in self.params]
+        grad_sq = torch.stack(torch._foreach_norm(grads)).float().pow(2)
+        # max |grad| is a layer statistic only: skip its pass on other steps
+        grad_max = (torch.stack(torch._foreach_norm(grads, float("inf"))).float() if want_layers
+                    else grad_sq[:0])
         n_tok = float(t.seq_len)
         head_sum = torch.stack([(sl * n_tok).sum(), (sl * sl).sum(), lz.sum(),
                                 torch.tensor(float(len(sl)), device=dev)])
@@ -234,7 +236,8 @@ class Trainer:
             vec_max = stacked[:, n_sum:].max(0).values
         P = len(self.params)
         g_sq, head = vec_sum[:P], vec_sum[P:P + 4]
-        g_max, hmax = vec_max[:P], vec_max[P:]
+        n_gmax = grad_max.numel()
+        g_max, hmax = vec_max[:n_gmax], vec_max[n_gmax:]
         if prev is not None:
             self._emit_layers(prev[0], prev[1], prev[2], vec_sum[P + 4:2 * P + 4], vec_sum[2 * P + 4:])
             self.pending.norms = None
@@ -243,7 +246,7 @@ class Trainer:
         if cfg.optim.clip_grad > 0:
             coef = (cfg.optim.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
             clipped = (coef < 1.0).float()
-            torch._foreach_mul_([g for g in grads if g.numel()], coef)
+            torch._foreach_mul_(grads, coef)
         lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, t.max_steps)
         if step in f.lr_spike_steps:
             lr *= f.lr_spike_factor
