@@ -1,0 +1,208 @@
+"""Query side of the audit store: `open_store(path)` -> Store, a DuckDB connection with one
+view per table over every run folder at any depth below the root.
+
+Views re-glob the Parquet segments on every query, so a Store sees runs while they write (new
+segments appear; `*.parquet.tmp` files in flight never match). Importing this module does not
+import torch, pandas or pyarrow: `k2repro sql` and `k2repro runs` stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from k2repro.audit import schema as S
+from k2repro.audit.views import HEARTBEAT_DIR, all_view_sql, heartbeat_glob, sql_literal, table_glob
+from k2repro.audit.writer import RUN_MARKER, ensure_store, store_meta_current
+from k2repro.errors import BadInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import duckdb
+    import pandas as pd
+
+
+
+def default_store() -> Path:
+    """`$K2REPRO_STORE`, else `runs` (relative to the working directory)."""
+    return Path(os.environ.get("K2REPRO_STORE") or "runs")
+
+
+def _pid_alive(pid: int | None, pid_start: float | None) -> bool | None:
+    """Is the process that wrote a heartbeat still there? Compares the start time too, so a
+    recycled pid does not keep a dead run 'running'."""
+    if pid is None:
+        return None
+    import psutil
+
+    try:
+        p = psutil.Process(int(pid))
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if pid_start is not None and abs(p.create_time() - float(pid_start)) > 1.0:
+            return False
+        return True
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # exists but not ours to inspect
+
+
+class Store:
+    """An open audit store. `con` is a DuckDB connection holding the views."""
+
+    def __init__(self, root: Path, con: duckdb.DuckDBPyConnection, sandboxed: bool) -> None:
+        self.root = root
+        self.con = con
+        self.sandboxed = sandboxed
+
+    # -- raw access
+    def execute(self, query: str, params: list | dict | None = None) -> duckdb.DuckDBPyConnection:
+        """Run a query and return the DuckDB result (fetchall()/fetchdf()/arrow())."""
+        return self.con.execute(query, params) if params is not None else self.con.execute(query)
+
+    def sql(self, query: str, params: list | dict | None = None) -> pd.DataFrame:
+        """Run a query, return a pandas DataFrame (parameters, never string formatting)."""
+        return self.execute(query, params).df()
+
+    def tables(self) -> list[str]:
+        return [r[0] for r in self.con.execute(
+            "SELECT table_name FROM information_schema.tables ORDER BY table_name").fetchall()]
+
+    # -- helpers other tools use
+    def runs(self) -> pd.DataFrame:
+        """Every run with its derived status, oldest first."""
+        return self.sql("SELECT * FROM runs ORDER BY started_at, run_id")
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        """The `runs` row of one run as a dict; BadInputError if the store has no such run."""
+        cur = self.con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        row = cur.fetchone()
+        if row is None:
+            raise BadInputError(f"no run '{run_id}' in store {self.root}")
+        return dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    def resolve_run_id(self, ref: str) -> str:
+        """An exact run id, else a unique run id prefix, else a unique run name."""
+        ids = [r[0] for r in self.con.execute("SELECT DISTINCT run_id FROM runs_raw").fetchall()]
+        if ref in ids:
+            return ref
+        hits = [i for i in ids if i.startswith(ref)]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            hits = [r[0] for r in self.con.execute(
+                "SELECT DISTINCT run_id FROM runs_raw WHERE name = ?", [ref]).fetchall()]
+            if len(hits) == 1:
+                return hits[0]
+        if not hits:
+            raise BadInputError(f"no run '{ref}' in store {self.root}")
+        raise BadInputError(f"run '{ref}' is ambiguous in store {self.root}: {', '.join(sorted(hits)[:5])}")
+
+    def _need_run(self, run_id: str) -> None:
+        if self.con.execute("SELECT 1 FROM runs_raw WHERE run_id = ? LIMIT 1", [run_id]).fetchone() is None:
+            raise BadInputError(f"no run '{run_id}' in store {self.root}")
+
+    def steps(self, run_id: str) -> pd.DataFrame:
+        """The run's `steps` rows ordered by step."""
+        self._need_run(run_id)
+        return self.sql("SELECT * FROM steps WHERE run_id = ? ORDER BY step", [run_id])
+
+    def layer_stats(self, run_id: str, step: int | None = None) -> pd.DataFrame:
+        self._need_run(run_id)
+        q = "SELECT * FROM layer_stats WHERE run_id = ?" + (" AND step = ?" if step is not None else "")
+        return self.sql(q + " ORDER BY step, param", [run_id] + ([step] if step is not None else []))
+
+    def sample_stats(self, run_id: str, step: int | None = None) -> pd.DataFrame:
+        self._need_run(run_id)
+        q = "SELECT * FROM sample_stats WHERE run_id = ?" + (" AND step = ?" if step is not None else "")
+        return self.sql(q + " ORDER BY step, batch_pos, sample_id", [run_id] + ([step] if step is not None else []))
+
+    def events(self, run_id: str, kind: str | None = None) -> pd.DataFrame:
+        self._need_run(run_id)
+        q = "SELECT * FROM events WHERE run_id = ?" + (" AND kind = ?" if kind else "")
+        return self.sql(q + " ORDER BY time", [run_id] + ([kind] if kind else []))
+
+    def checkpoints(self, run_id: str) -> pd.DataFrame:
+        self._need_run(run_id)
+        return self.sql("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step", [run_id])
+
+    def hparams(self, run_id: str) -> dict[str, Any]:
+        """Dotted key -> typed value (floats exact), as the run resolved its config."""
+        from k2repro.audit.sink import parse_hparam
+
+        self._need_run(run_id)
+        rows = self.con.execute("SELECT key, value, value_type FROM hparams WHERE run_id = ? ORDER BY key",
+                                [run_id]).fetchall()
+        return {k: parse_hparam(v, t) for k, v, t in rows}
+
+    def env(self, run_id: str, rank: int = 0) -> dict[str, str]:
+        self._need_run(run_id)
+        rows = self.con.execute("SELECT key, value FROM env WHERE run_id = ? AND rank = ? ORDER BY key",
+                                [run_id, rank]).fetchall()
+        return dict(rows)
+
+    def run_dirs(self) -> list[Path]:
+        """Folders holding a run (a `_run.json` marker), at any depth; staging folders skipped."""
+        out: list[Path] = []
+        if not self.root.is_dir():
+            return out
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            if RUN_MARKER in filenames:
+                out.append(Path(dirpath))
+                dirnames[:] = []  # a run folder holds tables, not runs
+                continue
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in S.TABLES]
+        return sorted(out)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_store(path: str | Path | None = None, *, sandbox: bool = False) -> Store:
+    """Open the store at `path` (default `$K2REPRO_STORE`, else `runs`) for queries.
+
+    A missing or empty store answers every view with 0 typed rows. `sandbox=True` (used by
+    `k2repro sql`) then locks the connection down: no file access outside the store, no
+    extension install/load, no configuration changes."""
+    import duckdb
+
+    root = Path(path) if path is not None else default_store()
+    con = duckdb.connect(":memory:", config={
+        "autoinstall_known_extensions": "false", "autoload_known_extensions": "false"})
+    con.execute("SET TimeZone = 'UTC'")
+    con.create_function("k2_pid_alive", _pid_alive, ["BIGINT", "DOUBLE"], "BOOLEAN",
+                        null_handling="special", side_effects=True)
+    exists = root.is_dir()
+    current = exists and store_meta_current(root)
+    if exists and not current:
+        try:  # a store written by hand or by an older version: add the stubs + DuckDB file
+            ensure_store(root)
+            current = True
+        except OSError:
+            current = False
+    prefix = str(root.resolve()) + os.sep if exists else ""
+    if current:
+        have = {t: True for t in S.TABLES} | {HEARTBEAT_DIR: True}
+    elif exists:  # read-only store without stubs: type the views that no file backs yet
+        have = {}
+        for t in [*S.TABLES, HEARTBEAT_DIR]:
+            pattern = heartbeat_glob(prefix) if t == HEARTBEAT_DIR else table_glob(prefix, t)
+            have[t] = con.execute(f"SELECT count(*) FROM glob({sql_literal(pattern)})").fetchone()[0] > 0
+    else:
+        have = {}
+    for stmt in all_view_sql(prefix, have, explicit=current, local_host=socket.gethostname()):
+        con.execute(stmt)
+    if sandbox:
+        allowed = [str(root.resolve()) + os.sep] if exists else []
+        con.execute(f"SET allowed_directories = [{', '.join(sql_literal(a) for a in allowed)}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    return Store(root, con, sandbox)
