@@ -27,7 +27,9 @@ Train with Hydra overrides, e.g.
   k2repro train model=k2_65b train.dry_run=true    # build on the meta device, print JSON
   k2repro train +run.tags.team=pretrain            # free-form tags
 
---config-name NAME   top-level config in conf/ (default: config; the DVC pipeline uses pipeline)
+--config-name NAME   top-level config in conf/ (default: config)
+--params FILE        a composed config as YAML instead of conf/ (the DVC stage reads params.yaml,
+                     so that `dvc exp run -S key=value` reaches training)
 Prints run_id=<id>. Exit codes: 0 ok, 2 bad config or input, 3 spike guard abort.
 """
 
@@ -37,8 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-name", default="config")
 
 
-def _split(argv: list[str]) -> tuple[str, list[str]]:
+def _split(argv: list[str]) -> tuple[str, list[str], str | None]:
     name = "config"
+    params: str | None = None
     rest: list[str] = []
     it = iter(argv)
     for a in it:
@@ -49,11 +52,15 @@ def _split(argv: list[str]) -> tuple[str, list[str]]:
             name = next(it, "")
         elif a.startswith("--config-name="):
             name = a.split("=", 1)[1]
+        elif a == "--params":
+            params = next(it, "")
+        elif a.startswith("--params="):
+            params = a.split("=", 1)[1]
         elif a.startswith("-"):
             raise ConfigError(f"unknown option '{a}' (overrides are key=value; see k2repro train --help)")
         else:
             rest.append(a)
-    return name, rest
+    return name, rest, params
 
 
 def dry_run(cfg) -> int:  # noqa: ANN001
@@ -70,11 +77,11 @@ def dry_run(cfg) -> int:  # noqa: ANN001
 
 
 def run_raw(argv: list[str]) -> int:
-    from k2repro.config.load import load_config
+    from k2repro.config.load import load_config, load_params_file
     from k2repro.train.trainer import new_run_id
 
-    name, overrides = _split(argv)
-    cfg = load_config(overrides, name)
+    name, overrides, params = _split(argv)
+    cfg = load_params_file(params, overrides) if params else load_config(overrides, name)
     if cfg.train.dry_run:
         return dry_run(cfg)
     nproc = cfg.parallel.nproc
@@ -86,6 +93,7 @@ def run_raw(argv: list[str]) -> int:
     run_id = new_run_id(cfg.run.name)
     with tempfile.TemporaryDirectory(prefix="k2repro-exit-") as tmp:
         env = dict(os.environ, K2REPRO_RUN_ID=run_id, K2REPRO_CONFIG_NAME=name,
+                   **({"K2REPRO_PARAMS_FILE": os.path.abspath(params)} if params else {}),
                    K2REPRO_EXIT_FILE=os.path.join(tmp, "code"), OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "k2repro.train", *overrides]

@@ -106,6 +106,38 @@ def load_config(
     return cfg
 
 
+def load_params_file(path: str | os.PathLike, overrides: list[str] | None = None,
+                     world_size: int | None = None) -> RunConfig:
+    """Type and validate a composed config saved as YAML (DVC's params.yaml, a run's saved
+    config), with optional `key=value` overrides on top. DVC stages read params.yaml so that
+    `dvc exp run -S key=value` reaches them."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"params file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file {p} is not valid YAML: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file {p} must hold a mapping")
+    if overrides:
+        for o in overrides:
+            if "=" not in o:
+                raise ConfigError(f"override '{o}' is not key=value")
+        try:
+            dot = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
+            data = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(data), dot), resolve=True)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override: {_first_line(exc)}") from None
+    cfg = from_dict(data)
+    validate(cfg, world_size)
+    return cfg
+
+
 def _need(cond: bool, key: str, rule: str) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': {rule}")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from k2repro.config.load import config_hash, flatten, load_config, to_dict
+from k2repro.config.load import config_hash, flatten, load_config, load_params_file, to_dict
 from k2repro.config.schema import RunConfig
 from k2repro.data.loader import StepSampler, batch_hash, rank_slice
 from k2repro.data.packed import PackedDataset
@@ -451,8 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--config-name":
         config_name, argv = argv[1], argv[2:]
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    params = os.environ.get("K2REPRO_PARAMS_FILE")
     try:
-        cfg = load_config(argv, config_name, world_size=world)
+        cfg = (load_params_file(params, argv, world) if params else load_config(argv, config_name, world_size=world))
     except K2ReproError as exc:
         print(f"k2repro train: error: {exc}", file=sys.stderr)
         _exit_file(exc.exit_code)
