@@ -31,6 +31,9 @@ _SECRET_PARTS = frozenset({
     "CREDENTIAL", "CREDENTIALS", "CREDS", "AUTH", "AUTHORIZATION", "PRIVATE", "APIKEY",
     "ACCESSKEY", "SECRETKEY", "PRIVATEKEY", "AUTHTOKEN", "ACCESSTOKEN", "APITOKEN",
 })
+# Glued spellings such as PGPASSWORD: a part that ends with one of these is a secret too
+# (not KEY or TOKEN: monkey, hotkey, subtoken are ordinary words).
+_SECRET_SUFFIXES = ("PASSWORD", "PASSWD", "SECRET", "APIKEY", "CREDENTIALS")
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 _SPLIT = re.compile(r"[^A-Za-z0-9]+")
 
@@ -42,7 +45,7 @@ def name_parts(name: str) -> list[str]:
 
 def is_secret_name(name: str) -> bool:
     """True when any word part of the (dotted) name marks a credential."""
-    return any(p in _SECRET_PARTS for p in name_parts(name))
+    return any(p in _SECRET_PARTS or p.endswith(_SECRET_SUFFIXES) for p in name_parts(name))
 
 
 class Redactor:

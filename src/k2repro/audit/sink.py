@@ -277,9 +277,10 @@ class AuditSink:
         if not self._started:
             self._closed = True
             return
+        ends = [self._event_row("end", None, "info" if status == "completed" else "error", {"status": status})]
         if error is not None:
-            self.log_event("error", None, "error", {"error": error})
-        self.log_event("end", None, "info" if status == "completed" else "error", {"status": status})
+            ends.insert(0, self._event_row("error", None, "error", {"error": error}))
+        self._buffer("events", self._columns(ends), check=False)
         self._closed = True
         try:
             if self._error is None:
@@ -320,8 +321,9 @@ class AuditSink:
 
     # ------------------------------------------------------------------ internals
 
-    def _buffer(self, table: str, rows: Mapping[str, Any]) -> None:
-        self._raise_if_failed()
+    def _buffer(self, table: str, rows: Mapping[str, Any], check: bool = True) -> None:
+        if check:
+            self._raise_if_failed()
         if self._closed:
             raise RuntimeError("AuditSink is closed")
         known = S.column_names(table)
