@@ -1,0 +1,123 @@
+"""`k2repro forensics RUN`: find, classify and explain the loss spikes of a run.
+
+Thin: parse, call `k2repro.forensics`, render. Exit 0 whatever it finds; 2 for a missing
+run or store, or a bad option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from k2repro.errors import BadInputError
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="run id")
+    parser.add_argument("--store", default=os.environ.get("K2REPRO_STORE", "runs"),
+                        help="audit store to read (default: $K2REPRO_STORE or runs)")
+    parser.add_argument("--out", default="reports",
+                        help="report folder: writes OUT/RUN/forensics.{html,md,json} (default: reports)")
+    parser.add_argument("--out-store", default=None,
+                        help="store root that receives this run's `spikes` rows (default: --store)")
+    parser.add_argument("--no-spike-rows", action="store_true", help="do not write `spikes` rows")
+    parser.add_argument("--no-html", action="store_true", help="skip the HTML report (and its plots)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the report object (with `spikes`) as JSON to stdout")
+    parser.add_argument("--signal", default="loss", help="steps column the spikes are found on (default: loss)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="robust z threshold of the episode rule (default 6)")
+    parser.add_argument("--detector", action="append", default=[], metavar="KIND:KEY=VAL,...",
+                        help="change a side-by-side detector, e.g. robust_z:long_window=256 or "
+                        "ewm_ratio:ratio=1.1 (kinds: robust_z, ewm_ratio, mean_ratio, nonfinite)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VAL",
+                        help="change a parameter of episodes / precursors / layers / data, e.g. "
+                        "episodes.transient_horizon=100 (see docs/forensics.md)")
+    parser.add_argument("--data-dir", default=None,
+                        help="packed data directory for sample text (default: from the run's hparams)")
+    parser.add_argument("--replay", action="store_true",
+                        help="causal check: replay the onset window (needs the replay tool)")
+
+
+def build_params(args: argparse.Namespace) -> Any:
+    """ForensicsParams from the command line; BadInputError names the bad option."""
+    from k2repro.forensics.analyze import ForensicsParams
+    from k2repro.forensics.detect import DetectorSpec, coerce_params, parse_spec
+
+    p = ForensicsParams(signal=args.signal, data_dir=args.data_dir)
+    rule = p.rule
+    dets = {d.kind: d for d in p.detectors}
+    for text in args.detector:
+        try:
+            spec = parse_spec(text)
+        except ValueError as exc:
+            raise BadInputError(f"--detector {text}: {exc}") from None
+        if spec.kind == "robust_z":
+            rule = spec.params
+        else:
+            dets[spec.kind] = DetectorSpec(spec.kind, spec.params, spec.kind)
+    if args.threshold is not None:
+        if not args.threshold > 0:
+            raise BadInputError(f"--threshold must be > 0, got {args.threshold}")
+        rule = replace(rule, threshold=args.threshold)
+    sections: dict[str, dict[str, str]] = {}
+    for item in args.set:
+        key, eq, val = item.partition("=")
+        sec, dot, name = key.strip().partition(".")
+        if not eq or not dot or sec not in ("episodes", "precursors", "layers", "data"):
+            raise BadInputError(f"--set {item}: expected SECTION.KEY=VALUE with SECTION one of "
+                                "episodes, precursors, layers, data")
+        sections.setdefault(sec, {})[name] = val
+    kw: dict[str, Any] = {"rule": rule, "detectors": tuple(dets.values())}
+    for sec, vals in sections.items():
+        try:
+            kw[sec] = coerce_params(getattr(p, sec), vals)
+        except ValueError as exc:
+            raise BadInputError(f"--set {sec}.*: {exc}") from None
+    return replace(p, **kw)
+
+
+def run(args: argparse.Namespace) -> int:
+    from k2repro.forensics.analyze import analyze_run
+    from k2repro.forensics.report import to_json, write_reports, write_spike_rows
+    from k2repro.forensics.source import open_source
+
+    params = build_params(args)
+    store = Path(args.store)
+    if not store.is_dir():
+        raise BadInputError(f"no store at {store} (pass --store or set K2REPRO_STORE)")
+    res = analyze_run(open_source(store), args.run, params)
+    if args.replay:
+        from k2repro.forensics.causal import causal_check
+
+        for sp in res.spikes:
+            causal_check(store, res, sp)
+    paths = write_reports(res, args.out, html_report=not args.no_html)
+    if not args.no_spike_rows:
+        paths["spikes"] = write_spike_rows(res, args.out_store or args.store)
+    obj = to_json(res)
+    if args.json:
+        obj["files"] = {k: str(v) for k, v in paths.items()}
+        json.dump(obj, sys.stdout, allow_nan=False)
+        sys.stdout.write("\n")
+        return 0
+    print(f"run {res.run_id}: {res.n_steps} steps, {len(res.spikes)} spike(s)")
+    for s in obj["spikes"]:
+        verdict = (s.get("data") or {}).get("verdict", "-")
+        print(f"  steps {s['onset_step']}-{s['end_step']}: {s['class']}, {s['severity']}, "
+              f"magnitude {_mag(s['magnitude'])}, "
+              f"lead {s['lead_signal']}, top layer {s['top_layer']}, data {verdict}")
+    for line in res.impossible:
+        print(f"  not possible: {line}")
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def _mag(v: float | None) -> str:
+    return "inf" if v is None else f"{v:.3g}"

@@ -1,0 +1,490 @@
+"""`analyze_run`: detection, episodes, precursors, layer and data attribution of one run,
+as SQL against the store's views. Runs every analysis the data allows and lists the others
+in `impossible` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from k2repro.errors import BadInputError
+from k2repro.forensics.attribute import (
+    DataAttribution,
+    DataParams,
+    LayerAttribution,
+    LayerParams,
+    data_attribution,
+    layer_attribution,
+)
+from k2repro.forensics.detect import (
+    Detection,
+    DetectorSpec,
+    RobustZ,
+    params_dict,
+    robust_z,
+)
+from k2repro.forensics.episodes import Episode, EpisodeParams, build_episodes
+from k2repro.forensics.precursors import (
+    Crossing,
+    PrecursorParams,
+    first_crossing,
+    lead_signal,
+)
+from k2repro.forensics.source import RunSource
+from k2repro.forensics.textfeat import feature_flags, text_features, token_features
+
+# Step signals that may lead a loss spike (besides per-layer grad norms and the update ratio).
+PRECURSOR_STEP_SIGNALS = ("grad_norm", "logz_mean", "loss_max", "lr")
+INTERVENTION_KINDS = ("skip", "rollback", "abort")
+
+
+@dataclass(frozen=True)
+class ForensicsParams:
+    """Everything tunable, with the documented defaults (docs/forensics.md)."""
+
+    signal: str = "loss"
+    rule: RobustZ = RobustZ()
+    # side-by-side detectors on the primary signal; the robust_z entry uses `rule`
+    detectors: tuple[DetectorSpec, ...] = (
+        DetectorSpec("robust_z"), DetectorSpec("ewm_ratio"), DetectorSpec("mean_ratio"),
+        DetectorSpec("nonfinite"),
+    )
+    # the detectors whose flags make episodes
+    episode_detectors: tuple[str, ...] = ("robust_z", "nonfinite")
+    # other step signals scanned whole with the robust_z rule (for the overview)
+    scan_signals: tuple[str, ...] = ("grad_norm",)
+    episodes: EpisodeParams = EpisodeParams()
+    precursors: PrecursorParams = PrecursorParams()
+    layers: LayerParams = LayerParams()
+    data: DataParams = DataParams()
+    max_detailed: int = 50
+    data_dir: str | None = None
+    split: str = "train"
+    text_chars: int = 400
+
+    def resolved_detectors(self) -> tuple[DetectorSpec, ...]:
+        return tuple(DetectorSpec("robust_z", self.rule, d.name) if d.kind == "robust_z" else d
+                     for d in self.detectors)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "signal": self.signal,
+            "rule": params_dict(self.rule),
+            "detectors": [{"name": d.name, "kind": d.kind, **params_dict(d.params)}
+                          for d in self.resolved_detectors()],
+            "episode_detectors": list(self.episode_detectors),
+            "scan_signals": list(self.scan_signals),
+            "episodes": params_dict(self.episodes),
+            "precursors": params_dict(self.precursors),
+            "layers": params_dict(self.layers),
+            "data": params_dict(self.data),
+            "max_detailed": self.max_detailed,
+        }
+
+
+@dataclass
+class Spike:
+    """One episode with everything forensics found about it."""
+
+    episode: Episode
+    detectors: list[str] = field(default_factory=list)
+    precursors: list[Crossing] = field(default_factory=list)
+    lead: Crossing | None = None
+    layers: LayerAttribution | None = None
+    data: DataAttribution | None = None
+    faults: list[dict] = field(default_factory=list)
+    interventions: list[dict] = field(default_factory=list)
+    detailed: bool = True
+    zoom: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def top_layer(self) -> str | None:
+        if self.layers and self.layers.top:
+            return self.layers.top[0]["param"]
+        return None
+
+    @property
+    def top_samples(self) -> list[int]:
+        if self.data and self.data.verdict == "data":
+            return list(self.data.outlier_ids)
+        return []
+
+    def row(self) -> dict[str, Any]:
+        """The `spikes` table's columns (DESIGN.md section 4)."""
+        e = self.episode
+        return {
+            "onset_step": e.onset_step, "peak_step": e.peak_step, "end_step": e.end_step,
+            "magnitude": float(e.magnitude), "class": e.cls, "severity": e.severity,
+            "lead_signal": self.lead.signal if self.lead else None,
+            "top_layer": self.top_layer, "top_samples": self.top_samples,
+        }
+
+
+@dataclass
+class ForensicsResult:
+    run_id: str
+    params: ForensicsParams
+    run: dict = field(default_factory=dict)
+    n_steps: int = 0
+    step_range: tuple[int, int] | None = None
+    signals: list[str] = field(default_factory=list)
+    detectors: dict[str, dict] = field(default_factory=dict)
+    spikes: list[Spike] = field(default_factory=list)
+    impossible: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    faults: list[dict] = field(default_factory=list)
+    series: dict[str, np.ndarray] = field(default_factory=dict)
+    flags: dict[str, np.ndarray] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _finite_any(a: np.ndarray | None) -> bool:
+    return a is not None and a.size > 0 and bool(np.isfinite(a).any())
+
+
+def _parse_detail(d: Any) -> dict:
+    if isinstance(d, dict):
+        return d
+    if isinstance(d, str) and d.strip():
+        try:
+            v = json.loads(d)
+            return v if isinstance(v, dict) else {"value": v}
+        except json.JSONDecodeError:
+            return {"text": d}
+    return {}
+
+
+def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = ForensicsParams()) -> ForensicsResult:
+    """Find, classify and explain the spikes of `run_id` (a Store or a DuckDB connection with
+    the store's views). Raises BadInputError when the run is not in the store."""
+    t0 = time.perf_counter()
+    p = params
+    src = RunSource(con_or_store, run_id)
+    if not src.exists():
+        raise BadInputError(f"no run '{run_id}' in the store (no runs or steps rows for it)")
+    res = ForensicsResult(run_id=run_id, params=p)
+    res.run = src.run_row()
+    st = src.steps()
+    res.timings["read_steps_s"] = time.perf_counter() - t0
+    if getattr(src, "dup_steps", 0):
+        res.notes.append(f"steps: {src.dup_steps} step numbers were logged twice; the last row of each was used")
+    steps = st["step"]
+    res.n_steps = int(steps.size)
+    if steps.size:
+        res.step_range = (int(steps[0]), int(steps[-1]))
+    res.signals = [c for c in st if c not in ("step", "skipped") and _finite_any(st[c])]
+    res.series = {k: v for k, v in st.items()}
+    parent = res.run.get("parent_run_id")
+    if parent:
+        res.notes.append(f"this run resumed from run {parent} at step {res.run.get('resumed_from_step')}; "
+                         "forensics reads this run's own steps only")
+
+    events = src.events()
+    for e in events:
+        e["detail"] = _parse_detail(e.get("detail"))
+    res.faults = [e for e in events if e.get("kind") == "fault_injected"]
+    interventions = [e for e in events if e.get("kind") in INTERVENTION_KINDS]
+
+    x = st.get(p.signal)
+    if x is None or np.isfinite(x).sum() + (~np.isfinite(x)).sum() == 0 or not _finite_any(x):
+        res.impossible.append(f"detection: the run has no {p.signal} values")
+        res.impossible.extend(_Availability(src, st, p).lines)
+        res.timings["total_s"] = time.perf_counter() - t0
+        return res
+    n_known = int(np.isfinite(x).sum())
+    if n_known <= p.rule.min_history:
+        res.impossible.append(
+            f"robust_z detection: {n_known} finite {p.signal} values, the rule needs more than "
+            f"min_history={p.rule.min_history}; only non-finite values are detected")
+
+    # 1. detectors side by side on the primary signal
+    t1 = time.perf_counter()
+    dets: dict[str, Detection] = {}
+    z = scale = pred = None
+    for spec in p.resolved_detectors():
+        dets[spec.name] = spec.run(x)
+        if spec.kind == "robust_z" and z is None:
+            z, scale, pred = dets[spec.name].scores, dets[spec.name].scale, dets[spec.name].pred
+    for name, d in dets.items():
+        idx = np.flatnonzero(d.flags)
+        res.detectors[name] = {"signal": p.signal, "kind": d.kind, "n_flagged": int(idx.size),
+                               "flagged_steps": [int(s) for s in steps[idx[:50]]]}
+        res.flags[f"{p.signal}:{name}"] = d.flags
+    for sig in p.scan_signals:
+        v = st.get(sig)
+        if sig == p.signal or not _finite_any(v):
+            continue
+        d = robust_z(v, p.rule)
+        idx = np.flatnonzero(d.flags)
+        res.detectors[f"{sig}:robust_z"] = {"signal": sig, "kind": "robust_z", "n_flagged": int(idx.size),
+                                            "flagged_steps": [int(s) for s in steps[idx[:50]]]}
+        res.flags[f"{sig}:robust_z"] = d.flags
+    res.timings["detect_s"] = time.perf_counter() - t1
+
+    # 2. episodes
+    t2 = time.perf_counter()
+    names = [n for n in p.episode_detectors if n in dets]
+    if not names:
+        raise BadInputError(f"episode detectors {list(p.episode_detectors)} are not among "
+                            f"the configured detectors {list(dets)}")
+    flags = np.zeros(x.size, dtype=bool)
+    for n in names:
+        flags |= dets[n].flags
+    eps = build_episodes(steps, x, flags, z=z, scale=scale, pred=pred, params=p.episodes,
+                         interventions=[e for e in interventions if e.get("kind") in ("rollback", "abort")])
+    res.timings["episodes_s"] = time.perf_counter() - t2
+
+    # 3-5. precursors, layers, data per episode
+    t3 = time.perf_counter()
+    avail = _Availability(src, st, p)
+    res.impossible.extend(avail.lines)
+    order = sorted(range(len(eps)), key=lambda i: -_mag_key(eps[i]))
+    detailed = set(order[: p.max_detailed])
+    if len(eps) > p.max_detailed:
+        res.notes.append(f"{len(eps)} episodes: the {p.max_detailed} largest are analysed in detail "
+                         f"(max_detailed), the others are listed with their class only")
+    text_ctx = _TextContext(src, p, res) if avail.samples else None
+    for i, ep in enumerate(eps):
+        sp = Spike(episode=ep, detailed=i in detailed)
+        sp.detectors = [n for n, d in dets.items() if d.flags[ep.onset: ep.end + 1].any()]
+        ep.detectors = sp.detectors
+        lo_s = ep.onset_step - p.precursors.lookback - p.data.lookback
+        sp.faults = [e for e in res.faults if e.get("step") is not None and lo_s <= e["step"] <= ep.end_step]
+        sp.interventions = [e for e in interventions if e.get("step") is not None
+                            and ep.onset_step - 1 <= e["step"] <= ep.end_step]
+        sp.zoom = _zoom(st, ep, p)
+        if sp.detailed:
+            _detail(sp, src, st, p, avail, text_ctx)
+        res.spikes.append(sp)
+    res.timings["attribute_s"] = time.perf_counter() - t3
+    if text_ctx is not None:
+        res.notes.extend(text_ctx.notes)
+    res.notes.append("causal check (--replay): not run")
+    res.timings["total_s"] = time.perf_counter() - t0
+    return res
+
+
+def _mag_key(e: Episode) -> float:
+    return float("inf") if not np.isfinite(e.magnitude) else float(e.magnitude)
+
+
+def _zoom(st: dict[str, np.ndarray], ep: Episode, p: ForensicsParams) -> dict[str, np.ndarray]:
+    steps = st["step"]
+    width = max(ep.end_step - ep.onset_step, 8)
+    lo = int(np.searchsorted(steps, ep.onset_step - max(2 * width, 32), side="left"))
+    hi = int(np.searchsorted(steps, min(ep.end_step, ep.peak_step + 4 * width) + max(width, 16), side="right"))
+    return {k: v[lo:hi] for k, v in st.items() if k in ("step", "loss", "grad_norm", "lr", "logz_mean")}
+
+
+class _Availability:
+    """Which analyses the data allows, decided once per run."""
+
+    def __init__(self, src: RunSource, st: dict[str, np.ndarray], p: ForensicsParams) -> None:
+        self.lines: list[str] = []
+        self.step_signals = [s for s in PRECURSOR_STEP_SIGNALS if s != p.signal and _finite_any(st.get(s))]
+        for s in PRECURSOR_STEP_SIGNALS:
+            if s != p.signal and s not in self.step_signals:
+                self.lines.append(f"precursor {s}: steps.{s} has no values in this run")
+        self.layers = src.has_rows("layer_stats")
+        if not self.layers:
+            self.lines.append("layer attribution, update/param-ratio and per-layer grad-norm precursors: "
+                              "no layer_stats rows (audit.layer_stats_every=0, or an import)")
+        self.samples = src.has_rows("sample_stats")
+        if not self.samples:
+            self.lines.append("data attribution: no sample_stats rows (per-sample losses were not logged)")
+        hp = src.hparams()
+        try:
+            self.layer_every = max(1, int(float(hp.get("audit.layer_stats_every", 1) or 1)))
+        except ValueError:
+            self.layer_every = 1
+        self.hparams = hp
+
+
+def _detail(sp: Spike, src: RunSource, st: dict[str, np.ndarray], p: ForensicsParams,
+            avail: _Availability, text_ctx: _TextContext | None) -> None:
+    ep = sp.episode
+    steps = st["step"]
+    crossings: list[Crossing] = []
+    c = first_crossing(p.signal, steps, st[p.signal], ep.onset_step, ep.peak_step, p.rule, p.precursors)
+    crossings.append(c or Crossing(p.signal, ep.onset_step, 0, float(ep.max_z)))
+    for s in avail.step_signals:
+        c = first_crossing(s, steps, st[s], ep.onset_step, ep.peak_step, p.rule, p.precursors)
+        if c:
+            crossings.append(c)
+    if avail.layers:
+        ls = _layer_window(src, ep, p, avail)
+        sp.layers = layer_attribution(ls, ep.onset_step, ep.peak_step, p.rule, p.precursors, p.layers)
+        ur = _update_ratio(ls)
+        if ur is not None:
+            c = first_crossing("update_ratio", ur[0], ur[1], ep.onset_step, ep.peak_step, p.rule, p.precursors)
+            if c:
+                crossings.append(c)
+        ftc = sp.layers.first_to_cross
+        if ftc:
+            crossings.append(Crossing(f"layer_grad_norm:{ftc['param']}", ftc["step"], ftc["lead_steps"],
+                                      float(ftc["z"] or np.nan)))
+    sp.precursors = sorted(crossings, key=lambda c: (-c.lead_steps, c.signal))
+    sp.lead = lead_signal(crossings)
+    if avail.samples:
+        ss = src.samples(ep.onset_step - p.data.lookback, ep.onset_step)
+        sp.data = data_attribution(ss, ep.onset_step, ep.baseline, ep.noise, p.data)
+        injected = _injected_ids(sp.faults)
+        for s in sp.data.samples:
+            if s["sample_id"] in injected:
+                s["injected"] = injected[s["sample_id"]]
+        if text_ctx is not None:
+            text_ctx.enrich(sp.data, ss)
+
+
+def _injected_ids(faults: list[dict]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for f in faults:
+        d = f.get("detail") or {}
+        for sid in d.get("sample_ids") or []:
+            try:
+                out[int(sid)] = f"{d.get('kind', 'fault')} at step {f.get('step')}"
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+def _layer_window(src: RunSource, ep: Episode, p: ForensicsParams, avail: _Availability) -> Any:
+    """layer_stats rows from enough logged points before onset (robust-z history + the
+    pre-onset baseline) to the heatmap's right edge; the logging interval is taken from
+    `audit.layer_stats_every` and checked against the rows found."""
+    need = p.rule.history_needed + p.layers.pre_points + 4
+    every = avail.layer_every
+    for _ in range(2):
+        lo = ep.onset_step - p.precursors.lookback - need * every
+        hi = max(ep.peak_step, ep.onset_step) + (p.layers.heat_after + 1) * every
+        ls = src.layer_window(lo, hi)
+        if len(ls) == 0:
+            return ls
+        us = np.unique(ls["step"].to_numpy())
+        est = int(np.median(np.diff(us))) if us.size > 1 else every
+        if est <= every:
+            return ls
+        every = est
+    return ls
+
+
+def _update_ratio(ls: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The model's update/param ratio per logged step: ||update|| / ||params|| over all
+    tensors (falls back to the mean of per-tensor ratios)."""
+    if ls is None or len(ls) == 0:
+        return None
+    if {"update_norm", "param_norm"} <= set(ls.columns) and ls["update_norm"].notna().any():
+        g = ls.assign(u2=ls["update_norm"] ** 2, p2=ls["param_norm"] ** 2).groupby("step")[["u2", "p2"]].sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = np.sqrt(g["u2"].to_numpy()) / np.sqrt(g["p2"].to_numpy())
+        return g.index.to_numpy(dtype=np.int64), v
+    if "update_ratio" in ls.columns and ls["update_ratio"].notna().any():
+        g = ls.groupby("step")["update_ratio"].mean()
+        return g.index.to_numpy(dtype=np.int64), g.to_numpy(dtype=np.float64)
+    return None
+
+
+class _TextContext:
+    """Sample text, document ids and features from the run's packed data, if it can be found."""
+
+    def __init__(self, src: RunSource, p: ForensicsParams, res: ForensicsResult) -> None:
+        self.p = p
+        self.notes: list[str] = []
+        self.ds = None
+        self.dir: str | None = None
+        self._sample_text = None
+        cands: list[tuple[str, str]] = []
+        if p.data_dir:
+            cands.append((p.data_dir, "--data-dir"))
+        hp = src.hparams()
+        if hp.get("data.packed_dir"):
+            cands.append((str(hp["data.packed_dir"]), "hparams data.packed_dir"))
+        manifest = src.manifest()
+        for m in manifest:
+            if str(m.get("artifact", "")).startswith("packed/") and m.get("path"):
+                cands.append((str(Path(str(m["path"])).parent), "data_manifest"))
+        want = {str(m.get("artifact")): m.get("sha256") for m in manifest}
+        from k2repro.data.packed import PackedDataset
+
+        tried = []
+        for path, why in cands:
+            if not (Path(path) / "manifest.json").exists():
+                tried.append(f"{path} ({why}): no manifest.json")
+                continue
+            try:
+                ds = PackedDataset(path, p.split)
+            except BadInputError as exc:
+                tried.append(f"{path} ({why}): {exc}")
+                continue
+            mine = {a.get("artifact"): a.get("sha256") for a in ds.artifacts()}
+            key = f"packed/{p.split}.bin"
+            if want.get(key) and mine.get(key) and want[key] != mine[key]:
+                tried.append(f"{path} ({why}): sha256 of {key} differs from the run's data_manifest")
+                continue
+            self.ds, self.dir = ds, path
+            break
+        if self.ds is None:
+            why = "; ".join(tried) if tried else "the run records no packed data directory"
+            self.notes.append(f"sample text and features: packed data not found ({why}); "
+                              "pass --data-dir")
+            return
+        try:
+            from k2repro.data.tokenizer import sample_text
+
+            self._sample_text = sample_text
+        except ImportError:
+            self.notes.append("sample text: k2repro.data.tokenizer is not available; features are "
+                              "computed on token ids only")
+
+    def _text(self, sid: int) -> str | None:
+        if self._sample_text is None:
+            return None
+        try:
+            return str(self._sample_text(self.dir, self.p.split, int(sid)))
+        except Exception as exc:  # noqa: BLE001 - text is a courtesy; report and go on
+            msg = f"sample text: {type(exc).__name__}: {exc}"
+            if msg not in self.notes:
+                self.notes.append(msg)
+            self._sample_text = None
+            return None
+
+    def features(self, sid: int, with_text: bool) -> tuple[dict, str | None, list[str]]:
+        assert self.ds is not None
+        if not 0 <= sid < len(self.ds):
+            return {}, None, []
+        toks = self.ds.get([sid])[0]
+        f = token_features(toks)
+        text = self._text(sid) if with_text else None
+        if text is not None:
+            f.update(text_features(text))
+        return f, text, self.ds.docs_of(sid) if with_text else []
+
+    def enrich(self, data: DataAttribution, ss: Any) -> None:
+        if self.ds is None or data.step is None:
+            return
+        step_ids = [int(s) for s in ss.loc[ss["step"] == data.step, "sample_id"]]
+        shown = {s["sample_id"] for s in data.samples}
+        # the batch's typical features, from up to 64 samples that are not listed
+        others = [s for s in step_ids if s not in shown]
+        if len(others) > 64:
+            others = [others[i] for i in np.linspace(0, len(others) - 1, 64).astype(int)]
+        feats = [self.features(s, with_text=self._sample_text is not None)[0] for s in others]
+        med: dict[str, float] = {}
+        for k in {k for f in feats for k in f}:
+            vals = [f[k] for f in feats if k in f and f[k] is not None and np.isfinite(f[k])]
+            if vals:
+                med[k] = round(float(np.median(vals)), 4)
+        data.batch_feature_median = med
+        for s in data.samples:
+            f, text, docs = self.features(s["sample_id"], with_text=True)
+            s["features"] = f
+            s["flags"] = feature_flags(f, med)
+            s["doc_ids"] = docs
+            if text is not None:
+                s["text"] = text[: self.p.text_chars]

@@ -1,0 +1,270 @@
+"""Layer and data attribution of one episode.
+
+Layer: which parameter tensors' statistics jumped most at onset (max over the onset window /
+median before it) and which one crossed its own robust-z threshold first.
+Data: the onset step's samples ranked by excess loss, and a verdict on whether the top
+samples account for the step's excess over the run's typical loss: a bad batch concentrates
+the excess in a few samples; an optimizer-side spike (an lr spike) raises every sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from k2repro.forensics.detect import RobustZ, robust_z_parts
+from k2repro.forensics.precursors import PrecursorParams
+
+LAYER_STATS = ("grad_norm", "update_ratio", "grad_max_abs", "update_norm", "param_norm")
+JUMP_STATS = ("grad_norm", "update_ratio", "grad_max_abs", "update_norm")
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """- jump_lead: the onset window starts this many steps before onset (an lr spike shows
+      in the update of the step before the loss jumps).
+    - pre_points: the baseline is the median of this many logged points before the window.
+    - top_n: parameters listed; heatmap_params: rows of the heatmap (top by jump).
+    """
+
+    jump_lead: int = 2
+    pre_points: int = 32
+    top_n: int = 5
+    heatmap_params: int = 40
+    heat_before: int = 48
+    heat_after: int = 48
+
+
+@dataclass
+class LayerAttribution:
+    top: list[dict] = field(default_factory=list)
+    first_to_cross: dict | None = None
+    interval: int = 1
+    heat_params: list[str] = field(default_factory=list)
+    heat_steps: np.ndarray | None = None
+    heat: np.ndarray | None = None  # log10(grad_norm / pre-onset median), params x steps
+    note: str = ""
+
+
+def layer_attribution(
+    ls: Any,
+    onset_step: int,
+    peak_step: int,
+    rule: RobustZ,
+    pre: PrecursorParams,
+    p: LayerParams = LayerParams(),
+) -> LayerAttribution:
+    """`ls`: a pandas DataFrame of layer_stats rows around the episode (columns step, param
+    and any of LAYER_STATS)."""
+    out = LayerAttribution()
+    if ls is None or len(ls) == 0:
+        out.note = "no layer_stats rows around the episode"
+        return out
+    steps_all = np.sort(ls["step"].unique())
+    out.interval = int(np.median(np.diff(steps_all))) if steps_all.size > 1 else 1
+    lo = onset_step - p.jump_lead
+    hi = max(peak_step, onset_step + out.interval - 1)
+    in_win = steps_all[(steps_all >= lo) & (steps_all <= hi)]
+    if in_win.size == 0:
+        after = steps_all[steps_all >= onset_step]
+        if after.size == 0:
+            out.note = f"no layer_stats row at or after onset (logged every {out.interval} steps)"
+            return out
+        hi = int(after[0])
+        out.note = (f"no layer_stats row in steps {lo}..{max(peak_step, onset_step)}; "
+                    f"used the next logged step {hi} (logged every {out.interval} steps)")
+    before = steps_all[steps_all < lo][-p.pre_points:]
+    if before.size == 0:
+        out.note = "no layer_stats rows before onset to compare against"
+        return out
+    stats = [c for c in JUMP_STATS if c in ls.columns and ls[c].notna().any()]
+    pre_rows = ls[ls["step"].isin(before)]
+    win_rows = ls[(ls["step"] >= lo) & (ls["step"] <= hi)]
+    base = pre_rows.groupby("param")[stats].median()
+    peak = win_rows.groupby("param")[stats].max()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = (peak / base.reindex(peak.index)).replace([np.inf, -np.inf], np.nan)
+    jump = ratio.max(axis=1, skipna=True)
+    order = jump.sort_values(ascending=False, na_position="last")
+    for param in order.index[: p.top_n]:
+        row = {"param": str(param), "jump": _r(order[param])}
+        for c in stats:
+            row[f"{c}_ratio"] = _r(ratio.at[param, c])
+        out.top.append(row)
+
+    # first to cross: each param's grad_norm under the robust-z rule, walked back like a
+    # precursor crossing
+    if "grad_norm" in ls.columns and ls["grad_norm"].notna().any():
+        wide = ls.pivot_table(index="step", columns="param", values="grad_norm", aggfunc="first")
+        wide = wide.sort_index()
+        wsteps = wide.index.to_numpy(dtype=np.int64)
+        r = replace(rule, threshold=pre.threshold, direction="up")
+        z, _, _ = robust_z_parts(wide.to_numpy(dtype=np.float64), r)
+        lo_c = int(np.searchsorted(wsteps, onset_step - pre.lookback, side="left"))
+        hi_c = int(np.searchsorted(wsteps, max(peak_step, hi), side="right"))
+        best: tuple | None = None
+        gap = max(pre.max_gap, 2 * out.interval)
+        for j, param in enumerate(wide.columns):
+            zz = z[lo_c:hi_c, j]
+            cand = np.flatnonzero(np.nan_to_num(zz, nan=-np.inf) >= pre.threshold) + lo_c
+            if not cand.size:
+                continue
+            bef = cand[wsteps[cand] <= onset_step]
+            if bef.size:
+                i = bef.size - 1
+                while i > 0 and wsteps[bef[i]] - wsteps[bef[i - 1]] <= gap:
+                    i -= 1
+                c = int(bef[i])
+            else:
+                c = int(cand[0])
+            key = (int(wsteps[c]), -float(order.get(param, 0.0) or 0.0))
+            if best is None or key < best[0]:
+                best = (key, str(param), int(wsteps[c]), float(z[c, j]))
+        if best is not None:
+            out.first_to_cross = {"param": best[1], "step": best[2],
+                                  "lead_steps": int(onset_step - best[2]), "z": _r(best[3])}
+
+        # heatmap: log10 of grad_norm over its pre-onset median, top params by jump
+        hp = [q for q in order.index if q in wide.columns][: p.heatmap_params]
+        hs = wide.index[(wide.index >= onset_step - p.heat_before * out.interval)
+                        & (wide.index <= max(peak_step, hi) + p.heat_after * out.interval)]
+        sub = wide.loc[hs, hp]
+        med = wide.loc[wide.index.isin(before), hp].median()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            heat = np.log10((sub / med).to_numpy(dtype=np.float64).T)
+        out.heat_params = [str(q) for q in hp]
+        out.heat_steps = hs.to_numpy(dtype=np.int64)
+        out.heat = np.where(np.isfinite(heat), heat, np.nan)
+    return out
+
+
+def _r(v: Any, nd: int = 4) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return round(f, nd) if np.isfinite(f) else None
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """- lookback: besides the onset step, the steps up to this many before it are examined
+      (the one whose outliers explain the most excess wins).
+    - outlier_z: a sample is an outlier when (loss - step median) / (1.4826 * MAD of the
+      step's sample losses) >= outlier_z.
+    - share: the verdict is `data` when the outliers account for >= share of the step's
+      excess loss over the run's typical loss, and are at most max_outlier_frac of the batch.
+    - min_excess_sigma: below this many noise units of excess the step is not elevated and
+      the verdict is `inconclusive`.
+    - top_n: samples listed in the report.
+    """
+
+    lookback: int = 2
+    outlier_z: float = 3.5
+    share: float = 0.5
+    max_outlier_frac: float = 0.5
+    min_excess_sigma: float = 3.0
+    top_n: int = 10
+
+
+@dataclass
+class DataAttribution:
+    step: int | None = None
+    verdict: str = "unknown"  # data | not_data | inconclusive | unknown
+    reason: str = ""
+    excess: float | None = None
+    top_share: float | None = None
+    n_outliers: int = 0
+    n_samples: int = 0
+    typical_loss: float | None = None
+    step_median: float | None = None
+    samples: list[dict] = field(default_factory=list)
+    outlier_ids: list[int] = field(default_factory=list)
+    batch_feature_median: dict = field(default_factory=dict)
+
+
+def rank_step_samples(ss: Any, typical: float, noise: float, p: DataParams) -> DataAttribution:
+    """Rank one step's samples (`ss`: DataFrame with sample_id, loss and maybe n_tokens, rank)
+    by excess loss and give the verdict."""
+    out = DataAttribution(typical_loss=_r(typical, 6))
+    df = ss[np.isfinite(ss["loss"].to_numpy(dtype=np.float64))].copy()
+    out.step = int(ss["step"].iloc[0]) if len(ss) else None
+    out.n_samples = len(df)
+    if len(df) == 0:
+        out.reason = "no finite per-sample losses at this step"
+        return out
+    loss = df["loss"].to_numpy(dtype=np.float64)
+    if "n_tokens" in df.columns and df["n_tokens"].notna().all() and df["n_tokens"].sum() > 0:
+        w = df["n_tokens"].to_numpy(dtype=np.float64)
+    else:
+        w = np.ones_like(loss)
+    w = w / w.sum()
+    med = float(np.median(loss))
+    mad = float(np.median(np.abs(loss - med)))
+    sc = max(1.4826 * mad, 1e-12, 1e-6 * abs(med))
+    zs = (loss - med) / sc
+    df["excess_vs_step"] = loss - med
+    df["excess_vs_run"] = loss - typical
+    df["z"] = zs
+    df["_w"] = w
+    df = df.sort_values(["excess_vs_step", "sample_id"], ascending=[False, True], kind="mergesort")
+    outl = df[df["z"] >= p.outlier_z]
+    excess = float(np.sum(w * (loss - typical)))
+    contrib = float(np.sum(outl["_w"] * (outl["loss"] - typical)))
+    out.excess = _r(excess, 6)
+    out.step_median = _r(med, 6)
+    out.n_outliers = len(outl)
+    out.outlier_ids = [int(s) for s in outl["sample_id"]]
+    out.top_share = _r(contrib / excess, 4) if excess > 0 else None
+    out.samples = [
+        {"sample_id": int(r.sample_id), "rank": int(getattr(r, "rank", -1)) if "rank" in df.columns else None,
+         "loss": _r(r.loss, 6), "n_tokens": int(r.n_tokens) if "n_tokens" in df.columns and np.isfinite(r.n_tokens) else None,
+         "excess_vs_step": _r(r.excess_vs_step, 6), "excess_vs_run": _r(r.excess_vs_run, 6),
+         "z": _r(r.z, 3), "outlier": bool(r.z >= p.outlier_z)}
+        for r in df.head(max(p.top_n, len(outl))).itertuples(index=False)
+    ]
+    noise_floor = p.min_excess_sigma * noise if np.isfinite(noise) else 0.0
+    if excess <= noise_floor or excess <= 0:
+        out.verdict = "inconclusive"
+        out.reason = (f"step {out.step}: mean sample loss exceeds the typical loss {typical:.4g} by "
+                      f"{excess:.3g}, within {p.min_excess_sigma:g} noise units ({noise:.3g})")
+    elif out.n_outliers == 0:
+        out.verdict = "not_data"
+        out.reason = (f"step {out.step}: no sample stands out (robust z >= {p.outlier_z:g}); the "
+                      f"excess loss {excess:.3g} is spread over all {len(df)} samples")
+    elif out.n_outliers > p.max_outlier_frac * len(df):
+        out.verdict = "not_data"
+        out.reason = (f"step {out.step}: {out.n_outliers} of {len(df)} samples stand out: the batch "
+                      f"as a whole is off")
+    elif contrib / excess >= p.share:
+        out.verdict = "data"
+        out.reason = (f"step {out.step}: the top {out.n_outliers} of {len(df)} samples account for "
+                      f"{100 * contrib / excess:.0f}% of the step's excess loss {excess:.3g}")
+    else:
+        out.verdict = "not_data"
+        out.reason = (f"step {out.step}: the top {out.n_outliers} samples account for only "
+                      f"{100 * contrib / excess:.0f}% of the excess loss {excess:.3g}; the rest is "
+                      f"spread over the batch")
+    return out
+
+
+def data_attribution(
+    ss: Any, onset_step: int, typical: float, noise: float, p: DataParams = DataParams()
+) -> DataAttribution:
+    """Examine the onset step and up to `p.lookback` steps before it; return the onset
+    step's ranking unless an earlier step explains the spike with data."""
+    if ss is None or len(ss) == 0:
+        return DataAttribution(reason="no sample_stats rows at or before the onset step")
+    results = []
+    for s in range(onset_step, onset_step - p.lookback - 1, -1):
+        sub = ss[ss["step"] == s]
+        if len(sub):
+            results.append(rank_step_samples(sub, typical, noise, p))
+    if not results:
+        return DataAttribution(reason=f"no sample_stats rows for steps {onset_step - p.lookback}..{onset_step}")
+    data = [r for r in results if r.verdict == "data"]
+    if data:
+        return max(data, key=lambda r: (r.top_share or 0.0) * (r.excess or 0.0))
+    return results[0]

@@ -1,0 +1,373 @@
+"""Spike detectors: pure, vectorised functions over one signal (a 1-D float array in step
+order), so the offline forensics and the online spike guard apply the very same rule.
+
+Four detectors run side by side (docs/forensics.md):
+- `robust_z`: residual from a short trailing (trend-corrected) median, scaled by a robust
+  spread of the residuals over a longer trailing window. The default; it works early in
+  training because the short median follows a fast-falling loss, where a plain 128-step
+  median lags so much that a real spike can sit below it.
+- `ewm_ratio`: value / exponentially weighted mean of the previous values.
+- `mean_ratio`: value / trailing mean, flagged only after `patience` consecutive steps over
+  the ratio (llm-foundry's rule: 2x the 100-step mean for 4 steps).
+- `nonfinite`: NaN or +-inf.
+
+Windows count logged points (rows), not step numbers: an import that logs every 10 steps
+gets the same rule over its points. Every window is trailing and excludes the current point,
+so a spike never hides itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+
+# 1.4826 * MAD estimates the standard deviation of normal noise.
+MAD_TO_SIGMA = 1.4826
+
+DIRECTIONS = ("up", "down", "both")
+
+
+@dataclass(frozen=True)
+class RobustZ:
+    """The robust z-score rule (also the spike guard's rule; `guard.*` keys use these names).
+
+    pred_t  = median(x[t-h : t]) + (median(x[t-h : t]) - median(x[t-2h : t-h])) * (h+1)/(2h),
+              h = short_window // 2 (with `trend=False`: median(x[t-short_window : t]))
+    r_t     = x_t - pred_t
+    over the residuals of the trailing long window R = r[t-long_window : t] (NaNs ignored):
+    center  = median(R); mad = (q75(R) - q25(R)) / 2   (equals the MAD for symmetric noise)
+    scale   = max(1.4826 * mad, rel_floor * |pred_t|, abs_floor)
+    z_t     = (r_t - center) / scale
+    z_t is defined once t >= min_history points precede it and R holds >= min_residuals
+    values; flagged when z_t >= threshold (direction "up"), <= -threshold ("down"), or
+    |z_t| >= threshold ("both").
+
+    The trend term turns the median into a local linear extrapolation: without it, a
+    loss falling by 0.05 per step sits 0.4 below a 16-step median, and the variation of that
+    lag across the long window inflates the scale until early spikes go unseen.
+    Half the interquartile range is used instead of a MAD around a rolling median because it
+    needs one level of windows, not two, so it is defined from min_history on.
+    """
+
+    short_window: int = 16
+    long_window: int = 128
+    threshold: float = 6.0
+    min_history: int = 32
+    min_residuals: int = 8
+    trend: bool = True
+    direction: str = "up"
+    rel_floor: float = 1e-4
+    abs_floor: float = 1e-12
+
+    def __post_init__(self) -> None:
+        if self.short_window < 2 or self.long_window < 2:
+            raise ValueError("robust_z: short_window and long_window must be >= 2")
+        if self.trend and self.short_window < 4:
+            raise ValueError("robust_z: trend=True needs short_window >= 4")
+        if self.min_residuals < 2:
+            raise ValueError("robust_z: min_residuals must be >= 2")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"robust_z: direction must be one of {DIRECTIONS}")
+
+    @property
+    def history_needed(self) -> int:
+        """Points before t that z_t depends on (what an online guard must keep)."""
+        return self.long_window + self.short_window
+
+
+@dataclass(frozen=True)
+class EwmRatio:
+    """x_t / EWM(x_1..x_{t-1}) >= ratio (halflife in points)."""
+
+    halflife: float = 32.0
+    ratio: float = 1.25
+    min_history: int = 32
+    direction: str = "up"
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"ewm_ratio: direction must be one of {DIRECTIONS}")
+
+
+@dataclass(frozen=True)
+class MeanRatio:
+    """x_t / mean(x[t-window : t]) >= ratio for `patience` consecutive points; every point of
+    the run of length >= patience is flagged (llm-foundry-style)."""
+
+    window: int = 100
+    ratio: float = 2.0
+    patience: int = 4
+    min_history: int = 32
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """NaN or +-inf."""
+
+
+DetectorParams = RobustZ | EwmRatio | MeanRatio | NonFinite
+
+KINDS: dict[str, type] = {
+    "robust_z": RobustZ,
+    "ewm_ratio": EwmRatio,
+    "mean_ratio": MeanRatio,
+    "nonfinite": NonFinite,
+}
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What a detector says about every point: a score (NaN where undefined) and a flag."""
+
+    kind: str
+    scores: np.ndarray
+    flags: np.ndarray
+    scale: np.ndarray | None = None  # robust_z only: the noise scale at each point
+    pred: np.ndarray | None = None  # robust_z only: the trailing prediction (the baseline)
+
+
+def _as_float(x: Any) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 1:
+        raise ValueError("detectors take a 1-D signal")
+    return a
+
+
+def _finite_or_nan(x: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(x), x, np.nan)
+
+
+def _trailing(series: Any, window: int, min_periods: int) -> Any:
+    # pandas' rolling window ends at the current point; shift(1) makes it strictly trailing.
+    return series.rolling(window, min_periods=min_periods)
+
+
+def robust_z_parts(x: Any, p: RobustZ = RobustZ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z, scale, pred) for every point; NaN where undefined. O(n log w).
+
+    `x` is 1-D, or 2-D with one series per column (per-layer statistics at shared steps).
+    """
+    import pandas as pd
+
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim not in (1, 2):
+        raise ValueError("robust_z takes a 1-D signal or a 2-D array of column signals")
+    a = _finite_or_nan(a)
+    s = pd.Series(a) if a.ndim == 1 else pd.DataFrame(a)
+    if p.trend:
+        h = p.short_window // 2
+        m = _trailing(s, h, max(1, h // 2)).median().shift(1)
+        pred = m + (m - m.shift(h)) * ((h + 1) / (2 * h))
+    else:
+        pred = _trailing(s, p.short_window, max(1, p.short_window // 2)).median().shift(1)
+    r = s - pred
+    roll = _trailing(r, p.long_window, p.min_residuals)
+    center = roll.median().shift(1)
+    spread = (roll.quantile(0.75) - roll.quantile(0.25)).shift(1) / 2.0
+    pred_a = pred.to_numpy()
+    scale = np.maximum(
+        np.maximum(MAD_TO_SIGMA * spread.to_numpy(), p.rel_floor * np.abs(pred_a)), p.abs_floor
+    )
+    z = (r.to_numpy() - center.to_numpy()) / scale
+    z[: min(p.min_history, a.shape[0])] = np.nan
+    return z, scale, pred_a
+
+
+def _direction_flags(z: np.ndarray, threshold: float, direction: str) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        if direction == "up":
+            return z >= threshold
+        if direction == "down":
+            return z <= -threshold
+        return np.abs(z) >= threshold
+
+
+def robust_z(x: Any, p: RobustZ = RobustZ()) -> Detection:
+    """Robust z-scores and flags of a whole signal (see `RobustZ`)."""
+    z, scale, pred = robust_z_parts(x, p)
+    return Detection("robust_z", z, _direction_flags(z, p.threshold, p.direction), scale, pred)
+
+
+def robust_z_last(history: Any, p: RobustZ = RobustZ()) -> float:
+    """z of the last point of `history` (the points before it are its past), computed
+    directly, without rolling machinery: the reference an online guard ports and is tested
+    against. Only the last `p.history_needed + 1` points matter.
+    """
+    a = _finite_or_nan(_as_float(history))
+    n = a.size
+    if n - 1 < p.min_history:
+        return float("nan")
+    a = a[-(p.history_needed + 1):]
+    n = a.size
+
+    def pred_at(i: int) -> float:
+        if p.trend:
+            h = p.short_window // 2
+            m1 = _nanmedian_min(a[max(0, i - h): i], max(1, h // 2))
+            j = i - h
+            m0 = _nanmedian_min(a[max(0, j - h): j], max(1, h // 2)) if j >= 1 else np.nan
+            return m1 + (m1 - m0) * ((h + 1) / (2 * h))
+        return _nanmedian_min(a[max(0, i - p.short_window): i], max(1, p.short_window // 2))
+
+    t = n - 1
+    preds = np.array([pred_at(i) for i in range(max(0, t - p.long_window), t + 1)])
+    r_all = a[max(0, t - p.long_window): t + 1] - preds
+    window, r_t, pred_t = r_all[:-1], r_all[-1], preds[-1]
+    window = window[~np.isnan(window)]
+    if window.size < p.min_residuals or np.isnan(r_t):
+        return float("nan")
+    center = float(np.median(window))
+    q25, q75 = np.quantile(window, [0.25, 0.75])
+    scale = max(MAD_TO_SIGMA * (q75 - q25) / 2.0, p.rel_floor * abs(pred_t), p.abs_floor)
+    return float((r_t - center) / scale)
+
+
+def robust_z_flag(history: Any, p: RobustZ = RobustZ()) -> bool:
+    """The guard's decision for the last point of `history`."""
+    z = robust_z_last(history, p)
+    return bool(_direction_flags(np.array([z]), p.threshold, p.direction)[0])
+
+
+def _nanmedian_min(w: np.ndarray, min_count: int) -> float:
+    w = w[~np.isnan(w)]
+    return float(np.median(w)) if w.size >= min_count else float("nan")
+
+
+def ewm_ratio(x: Any, p: EwmRatio = EwmRatio()) -> Detection:
+    """Ratio of each point to the EWM of the points before it."""
+    import pandas as pd
+
+    a = _finite_or_nan(_as_float(x))
+    base = pd.Series(a).ewm(halflife=p.halflife, ignore_na=True).mean().shift(1).to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = a / base
+    ratio[: min(p.min_history, a.size)] = np.nan
+    if p.direction == "down":
+        flags = _direction_flags(1.0 / ratio, p.ratio, "up")
+    elif p.direction == "both":
+        flags = _direction_flags(ratio, p.ratio, "up") | _direction_flags(1.0 / ratio, p.ratio, "up")
+    else:
+        flags = _direction_flags(ratio, p.ratio, "up")
+    return Detection("ewm_ratio", ratio, flags)
+
+
+def mean_ratio(x: Any, p: MeanRatio = MeanRatio()) -> Detection:
+    """Ratio to the trailing mean, flagged after `patience` consecutive points over it."""
+    import pandas as pd
+
+    a = _finite_or_nan(_as_float(x))
+    base = pd.Series(a).rolling(p.window, min_periods=1).mean().shift(1).to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = a / base
+    ratio[: min(p.min_history, a.size)] = np.nan
+    over = _direction_flags(ratio, p.ratio, "up")
+    return Detection("mean_ratio", ratio, _runs_at_least(over, p.patience))
+
+
+def _runs_at_least(mask: np.ndarray, k: int) -> np.ndarray:
+    """Points that belong to a run of >= k consecutive True values."""
+    if k <= 1 or not mask.any():
+        return mask.copy()
+    m = np.concatenate(([False], mask, [False])).astype(np.int8)
+    d = np.diff(m)
+    starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+    out = np.zeros(mask.size, dtype=bool)
+    for s, e in zip(starts, ends, strict=True):
+        if e - s >= k:
+            out[s:e] = True
+    return out
+
+
+def nonfinite(x: Any, p: NonFinite = NonFinite()) -> Detection:
+    """NaN or infinite values (a missing value in an import is NaN too: callers that know
+    which values are missing pass them out before)."""
+    a = _as_float(x)
+    flags = ~np.isfinite(a)
+    return Detection("nonfinite", flags.astype(np.float64), flags)
+
+
+_FUNCS = {"robust_z": robust_z, "ewm_ratio": ewm_ratio, "mean_ratio": mean_ratio, "nonfinite": nonfinite}
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """One detector on one signal: `kind` of KINDS, its params, and a display name."""
+
+    kind: str
+    params: Any = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown detector '{self.kind}' (one of {', '.join(KINDS)})")
+        if self.params is None:
+            object.__setattr__(self, "params", KINDS[self.kind]())
+        if not self.name:
+            object.__setattr__(self, "name", self.kind)
+
+    def run(self, x: Any) -> Detection:
+        return _FUNCS[self.kind](x, self.params)
+
+
+def default_detectors() -> list[DetectorSpec]:
+    """The side-by-side set the report shows."""
+    return [DetectorSpec(k) for k in KINDS]
+
+
+def parse_spec(text: str) -> DetectorSpec:
+    """`kind` or `kind:key=value,key=value` (e.g. `robust_z:threshold=5,long_window=256`).
+
+    Raises ValueError naming the bad key or value.
+    """
+    kind, _, rest = text.partition(":")
+    kind = kind.strip()
+    if kind not in KINDS:
+        raise ValueError(f"unknown detector '{kind}' (one of {', '.join(KINDS)})")
+    cls = KINDS[kind]
+    kw: dict[str, Any] = {}
+    if rest.strip():
+        for item in rest.split(","):
+            key, eq, val = item.partition("=")
+            key = key.strip()
+            if not eq:
+                raise ValueError(f"detector '{kind}': expected key=value, got '{item}'")
+            kw[key] = val.strip()
+    return DetectorSpec(kind, coerce_params(cls(), kw), kind)
+
+
+def coerce_params(base: Any, overrides: Mapping[str, Any]) -> Any:
+    """`base` with `overrides` applied, converting strings to each field's type."""
+    types = {f.name: type(getattr(base, f.name)) for f in fields(base)}
+    kw: dict[str, Any] = {}
+    for key, val in overrides.items():
+        if key not in types:
+            raise ValueError(f"{type(base).__name__}: unknown parameter '{key}' "
+                             f"(one of {', '.join(types)})")
+        t = types[key]
+        try:
+            if t is bool and isinstance(val, str):
+                if val.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(val)
+                kw[key] = val.lower() in ("true", "1", "yes")
+            else:
+                kw[key] = t(val)
+        except (TypeError, ValueError):
+            raise ValueError(f"{type(base).__name__}: parameter '{key}' must be "
+                             f"{t.__name__}, got '{val}'") from None
+    return replace(base, **kw)
+
+
+def params_dict(p: Any) -> dict[str, Any]:
+    """Plain dict of a params dataclass (for the JSON report)."""
+    return {f.name: getattr(p, f.name) for f in fields(p)}
+
+
+__all__ = [
+    "DIRECTIONS", "Detection", "DetectorSpec", "EwmRatio", "KINDS", "MAD_TO_SIGMA", "MeanRatio",
+    "NonFinite", "RobustZ", "coerce_params", "default_detectors", "ewm_ratio", "mean_ratio",
+    "nonfinite", "params_dict", "parse_spec", "robust_z", "robust_z_flag", "robust_z_last",
+    "robust_z_parts",
+]

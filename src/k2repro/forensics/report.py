@@ -1,0 +1,413 @@
+"""The forensics report in three forms and the `spikes` table rows.
+
+- forensics.json: `{"run_id", "spikes": [the spikes table's columns + extras], "impossible",
+  ...}` (the `k2repro forensics --json` object);
+- forensics.md: the same, for a terminal or a pull request;
+- forensics.html: self-contained (inline CSS and PNG, no script, no external URL), so it
+  opens offline and can be attached to a bug report as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from k2repro.forensics.analyze import ForensicsResult, Spike
+
+SPIKE_COLUMNS = ("onset_step", "peak_step", "end_step", "magnitude", "class", "severity",
+                 "lead_signal", "top_layer", "top_samples")
+
+
+def clean(v: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN/inf to None, tuples to lists."""
+    if isinstance(v, dict):
+        return {str(k): clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [clean(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return [clean(x) for x in v.tolist()]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return str(v)  # timestamps and the like
+
+
+def spike_json(sp: Spike) -> dict[str, Any]:
+    e = sp.episode
+    d: dict[str, Any] = dict(sp.row())
+    d.update({
+        "baseline": e.baseline, "peak_value": e.peak_value, "noise": e.noise,
+        "recovered": e.recovered, "recovery_steps": e.recovery_steps, "censored": e.censored,
+        "nonfinite": e.nonfinite, "max_z": e.max_z, "detectors": sp.detectors,
+        "flagged_steps": e.flagged_steps[:50], "detailed": sp.detailed,
+        "precursors": [{"signal": c.signal, "step": c.step, "lead_steps": c.lead_steps, "z": c.z}
+                       for c in sp.precursors],
+        "lead_steps": sp.lead.lead_steps if sp.lead else None,
+        "faults": sp.faults, "interventions": sp.interventions,
+    })
+    if not math.isfinite(e.magnitude):
+        d["magnitude_note"] = "non-finite peak"
+    if sp.layers is not None:
+        la = sp.layers
+        d["layers"] = {"top": la.top, "first_to_cross": la.first_to_cross,
+                       "logged_every": la.interval, "note": la.note}
+    if sp.data is not None:
+        da = sp.data
+        d["data"] = {"step": da.step, "verdict": da.verdict, "reason": da.reason,
+                     "excess_loss": da.excess, "top_share": da.top_share,
+                     "n_outliers": da.n_outliers, "n_samples": da.n_samples,
+                     "typical_loss": da.typical_loss, "step_median": da.step_median,
+                     "samples": da.samples, "batch_feature_median": da.batch_feature_median}
+    return clean(d)
+
+
+def to_json(res: ForensicsResult) -> dict[str, Any]:
+    """The report object (also what `k2repro forensics --json` prints)."""
+    return clean({
+        "run_id": res.run_id,
+        "run": res.run,
+        "n_steps": res.n_steps,
+        "step_range": list(res.step_range) if res.step_range else None,
+        "signals": res.signals,
+        "n_spikes": len(res.spikes),
+        "spikes": [spike_json(s) for s in res.spikes],
+        "detectors": res.detectors,
+        "impossible": res.impossible,
+        "notes": res.notes,
+        "faults": res.faults,
+        "params": res.params.to_dict(),
+    })
+
+
+def spikes_table(res: ForensicsResult) -> Any:
+    """The `spikes` rows of this run as a pyarrow Table (schema from k2repro.audit.schema when
+    it defines one)."""
+    import pyarrow as pa
+
+    rows = [s.row() for s in res.spikes]
+    cols: dict[str, list] = {"run_id": [res.run_id] * len(rows)}
+    for c in SPIKE_COLUMNS:
+        cols[c] = [r[c] for r in rows]
+    schema = _store_schema()
+    if schema is None:
+        schema = pa.schema([
+            ("run_id", pa.string()), ("onset_step", pa.int64()), ("peak_step", pa.int64()),
+            ("end_step", pa.int64()), ("magnitude", pa.float64()), ("class", pa.string()),
+            ("severity", pa.string()), ("lead_signal", pa.string()), ("top_layer", pa.string()),
+            ("top_samples", pa.list_(pa.int64())),
+        ])
+    arrays = []
+    for f in schema:
+        vals = cols.get(f.name, [None] * len(rows))
+        if f.name == "top_samples" and not pa.types.is_list(f.type):
+            vals = [json.dumps(v) for v in vals]
+        arrays.append(pa.array(vals, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _store_schema() -> Any:
+    try:
+        from k2repro.audit import schema as s
+    except ImportError:
+        return None
+    for name in ("SCHEMAS", "TABLES", "schemas"):
+        m = getattr(s, name, None)
+        if isinstance(m, dict) and "spikes" in m:
+            return m["spikes"]
+    fn = getattr(s, "schema_for", None) or getattr(s, "arrow_schema", None)
+    if callable(fn):
+        try:
+            return fn("spikes")
+        except Exception:  # noqa: BLE001 - fall back to our own columns
+            return None
+    return None
+
+
+def write_spike_rows(res: ForensicsResult, out_store: str | os.PathLike) -> Path:
+    """Replace this run's spikes rows under `out_store` (a store root; DESIGN.md section 1
+    keeps the pipeline's forensics stage in its own folder). Uses the audit store's writer
+    when importable, else writes `<out_store>/<run_id>/spikes/forensics.parquet` atomically."""
+    table = spikes_table(res)
+    try:
+        from k2repro.audit.store import write_run_tables
+    except ImportError:
+        write_run_tables = None
+    if write_run_tables is not None:
+        write_run_tables(out_store, res.run_id, {"spikes": table})
+        return Path(out_store) / res.run_id / "spikes"
+    import pyarrow.parquet as pq
+
+    d = Path(out_store) / res.run_id / "spikes"
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".forensics.", suffix=".parquet.tmp", dir=d)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, d / "forensics.parquet")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return d / "forensics.parquet"
+
+
+# --------------------------------------------------------------------------- markdown
+
+def _fmt(v: Any, nd: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
+        return f"{v:.{nd}g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v) if v else "-"
+    return str(v)
+
+
+def to_markdown(res: ForensicsResult, obj: dict | None = None) -> str:
+    o = obj or to_json(res)
+    lines = [f"# Loss-spike forensics: run `{res.run_id}`", ""]
+    rng = o.get("step_range")
+    lines.append(f"{o['n_steps']} steps" + (f" ({rng[0]}..{rng[1]})" if rng else "")
+                 + f"; signals: {', '.join(o['signals']) or 'none'}; "
+                 f"{o['n_spikes']} spike(s) on `{res.params.signal}`.")
+    lines.append("")
+    if o["spikes"]:
+        lines += ["| onset | peak | end | magnitude | class | severity | lead signal | lead | top layer | data verdict | top samples |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s in o["spikes"]:
+            verdict = (s.get("data") or {}).get("verdict", "-")
+            lines.append(f"| {s['onset_step']} | {s['peak_step']} | {s['end_step']} | {_fmt(s['magnitude'])} "
+                         f"| {s['class']} | {s['severity']} | {_fmt(s['lead_signal'])} | {_fmt(s.get('lead_steps'))} "
+                         f"| {_fmt(s['top_layer'])} | {verdict} | {_fmt(s['top_samples'][:10])} |")
+    else:
+        lines.append("No spike found.")
+    lines.append("")
+    if o["impossible"]:
+        lines += ["## Not possible with this run's data", ""] + [f"- {x}" for x in o["impossible"]] + [""]
+    lines += ["## Detectors (side by side)", "", "| detector | signal | flagged points | first flagged steps |",
+              "|---|---|---|---|"]
+    for name, d in o["detectors"].items():
+        lines.append(f"| {name} | {d['signal']} | {d['n_flagged']} | {_fmt(d['flagged_steps'][:10])} |")
+    lines.append("")
+    for i, s in enumerate(o["spikes"], 1):
+        lines += [f"## Spike {i}: steps {s['onset_step']}-{s['end_step']} ({s['class']}, {s['severity']})", ""]
+        rec = (f"recovered after {s['recovery_steps']} steps" if s["recovered"]
+               else "not recovered" + (" before the log ends" if s["censored"] else ""))
+        lines.append(f"- peak {_fmt(s['peak_value'])} at step {s['peak_step']}, baseline {_fmt(s['baseline'])}, "
+                     f"magnitude {_fmt(s['magnitude'])}, {rec}; max robust z {_fmt(s['max_z'], 3)}; "
+                     f"detectors: {_fmt(s['detectors'])}")
+        if s["precursors"]:
+            pre = "; ".join(f"{c['signal']} at step {c['step']} (lead {c['lead_steps']})" for c in s["precursors"])
+            lines.append(f"- precursors: {pre}")
+        la = s.get("layers")
+        if la:
+            if la["top"]:
+                lines.append("- layers that jumped most: " + "; ".join(
+                    f"{t['param']} x{_fmt(t['jump'], 3)}" for t in la["top"]))
+            if la["first_to_cross"]:
+                f = la["first_to_cross"]
+                lines.append(f"- first layer to cross: {f['param']} at step {f['step']} (lead {f['lead_steps']})")
+            if la["note"]:
+                lines.append(f"- layers: {la['note']}")
+        da = s.get("data")
+        if da:
+            lines.append(f"- data: **{da['verdict']}**: {da['reason']}")
+            for smp in da["samples"][:5]:
+                extra = f"; injected: {smp['injected']}" if smp.get("injected") else ""
+                flags = f"; {', '.join(smp['flags'])}" if smp.get("flags") else ""
+                lines.append(f"  - sample {smp['sample_id']}: loss {_fmt(smp['loss'])}, "
+                             f"+{_fmt(smp['excess_vs_step'])} vs step median{flags}{extra}")
+        for f in s["faults"]:
+            lines.append(f"- injected fault at step {f.get('step')}: {_fmt((f.get('detail') or {}).get('kind'))}")
+        for iv in s["interventions"]:
+            lines.append(f"- guard action at step {iv.get('step')}: {iv.get('kind')}")
+        lines.append("")
+    if o["notes"]:
+        lines += ["## Notes", ""] + [f"- {x}" for x in o["notes"]] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- html
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:1.5em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.4em}h2{font-size:1.15em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+h3{font-size:1em}table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em}
+.transient{background:#fdf0cf}.slow{background:#fde0d3}.persistent{background:#f3d0db}.divergence{background:#dcd0e0}
+.imp{background:#fff6e0;border-left:4px solid #e0a000;padding:.4em .8em}
+.note{color:#555;font-size:.9em}.txt{white-space:pre-wrap;max-width:480px;font-size:.8em}
+img{max-width:100%;height:auto;display:block;margin:.4em 0}
+.verdict-data{color:#a00;font-weight:bold}.verdict-not_data{color:#060;font-weight:bold}
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(_fmt(v) if not isinstance(v, str) else v, quote=True)
+
+
+def _img(png: bytes | None, alt: str) -> str:
+    if not png:
+        return f'<p class="note">({html.escape(alt)}: no data to plot)</p>'
+    b64 = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt, quote=True)}" src="data:image/png;base64,{b64}">'
+
+
+def _table(headers: list[str], rows: list[list[str]], row_classes: list[str] | None = None) -> str:
+    out = ["<table><thead><tr>", *[f"<th>{html.escape(h)}</th>" for h in headers], "</tr></thead><tbody>"]
+    for i, r in enumerate(rows):
+        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def to_html(res: ForensicsResult, obj: dict | None = None, plots: bool = True) -> str:
+    from k2repro.forensics import plots as P
+
+    o = obj or to_json(res)
+    parts = ['<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>Forensics: {_e(res.run_id)}</title>", f"<style>{CSS}</style></head><body>",
+             f"<h1>Loss-spike forensics: run <code>{_e(res.run_id)}</code></h1>"]
+    rng = o.get("step_range")
+    parts.append(f"<p>{o['n_steps']} steps" + (f" ({rng[0]}..{rng[1]})" if rng else "")
+                 + f"; signals: {_e(', '.join(o['signals']) or 'none')}; "
+                 f"<b>{o['n_spikes']}</b> spike(s) on <code>{_e(res.params.signal)}</code>.</p>")
+    if o["impossible"]:
+        parts.append('<div class="imp"><b>Not possible with this run\'s data:</b><ul>'
+                     + "".join(f"<li>{_e(x)}</li>" for x in o["impossible"]) + "</ul></div>")
+    if plots:
+        parts.append("<h2>Overview</h2>")
+        parts.append(_img(P.overview_png(res), "loss, grad norm and lr with spikes shaded"))
+    parts.append("<h2>Spikes</h2>")
+    if o["spikes"]:
+        rows, classes = [], []
+        for i, s in enumerate(o["spikes"], 1):
+            verdict = (s.get("data") or {}).get("verdict", "-")
+            rows.append([f'<a href="#spike-{i}">{i}</a>', _e(s["onset_step"]), _e(s["peak_step"]),
+                         _e(s["end_step"]), _e(s["magnitude"]), _e(s["class"]), _e(s["severity"]),
+                         _e(s["lead_signal"]), _e(s.get("lead_steps")), _e(s["top_layer"]),
+                         f'<span class="verdict-{_e(verdict)}">{_e(verdict)}</span>',
+                         _e(s["top_samples"][:10])])
+            classes.append(s["class"])
+        parts.append(_table(["#", "onset", "peak", "end", "magnitude", "class", "severity", "lead signal",
+                             "lead (steps)", "top layer", "data", "top samples"], rows, classes))
+    else:
+        parts.append("<p>No spike found.</p>")
+    parts.append("<h2>Detectors side by side</h2>")
+    parts.append(_table(["detector", "signal", "flagged points", "first flagged steps"],
+                        [[_e(n), _e(d["signal"]), _e(d["n_flagged"]), _e(d["flagged_steps"][:12])]
+                         for n, d in o["detectors"].items()]))
+    for i, (sp, s) in enumerate(zip(res.spikes, o["spikes"], strict=True), 1):
+        parts.append(_spike_html(i, sp, s, plots))
+    if o["notes"]:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(x)}</li>" for x in o["notes"]) + "</ul>")
+    parts.append('<p class="note">Generated by k2repro forensics. Definitions: docs/forensics.md.</p>')
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _spike_html(i: int, sp: Spike, s: dict, plots: bool) -> str:
+    from k2repro.forensics import plots as P
+
+    out = [f'<h2 id="spike-{i}">Spike {i}: steps {s["onset_step"]}-{s["end_step"]} '
+           f'<span class="{_e(s["class"])}">{_e(s["class"])}</span>, {_e(s["severity"])}</h2>']
+    rec = (f"recovered after {s['recovery_steps']} steps" if s["recovered"]
+           else "not recovered" + (" before the log ends" if s["censored"] else ""))
+    out.append(f"<p>Peak {_e(s['peak_value'])} at step {s['peak_step']}; baseline {_e(s['baseline'])}; "
+               f"magnitude {_e(s['magnitude'])}; {_e(rec)}; max robust z {_e(s['max_z'])}; "
+               f"detectors that fired: {_e(s['detectors'])}.</p>")
+    if not s["detailed"]:
+        out.append('<p class="note">Not analysed in detail (see max_detailed).</p>')
+    if plots:
+        out.append(_img(P.zoom_png(sp), f"spike {i} zoom"))
+    if s["precursors"]:
+        out.append("<h3>Precursors</h3>")
+        out.append(_table(["signal", "crossed at step", "lead (steps)", "z"],
+                          [[_e(c["signal"]), _e(c["step"]), _e(c["lead_steps"]), _e(c["z"])]
+                           for c in s["precursors"]]))
+    la = s.get("layers")
+    if la:
+        out.append("<h3>Layers</h3>")
+        if la["note"]:
+            out.append(f'<p class="note">{_e(la["note"])}</p>')
+        if la["first_to_cross"]:
+            f = la["first_to_cross"]
+            out.append(f"<p>First to cross: <code>{_e(f['param'])}</code> at step {f['step']} "
+                       f"(lead {f['lead_steps']}).</p>")
+        if la["top"]:
+            keys = [k for k in la["top"][0] if k.endswith("_ratio")]
+            out.append(_table(["param", "jump", *keys],
+                              [[f"<code>{_e(t['param'])}</code>", _e(t["jump"]), *[_e(t.get(k)) for k in keys]]
+                               for t in la["top"]]))
+        if plots:
+            out.append(_img(P.heatmap_png(sp), f"spike {i} layer heatmap"))
+    da = s.get("data")
+    if da:
+        out.append("<h3>Data</h3>")
+        out.append(f'<p><span class="verdict-{_e(da["verdict"])}">{_e(da["verdict"])}</span>: {_e(da["reason"])}</p>')
+        if da["samples"]:
+            rows = []
+            for smp in da["samples"]:
+                feats = smp.get("features") or {}
+                ftxt = "<br>".join(f"{_e(k)}={_e(v)}" for k, v in feats.items())
+                flags = ", ".join(smp.get("flags") or [])
+                txt = smp.get("text")
+                rows.append([_e(smp["sample_id"]), _e(smp.get("rank")), _e(smp["loss"]),
+                             _e(smp["excess_vs_step"]), _e(smp["excess_vs_run"]), _e(smp["z"]),
+                             "yes" if smp["outlier"] else "", _e(smp.get("injected") or ""),
+                             _e(smp.get("doc_ids") or []), f'<span class="mono">{ftxt}</span>'
+                             + (f"<br><b>{_e(flags)}</b>" if flags else ""),
+                             f'<div class="txt">{_e(txt)}</div>' if txt else ""])
+            out.append(_table(["sample", "rank", "loss", "excess vs step median", "excess vs run",
+                               "z", "outlier", "injected", "docs", "features", "text"], rows))
+            if da["batch_feature_median"]:
+                out.append('<p class="note">Batch median features: '
+                           + _e(", ".join(f"{k}={v}" for k, v in da["batch_feature_median"].items())) + "</p>")
+    if s["faults"]:
+        out.append("<h3>Injected faults nearby</h3><ul>" + "".join(
+            f"<li>step {_e(f.get('step'))}: {_e(json.dumps(f.get('detail')))}</li>" for f in s["faults"]) + "</ul>")
+    if s["interventions"]:
+        out.append("<h3>Guard actions</h3><ul>" + "".join(
+            f"<li>step {_e(iv.get('step'))}: {_e(iv.get('kind'))}</li>" for iv in s["interventions"]) + "</ul>")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- files
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_reports(res: ForensicsResult, out_dir: str | os.PathLike, html_report: bool = True) -> dict[str, Path]:
+    """Write `<out_dir>/<run_id>/forensics.{json,md,html}`; returns their paths."""
+    d = Path(out_dir) / res.run_id
+    obj = to_json(res)
+    paths = {"json": d / "forensics.json", "md": d / "forensics.md"}
+    _atomic_write(paths["json"], json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    _atomic_write(paths["md"], to_markdown(res, obj))
+    if html_report:
+        paths["html"] = d / "forensics.html"
+        _atomic_write(paths["html"], to_html(res, obj))
+    return paths

@@ -1,0 +1,218 @@
+"""What forensics reads from the audit store, as SQL against the store's views (DESIGN.md
+section 4): `steps` as numpy arrays (one row per step, the only table read whole), and
+`layer_stats` / `sample_stats` only in windows around episodes, so a 100M-row layer log is
+never loaded.
+
+`open_source(path)` uses `k2repro.open_store` when the audit store is importable; otherwise
+(and for a bare folder of Parquet segments) it makes the same views itself over
+`<root>/**/<run_id>/<table>/*.parquet`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Columns forensics reads, with DuckDB types, for empty views when a table has no segments.
+TABLE_COLUMNS: dict[str, dict[str, str]] = {
+    "runs": {"run_id": "VARCHAR", "name": "VARCHAR", "status": "VARCHAR", "source": "VARCHAR",
+             "parent_run_id": "VARCHAR", "resumed_from_step": "BIGINT"},
+    "hparams": {"run_id": "VARCHAR", "key": "VARCHAR", "value": "VARCHAR", "value_type": "VARCHAR"},
+    "data_manifest": {"run_id": "VARCHAR", "artifact": "VARCHAR", "path": "VARCHAR",
+                      "sha256": "VARCHAR", "n_docs": "BIGINT", "n_tokens": "BIGINT"},
+    "steps": {"run_id": "VARCHAR", "step": "BIGINT", "loss": "DOUBLE", "grad_norm": "DOUBLE",
+              "lr": "DOUBLE", "tokens": "BIGINT", "loss_min": "DOUBLE", "loss_max": "DOUBLE",
+              "loss_std": "DOUBLE", "logz_mean": "DOUBLE", "skipped": "BOOLEAN",
+              "batch_hash": "VARCHAR"},
+    "layer_stats": {"run_id": "VARCHAR", "step": "BIGINT", "param": "VARCHAR",
+                    "grad_norm": "DOUBLE", "param_norm": "DOUBLE", "update_norm": "DOUBLE",
+                    "update_ratio": "DOUBLE", "grad_max_abs": "DOUBLE"},
+    "sample_stats": {"run_id": "VARCHAR", "step": "BIGINT", "rank": "BIGINT",
+                     "sample_id": "BIGINT", "loss": "DOUBLE", "n_tokens": "BIGINT"},
+    "events": {"run_id": "VARCHAR", "step": "BIGINT", "kind": "VARCHAR", "severity": "VARCHAR",
+               "detail": "VARCHAR"},
+    "spikes": {"run_id": "VARCHAR", "onset_step": "BIGINT"},
+}
+
+STEP_SIGNALS = ("loss", "grad_norm", "lr", "loss_max", "loss_std", "logz_mean")
+
+
+def parquet_views(root: str | os.PathLike, con: Any = None, threads: int | None = None) -> Any:
+    """A DuckDB connection with one view per table over `<root>/**/<table>/*.parquet`
+    (tables without segments read as 0 rows). The fallback while no store is importable, and
+    what tests and the bench use for a hand-written store."""
+    import duckdb
+
+    con = con or duckdb.connect()
+    if threads:
+        con.execute(f"SET threads={int(threads)}")
+    rootp = Path(root)
+    for table, cols in TABLE_COLUMNS.items():
+        pattern = str(rootp / "**" / table / "*.parquet")
+        if glob.glob(pattern, recursive=True):
+            con.execute(
+                f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet("
+                f"'{_sql_str(pattern)}', union_by_name=true)"
+            )
+        else:
+            sel = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in cols.items())
+            con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT {sel} WHERE false")
+    return con
+
+
+def _sql_str(s: str) -> str:
+    # views cannot take prepared parameters; quote the one literal they need
+    return s.replace("'", "''")
+
+
+def open_source(path: str | os.PathLike) -> Any:
+    """A DuckDB connection to the store at `path`: the audit store's own when it is
+    importable, else plain Parquet views over the contract layout."""
+    try:
+        import k2repro.audit.store  # noqa: F401
+    except ImportError:
+        return parquet_views(path)
+    import k2repro
+
+    return k2repro.open_store(str(path)).con
+
+
+def connection(con_or_store: Any) -> Any:
+    """Accept a Store (anything with `.con`) or a DuckDB connection."""
+    return getattr(con_or_store, "con", con_or_store)
+
+
+class RunSource:
+    """Queries about one run; every query is parameterised and filtered by run_id."""
+
+    def __init__(self, con_or_store: Any, run_id: str) -> None:
+        self.con = connection(con_or_store)
+        self.run_id = run_id
+        self._cols: dict[str, set[str]] = {}
+
+    def columns(self, table: str) -> set[str]:
+        if table not in self._cols:
+            try:
+                rows = self.con.execute(f"DESCRIBE {table}").fetchall()
+                self._cols[table] = {r[0] for r in rows}
+            except Exception:  # noqa: BLE001 - a store without that view: treat as empty
+                self._cols[table] = set()
+        return self._cols[table]
+
+    def _q(self, sql: str, params: list | None = None) -> Any:
+        return self.con.execute(sql, [self.run_id, *(params or [])])
+
+    def has_rows(self, table: str) -> bool:
+        if "run_id" not in self.columns(table):
+            return False
+        return self._q(f"SELECT 1 FROM {table} WHERE run_id = ? LIMIT 1").fetchone() is not None
+
+    def exists(self) -> bool:
+        return self.has_rows("runs") or self.has_rows("steps")
+
+    def run_row(self) -> dict:
+        if not self.has_rows("runs"):
+            return {}
+        df = self._q("SELECT * FROM runs WHERE run_id = ? LIMIT 1").df()
+        return {k: _py(v) for k, v in df.iloc[0].items()}
+
+    def steps(self) -> dict[str, np.ndarray]:
+        """step-ordered arrays of the step signals present (absent ones left out); a step
+        logged twice keeps its last row by file order (noted by the caller via `dup_steps`)."""
+        have = self.columns("steps")
+        cols = [c for c in (*STEP_SIGNALS, "skipped") if c in have]
+        sel = ", ".join(f"{c}::DOUBLE AS {c}" if c != "skipped" else "skipped" for c in cols)
+        res = self._q(
+            f"SELECT step::BIGINT AS step{', ' if sel else ''}{sel} FROM steps "
+            "WHERE run_id = ? AND step IS NOT NULL ORDER BY step"
+        ).fetchnumpy()
+        out: dict[str, np.ndarray] = {}
+        step = np.asarray(res["step"], dtype=np.int64)
+        keep = np.ones(step.size, dtype=bool)
+        if step.size > 1:
+            keep[:-1] = step[1:] != step[:-1]
+        self.dup_steps = int((~keep).sum())
+        out["step"] = step[keep]
+        for c in cols:
+            v = res[c]
+            if c == "skipped":
+                arr = np.asarray(np.ma.filled(v, False) if np.ma.isMaskedArray(v) else v, dtype=bool)
+            else:
+                arr = np.asarray(np.ma.filled(v.astype(np.float64), np.nan)
+                                 if np.ma.isMaskedArray(v) else v, dtype=np.float64)
+            out[c] = arr[keep]
+        return out
+
+    def layer_window(self, lo: int, hi: int) -> Any:
+        """layer_stats rows with lo <= step <= hi (pandas DataFrame)."""
+        have = self.columns("layer_stats")
+        cols = [c for c in ("grad_norm", "param_norm", "update_norm", "update_ratio", "grad_max_abs")
+                if c in have]
+        sel = ", ".join(f"{c}::DOUBLE AS {c}" for c in cols)
+        return self._q(
+            f"SELECT step::BIGINT AS step, param, {sel} FROM layer_stats "
+            "WHERE run_id = ? AND step BETWEEN ? AND ? ORDER BY step, param",
+            [int(lo), int(hi)],
+        ).df()
+
+    def layer_steps(self, lo: int, hi: int) -> np.ndarray:
+        """The distinct steps with layer_stats in [lo, hi]."""
+        r = self._q(
+            "SELECT DISTINCT step::BIGINT AS step FROM layer_stats WHERE run_id = ? "
+            "AND step BETWEEN ? AND ? ORDER BY step", [int(lo), int(hi)],
+        ).fetchnumpy()
+        return np.asarray(r["step"], dtype=np.int64)
+
+    def samples(self, lo: int, hi: int) -> Any:
+        have = self.columns("sample_stats")
+        extra = [c for c in ("rank", "n_tokens") if c in have]
+        sel = "".join(f", {c}" for c in extra)
+        return self._q(
+            f"SELECT step::BIGINT AS step, sample_id::BIGINT AS sample_id, loss::DOUBLE AS loss{sel} "
+            "FROM sample_stats WHERE run_id = ? AND step BETWEEN ? AND ? ORDER BY step, sample_id",
+            [int(lo), int(hi)],
+        ).df()
+
+    def events(self) -> list[dict]:
+        if not self.has_rows("events"):
+            return []
+        have = self.columns("events")
+        cols = [c for c in ("step", "kind", "severity", "detail") if c in have]
+        df = self._q(f"SELECT {', '.join(cols)} FROM events WHERE run_id = ? ORDER BY step").df()
+        return [{k: _py(v) for k, v in row.items()} for row in df.to_dict("records")]
+
+    def hparams(self) -> dict[str, str]:
+        if not self.has_rows("hparams"):
+            return {}
+        rows = self._q("SELECT key, value FROM hparams WHERE run_id = ?").fetchall()
+        return {str(k): v for k, v in rows}
+
+    def manifest(self) -> list[dict]:
+        if not self.has_rows("data_manifest"):
+            return []
+        df = self._q("SELECT * FROM data_manifest WHERE run_id = ?").df()
+        return [{k: _py(v) for k, v in row.items()} for row in df.to_dict("records")]
+
+
+def _py(v: Any) -> Any:
+    """numpy / pandas scalars to plain Python (JSON-friendly)."""
+    if v is None:
+        return None
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    try:
+        import pandas as pd
+
+        if v is pd.NaT or (not isinstance(v, (str, bytes, list, dict)) and pd.isna(v)):
+            return None
+        if isinstance(v, pd.Timestamp):
+            return v.isoformat()
+    except (TypeError, ValueError):
+        pass
+    return v
