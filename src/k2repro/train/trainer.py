@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -146,9 +148,11 @@ class Trainer:
                               heartbeat_s=cfg.audit.heartbeat_s)
         env = capture_facts(info.rank, info.world_size, extra=self.det)
         resolved = to_dict(cfg)
+        # A replay (or any tool that launches training on behalf of a run) names its parent.
+        self.parent_run_id = os.environ.get("K2REPRO_PARENT_RUN_ID") or self.parent_run_id
         run = {
             "name": cfg.run.name, "parent_run_id": self.parent_run_id,
-            "resumed_from_step": self.start_step if self.parent_run_id else None,
+            "resumed_from_step": self.start_step if (self.parent_run_id and cfg.train.resume) else None,
             "source": os.environ.get("K2REPRO_SOURCE", "train"), "config_hash": config_hash(cfg),
             "git_commit": env.get("git.commit"), "git_dirty": env.get("git.dirty") == "True",
             "world_size": info.world_size, "started_at": datetime.now(timezone.utc),
@@ -395,6 +399,14 @@ class Trainer:
         return history
 
 
+class Terminated(Exception):
+    """SIGTERM from the launcher (torchrun stops the other ranks when one fails)."""
+
+
+def _on_sigterm(signum, frame) -> None:  # noqa: ANN001
+    raise Terminated("terminated by SIGTERM (the launcher stops every rank when one fails)")
+
+
 def _exit_file(code: int) -> None:
     path = os.environ.get("K2REPRO_EXIT_FILE")
     if path:
@@ -409,6 +421,8 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> tuple[int, str, l
     """Train in this process (one rank of a torchrun launch, or world size 1).
     Returns (exit code, run id, step rows seen on this rank)."""
     info = init_distributed(cfg.parallel.backend)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)  # so the sink records why this rank stopped
     trainer = None
     rid = run_id or os.environ.get("K2REPRO_RUN_ID") or new_run_id(cfg.run.name)
     rid = broadcast_object(rid, info)
