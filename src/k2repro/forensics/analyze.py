@@ -435,22 +435,22 @@ class _TextContext:
                               "pass --data-dir")
             return
         try:
-            from k2repro.data.tokenizer import sample_text
+            from k2repro.data.pack import sample_text
 
             self._sample_text = sample_text
         except ImportError:
-            self.notes.append("sample text: k2repro.data.tokenizer is not available; features are "
-                              "computed on token ids only")
+            self.notes.append("sample text: k2repro.data.pack.sample_text is not available; "
+                              "features are computed on token ids only")
 
-    def _text(self, sid: int) -> str | None:
+    def _docs(self, sid: int) -> list[dict] | None:
+        """[{doc_id, domain, snippet, ...}] of the sample, or None without a tokenizer."""
         if self._sample_text is None:
             return None
         try:
-            return str(self._sample_text(self.dir, self.p.split, int(sid)))
-        except Exception as exc:  # noqa: BLE001 - text is a courtesy; report and go on
-            msg = f"sample text: {type(exc).__name__}: {exc}"
-            if msg not in self.notes:
-                self.notes.append(msg)
+            return list(self._sample_text(self.dir, self.p.split, int(sid)))
+        except Exception as exc:  # noqa: BLE001 - text is a courtesy; report once and go on
+            self.notes.append(f"sample text: {type(exc).__name__}: {exc}; features are computed "
+                              "on token ids only")
             self._sample_text = None
             return None
 
@@ -460,21 +460,22 @@ class _TextContext:
             return {}, None, []
         toks = self.ds.get([sid])[0]
         f = token_features(toks)
-        text = self._text(sid) if with_text else None
-        if text is not None:
-            f.update(text_features(text))
-        return f, text, self.ds.docs_of(sid) if with_text else []
+        docs = self._docs(sid) if with_text else None
+        if docs is None:
+            return f, None, self.ds.docs_of(sid) if with_text else []
+        text = "\n".join(str(d.get("snippet", "")) for d in docs)
+        f.update(text_features(text))
+        return f, text, [str(d.get("doc_id")) for d in docs]
 
     def enrich(self, data: DataAttribution, ss: Any) -> None:
         if self.ds is None or data.step is None:
             return
         step_ids = [int(s) for s in ss.loc[ss["step"] == data.step, "sample_id"]]
-        shown = {s["sample_id"] for s in data.samples}
-        # the batch's typical features, from up to 64 samples that are not listed
-        others = [s for s in step_ids if s not in shown]
-        if len(others) > 64:
-            others = [others[i] for i in np.linspace(0, len(others) - 1, 64).astype(int)]
-        feats = [self.features(s, with_text=self._sample_text is not None)[0] for s in others]
+        # the batch's typical features: the median over its samples (64 of them at most)
+        pick = step_ids
+        if len(pick) > 64:
+            pick = [pick[i] for i in np.linspace(0, len(pick) - 1, 64).astype(int)]
+        feats = [self.features(s, with_text=self._sample_text is not None)[0] for s in pick]
         med: dict[str, float] = {}
         for k in {k for f in feats for k in f}:
             vals = [f[k] for f in feats if k in f and f[k] is not None and np.isfinite(f[k])]

@@ -90,75 +90,43 @@ def to_json(res: ForensicsResult) -> dict[str, Any]:
     })
 
 
+def spike_rows(res: ForensicsResult) -> dict[str, list]:
+    """This run's `spikes` rows as columns (the store's schema: DESIGN.md section 4 plus
+    `spike_id`, `detail` and `detected_at`). `top_samples` is a JSON list; `detail` holds
+    the rest of the spike's JSON object."""
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
+    cols: dict[str, list] = {c: [] for c in ("spike_id", *SPIKE_COLUMNS, "detail", "detected_at")}
+    for i, sp in enumerate(res.spikes, 1):
+        row = sp.row()
+        full = spike_json(sp)
+        cols["spike_id"].append(i)
+        for c in SPIKE_COLUMNS:
+            cols[c].append(json.dumps(row[c]) if c == "top_samples" else row[c])
+        cols["detail"].append(json.dumps({k: v for k, v in full.items() if k not in SPIKE_COLUMNS},
+                                         allow_nan=False))
+        cols["detected_at"].append(now)
+    return cols
+
+
 def spikes_table(res: ForensicsResult) -> Any:
-    """The `spikes` rows of this run as a pyarrow Table (schema from k2repro.audit.schema when
-    it defines one)."""
-    import pyarrow as pa
+    """The `spikes` rows as a pyarrow Table with the store's explicit schema."""
+    from k2repro.audit.writer import to_arrow
 
-    rows = [s.row() for s in res.spikes]
-    cols: dict[str, list] = {"run_id": [res.run_id] * len(rows)}
-    for c in SPIKE_COLUMNS:
-        cols[c] = [r[c] for r in rows]
-    schema = _store_schema()
-    if schema is None:
-        schema = pa.schema([
-            ("run_id", pa.string()), ("onset_step", pa.int64()), ("peak_step", pa.int64()),
-            ("end_step", pa.int64()), ("magnitude", pa.float64()), ("class", pa.string()),
-            ("severity", pa.string()), ("lead_signal", pa.string()), ("top_layer", pa.string()),
-            ("top_samples", pa.list_(pa.int64())),
-        ])
-    arrays = []
-    for f in schema:
-        vals = cols.get(f.name, [None] * len(rows))
-        if f.name == "top_samples" and not pa.types.is_list(f.type):
-            vals = [json.dumps(v) for v in vals]
-        arrays.append(pa.array(vals, type=f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _store_schema() -> Any:
-    try:
-        from k2repro.audit import schema as s
-    except ImportError:
-        return None
-    for name in ("SCHEMAS", "TABLES", "schemas"):
-        m = getattr(s, name, None)
-        if isinstance(m, dict) and "spikes" in m:
-            return m["spikes"]
-    fn = getattr(s, "schema_for", None) or getattr(s, "arrow_schema", None)
-    if callable(fn):
-        try:
-            return fn("spikes")
-        except Exception:  # noqa: BLE001 - fall back to our own columns
-            return None
-    return None
+    return to_arrow("spikes", spike_rows(res), res.run_id)
 
 
 def write_spike_rows(res: ForensicsResult, out_store: str | os.PathLike) -> Path:
-    """Replace this run's spikes rows under `out_store` (a store root; DESIGN.md section 1
-    keeps the pipeline's forensics stage in its own folder). Uses the audit store's writer
-    when importable, else writes `<out_store>/<run_id>/spikes/forensics.parquet` atomically."""
-    table = spikes_table(res)
-    try:
-        from k2repro.audit.store import write_run_tables
-    except ImportError:
-        write_run_tables = None
-    if write_run_tables is not None:
-        write_run_tables(out_store, res.run_id, {"spikes": table})
-        return Path(out_store) / res.run_id / "spikes"
-    import pyarrow.parquet as pq
+    """Replace this run's spikes rows under the store root `out_store` (DESIGN.md section 1
+    keeps the pipeline's forensics stage in its own folder): one segment
+    `<out_store>/<run_id>/spikes/forensics.parquet`, written as a temp file and renamed, so
+    a rerun replaces the rows instead of adding a second copy."""
+    from k2repro.audit.writer import ensure_store, write_segment
 
-    d = Path(out_store) / res.run_id / "spikes"
-    d.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".forensics.", suffix=".parquet.tmp", dir=d)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, d / "forensics.parquet")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return d / "forensics.parquet"
+    root = Path(out_store)
+    ensure_store(root)
+    return write_segment(root / res.run_id / "spikes", "forensics.parquet", spikes_table(res))
 
 
 # --------------------------------------------------------------------------- markdown

@@ -38,6 +38,8 @@ TABLE_COLUMNS: dict[str, dict[str, str]] = {
     "spikes": {"run_id": "VARCHAR", "onset_step": "BIGINT"},
 }
 
+RUN_COLUMNS = ("run_id", "name", "status", "source", "started_at", "ended_at", "parent_run_id",
+               "resumed_from_step", "world_size", "config_hash", "git_commit")
 STEP_SIGNALS = ("loss", "grad_norm", "lr", "loss_max", "loss_std", "logz_mean")
 
 
@@ -117,7 +119,9 @@ class RunSource:
     def run_row(self) -> dict:
         if not self.has_rows("runs"):
             return {}
-        df = self._q("SELECT * FROM runs WHERE run_id = ? LIMIT 1").df()
+        have = self.columns("runs")
+        cols = [c for c in RUN_COLUMNS if c in have]
+        df = self._q(f"SELECT {', '.join(cols)} FROM runs WHERE run_id = ? LIMIT 1").df()
         return {k: _py(v) for k, v in df.iloc[0].items()}
 
     def steps(self) -> dict[str, np.ndarray]:

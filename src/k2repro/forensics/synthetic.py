@@ -21,11 +21,13 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 KINDS = ("bad_batch", "lr_spike", "grad_lead", "nan", "plateau", "slow", "bump")
 
 
@@ -61,6 +63,8 @@ class SyntheticRun:
     with_samples: bool = True
     loss_only: bool = False
     extra_hparams: dict = field(default_factory=dict)
+    extra_events: tuple[dict, ...] = ()  # e.g. {"step": 300, "kind": "rollback"}
+    sample_id_mod: int = 0  # > 0: sample ids wrap around a packed dataset of this many samples
 
 
 def param_names(n: int) -> list[str]:
@@ -91,6 +95,10 @@ def generate(spec: SyntheticRun) -> dict[str, Any]:
     nan_from = None
     events: list[dict] = []
     B = spec.batch
+    def sid(step: int, j: Any) -> Any:
+        v = (step - 1) * B + j
+        return v % spec.sample_id_mod if spec.sample_id_mod else v
+
     for s in spec.spikes:
         k = s.step - 1
         after = np.arange(n) - k
@@ -104,7 +112,7 @@ def generate(spec: SyntheticRun) -> dict[str, Any]:
             excess_all[fol] += 0.3 * s.size * np.exp(-(after[fol] - 1) / s.decay)
             events.append({"step": s.step, "kind": "fault_injected", "severity": "warning",
                            "detail": {"kind": "bad_batch", "bad_batch_kind": "random",
-                                      "sample_ids": [int((s.step - 1) * B + j) for j in pos]}})
+                                      "sample_ids": [int(sid(s.step, j)) for j in pos]}})
         elif s.kind == "lr_spike":
             lr_fac[k] *= s.size if s.size > 1 else 50.0
             fol = after >= 1
@@ -149,6 +157,8 @@ def generate(spec: SyntheticRun) -> dict[str, Any]:
         "logz_mean": lz, "skipped": np.zeros(n, dtype=bool),
         "batch_hash": [f"{spec.seed:04x}{i:012x}" for i in t],
     }
+    events += [{"severity": "warning", "detail": {}, **e} for e in spec.extra_events]
+    events.sort(key=lambda e: e["step"])
     out: dict[str, Any] = {"steps": steps, "events": events}
     if spec.loss_only:
         for c in ("grad_norm", "lr", "loss_min", "loss_max", "loss_std", "logz_mean"):
@@ -157,10 +167,10 @@ def generate(spec: SyntheticRun) -> dict[str, Any]:
         out["events"] = []
         return out
     if spec.with_samples:
-        sid = (t[:, None] - 1) * B + np.arange(B)[None, :]
+        ids = sid(t[:, None], np.arange(B)[None, :])
         out["sample_stats"] = {
-            "step": np.repeat(t, B), "rank": np.tile(np.arange(B) % spec.world_size, n),
-            "sample_id": sid.ravel(), "loss": per.ravel(), "n_tokens": ntok.ravel(),
+            "step": np.repeat(t, B), "rank": np.tile(np.arange(B) % spec.world_size, n).astype(np.int32),
+            "sample_id": ids.ravel(), "loss": per.ravel(), "n_tokens": ntok.ravel(),
         }
     if spec.with_layers:
         names = param_names(spec.n_params)
@@ -191,10 +201,10 @@ def write_run(root: str | os.PathLike, spec: SyntheticRun) -> Path:
     rid = spec.run_id
     tables: dict[str, pa.Table] = {}
     tables["runs"] = pa.table({
-        "run_id": [rid], "name": [rid], "status": ["completed"],
+        "run_id": [rid], "name": [rid],
         "source": ["import:csv" if spec.loss_only else "train"],
         "parent_run_id": pa.array([None], pa.string()), "resumed_from_step": pa.array([None], pa.int64()),
-        "world_size": [spec.world_size],
+        "world_size": pa.array([spec.world_size], pa.int32()),
     })
     hp = {"train.seed": spec.seed, "train.max_steps": spec.n_steps,
           "audit.layer_stats_every": spec.layer_every, "model.vocab_size": spec.vocab,
@@ -208,7 +218,10 @@ def write_run(root: str | os.PathLike, spec: SyntheticRun) -> Path:
     if data["events"]:
         ev = data["events"]
         tables["events"] = pa.table({
-            "run_id": [rid] * len(ev), "step": [e["step"] for e in ev], "kind": [e["kind"] for e in ev],
+            "run_id": [rid] * len(ev), "time": pa.array([T0 + timedelta(seconds=e["step"]) for e in ev],
+                                                    pa.timestamp("us", tz="UTC")),
+            "rank": pa.array([0] * len(ev), pa.int32()), "step": [e["step"] for e in ev],
+            "kind": [e["kind"] for e in ev],
             "severity": [e["severity"] for e in ev], "detail": [json.dumps(e["detail"]) for e in ev],
         })
     for name in ("sample_stats", "layer_stats"):
