@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from k2repro.forensics.detect import RobustZ, robust_z_parts
-from k2repro.forensics.precursors import PrecursorParams
+from k2repro.forensics.precursors import PrecursorParams, crossing_start
 
 LAYER_STATS = ("grad_norm", "update_ratio", "grad_max_abs", "update_norm", "param_norm")
 JUMP_STATS = ("grad_norm", "update_ratio", "grad_max_abs", "update_norm")
@@ -107,18 +107,9 @@ def layer_attribution(
         best: tuple | None = None
         gap = max(pre.max_gap, 2 * out.interval)
         for j, param in enumerate(wide.columns):
-            zz = z[lo_c:hi_c, j]
-            cand = np.flatnonzero(np.nan_to_num(zz, nan=-np.inf) >= pre.threshold) + lo_c
-            if not cand.size:
+            c = crossing_start(z[lo_c:hi_c, j], lo_c, wsteps, onset_step, pre.threshold, gap)
+            if c is None:
                 continue
-            bef = cand[wsteps[cand] <= onset_step]
-            if bef.size:
-                i = bef.size - 1
-                while i > 0 and wsteps[bef[i]] - wsteps[bef[i - 1]] <= gap:
-                    i -= 1
-                c = int(bef[i])
-            else:
-                c = int(cand[0])
             key = (int(wsteps[c]), -float(order.get(param, 0.0) or 0.0))
             if best is None or key < best[0]:
                 best = (key, str(param), int(wsteps[c]), float(z[c, j]))

@@ -74,20 +74,28 @@ def first_crossing(
     r = replace(rule, threshold=p.threshold, direction="up")
     off, z = window_z(values, lo, hi, r)
     zz = z[lo - off: hi - off]
-    cand = np.flatnonzero(np.nan_to_num(zz, nan=-np.inf) >= p.threshold) + lo
+    interval = int(np.median(np.diff(steps[max(0, lo - 8): hi + 1]))) if hi - lo > 1 else 1
+    c = crossing_start(zz, lo, steps, onset_step, p.threshold, max(p.max_gap, 2 * max(interval, 1)))
+    if c is None:
+        return None
+    return Crossing(name, int(steps[c]), int(onset_step - steps[c]), float(z[c - off]))
+
+
+def crossing_start(z: np.ndarray, offset: int, steps: np.ndarray, onset_step: int, threshold: float,
+                   gap: int) -> int | None:
+    """Index (z[i] belongs to offset + i) where the excursion into the episode started: the
+    last point over `threshold` at or before onset, walked back through earlier points over
+    it that are at most `gap` steps apart; else the first point over it after onset."""
+    cand = np.flatnonzero(np.nan_to_num(z, nan=-np.inf) >= threshold) + offset
     if not cand.size:
         return None
-    interval = int(np.median(np.diff(steps[max(0, lo - 8): hi + 1]))) if hi - lo > 1 else 1
-    gap = max(p.max_gap, 2 * max(interval, 1))
     before = cand[steps[cand] <= onset_step]
-    if before.size:
-        i = before.size - 1
-        while i > 0 and steps[before[i]] - steps[before[i - 1]] <= gap:
-            i -= 1
-        c = int(before[i])
-    else:
-        c = int(cand[0])
-    return Crossing(name, int(steps[c]), int(onset_step - steps[c]), float(z[c - off]))
+    if not before.size:
+        return int(cand[0])
+    i = before.size - 1
+    while i > 0 and steps[before[i]] - steps[before[i - 1]] <= gap:
+        i -= 1
+    return int(before[i])
 
 
 # On equal lead the loss wins (nothing came before it); then this order.

@@ -1,86 +1,26 @@
 """What forensics reads from the audit store, as SQL against the store's views (DESIGN.md
 section 4): `steps` as numpy arrays (one row per step, the only table read whole), and
 `layer_stats` / `sample_stats` only in windows around episodes, so a 100M-row layer log is
-never loaded.
-
-`open_source(path)` uses `k2repro.open_store` when the audit store is importable; otherwise
-(and for a bare folder of Parquet segments) it makes the same views itself over
-`<root>/**/<run_id>/<table>/*.parquet`.
+never loaded. Works on any DuckDB connection with those views (a Store's `.con`).
 """
 
 from __future__ import annotations
 
-import glob
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-# Columns forensics reads, with DuckDB types, for empty views when a table has no segments.
-TABLE_COLUMNS: dict[str, dict[str, str]] = {
-    "runs": {"run_id": "VARCHAR", "name": "VARCHAR", "status": "VARCHAR", "source": "VARCHAR",
-             "parent_run_id": "VARCHAR", "resumed_from_step": "BIGINT"},
-    "hparams": {"run_id": "VARCHAR", "key": "VARCHAR", "value": "VARCHAR", "value_type": "VARCHAR"},
-    "data_manifest": {"run_id": "VARCHAR", "artifact": "VARCHAR", "path": "VARCHAR",
-                      "sha256": "VARCHAR", "n_docs": "BIGINT", "n_tokens": "BIGINT"},
-    "steps": {"run_id": "VARCHAR", "step": "BIGINT", "loss": "DOUBLE", "grad_norm": "DOUBLE",
-              "lr": "DOUBLE", "tokens": "BIGINT", "loss_min": "DOUBLE", "loss_max": "DOUBLE",
-              "loss_std": "DOUBLE", "logz_mean": "DOUBLE", "skipped": "BOOLEAN",
-              "batch_hash": "VARCHAR"},
-    "layer_stats": {"run_id": "VARCHAR", "step": "BIGINT", "param": "VARCHAR",
-                    "grad_norm": "DOUBLE", "param_norm": "DOUBLE", "update_norm": "DOUBLE",
-                    "update_ratio": "DOUBLE", "grad_max_abs": "DOUBLE"},
-    "sample_stats": {"run_id": "VARCHAR", "step": "BIGINT", "rank": "BIGINT",
-                     "sample_id": "BIGINT", "loss": "DOUBLE", "n_tokens": "BIGINT"},
-    "events": {"run_id": "VARCHAR", "step": "BIGINT", "kind": "VARCHAR", "severity": "VARCHAR",
-               "detail": "VARCHAR"},
-    "spikes": {"run_id": "VARCHAR", "onset_step": "BIGINT"},
-}
 
 RUN_COLUMNS = ("run_id", "name", "status", "source", "started_at", "ended_at", "parent_run_id",
                "resumed_from_step", "world_size", "config_hash", "git_commit")
 STEP_SIGNALS = ("loss", "grad_norm", "lr", "loss_max", "loss_std", "logz_mean")
 
 
-def parquet_views(root: str | os.PathLike, con: Any = None, threads: int | None = None) -> Any:
-    """A DuckDB connection with one view per table over `<root>/**/<table>/*.parquet`
-    (tables without segments read as 0 rows). The fallback while no store is importable, and
-    what tests and the bench use for a hand-written store."""
-    import duckdb
-
-    con = con or duckdb.connect()
-    if threads:
-        con.execute(f"SET threads={int(threads)}")
-    rootp = Path(root)
-    for table, cols in TABLE_COLUMNS.items():
-        pattern = str(rootp / "**" / table / "*.parquet")
-        if glob.glob(pattern, recursive=True):
-            con.execute(
-                f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet("
-                f"'{_sql_str(pattern)}', union_by_name=true)"
-            )
-        else:
-            sel = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in cols.items())
-            con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT {sel} WHERE false")
-    return con
-
-
-def _sql_str(s: str) -> str:
-    # views cannot take prepared parameters; quote the one literal they need
-    return s.replace("'", "''")
-
-
 def open_source(path: str | os.PathLike) -> Any:
-    """A DuckDB connection to the store at `path`: the audit store's own when it is
-    importable, else plain Parquet views over the contract layout."""
-    try:
-        import k2repro.audit.store  # noqa: F401
-    except ImportError:
-        return parquet_views(path)
+    """The audit store at `path` (k2repro.open_store), for analyze_run."""
     import k2repro
 
-    return k2repro.open_store(str(path)).con
+    return k2repro.open_store(str(path))
 
 
 def connection(con_or_store: Any) -> Any:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -231,29 +230,8 @@ def write_run(root: str | os.PathLike, spec: SyntheticRun) -> Path:
     return write_tables(root, rid, tables)
 
 
-def write_tables(root: str | os.PathLike, run_id: str, tables: dict[str, Any],
-                 segment: str = "seg-000000") -> Path:
-    """Write whole tables of one run: through the audit store's writer when it is
-    importable, else `<root>/<run_id>/<table>/<segment>.parquet` via temp file + rename."""
-    try:
-        from k2repro.audit.store import write_run_tables
-    except ImportError:
-        write_run_tables = None
-    if write_run_tables is not None:
-        write_run_tables(root, run_id, tables)
-        return Path(root) / run_id
-    import pyarrow.parquet as pq
+def write_tables(root: str | os.PathLike, run_id: str, tables: dict[str, Any]) -> Path:
+    """Write whole tables of one run with the audit store's writer (atomic, schema-checked)."""
+    from k2repro.audit.writer import write_run_tables
 
-    run_dir = Path(root) / run_id
-    for name, table in tables.items():
-        d = run_dir / name
-        d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{segment}.", suffix=".parquet.tmp", dir=d)
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, d / f"{segment}.parquet")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return run_dir
+    return write_run_tables(root, run_id, tables)
