@@ -159,6 +159,8 @@ TABLES: dict[str, tuple[Column, ...]] = {
         _c("value", "float64", "metric value"),
         _c("n_tokens", "int64", "tokens evaluated"),
         _c("time", "timestamp", "when it was computed (UTC)"),
+        _c("manifest_sha256", "string", "sha256 of the evaluated checkpoint's manifest"),
+        _c("detail", "string", "evaluation settings (JSON)"),
     ),
     "spikes": (
         _RUN_ID,
