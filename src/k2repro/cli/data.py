@@ -32,7 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     for name, help_ in STAGES.items():
         p = sub.add_parser(name, help=help_, description=help_ + ".")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides, e.g. data.max_docs=200")
-        p.add_argument("--config-name", default="config", help="config in conf/ (DVC uses `pipeline`)")
+        p.add_argument("--config-name", default="config", help="config in conf/")
+        p.add_argument("--params", metavar="FILE", help="a composed config as YAML instead of conf/ "
+                       "(the DVC stages read params.yaml, so `dvc exp run -S` reaches them)")
         p.add_argument("--in", dest="inp", metavar="PATH", help=f"input (default {DEFAULT_IN[name]})")
         p.add_argument("--out", metavar="DIR", help=f"output folder (default {DEFAULT_OUT[name]})")
         if name == "pack":
@@ -71,9 +73,12 @@ def _summary(stage: str, out: Path, result: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from k2repro.config.load import load_config
+    from k2repro.config.load import load_config, load_params_file
 
-    cfg = load_config(args.overrides, args.config_name)
+    if args.params:
+        cfg = load_params_file(args.params, args.overrides)
+    else:
+        cfg = load_config(args.overrides, args.config_name)
     d = cfg.data
     work = Path(d.work_dir)
     stage = args.stage

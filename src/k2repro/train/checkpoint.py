@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,9 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if _is_dist():
         dist.barrier()
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # world size 1: DCP warns that it saves in one process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
     torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
     mine = sorted(
         f.name for f in tmp.iterdir()
@@ -139,7 +142,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     manifest = verify_checkpoint(path)
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     saved_ws = int(manifest["world_size"])
     rank_state = torch.load(Path(path) / f"rank{rank % saved_ws}.pt", weights_only=False)
