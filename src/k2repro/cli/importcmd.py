@@ -1,0 +1,138 @@
+"""`k2repro import KIND PATH --name NAME`: bring a run trained elsewhere into the store.
+
+Thin: parse, call the importer (`k2repro.importers`), commit, print the run ids. Each kind is a
+sub-command with its own options; `KINDS` maps a kind to the functions that configure and run
+it, so another kind (the release bundle's `import bundle DIR`) is one more entry.
+Exit 0 (also when the content was imported before: the existing run is reported), 2 for bad
+input (the message names the file and line), and nothing is written then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from k2repro.errors import BadInputError
+
+
+def _common(p: argparse.ArgumentParser, step_axis: bool, offset: bool = True) -> None:
+    p.add_argument("path", metavar="PATH", help="the file (or folder) to import")
+    p.add_argument("--name", default=None,
+                   help="run name (default: the file name); with several runs: NAME/<run>")
+    p.add_argument("--store", default=None, help="store root (default: $K2REPRO_STORE, else runs)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"run_ids": [...], "runs": [...]} as JSON to stdout')
+    p.add_argument("--map", action="append", default=[], metavar="A=B[,C=D...]",
+                   help="extend the metric-name table: SOURCE=TARGET or TARGET=SOURCE (the side "
+                   "that names a k2repro column is the target, e.g. step=iter or "
+                   "grad-norm=grad_norm); SOURCE= drops a series")
+    if step_axis:
+        p.add_argument("--step-unit", choices=("iteration", "sample", "token"), default="iteration",
+                       help="what the step column counts (default: iteration)")
+        p.add_argument("--global-batch", type=int, default=None,
+                       help="samples per step, for --step-unit sample/token")
+        p.add_argument("--seq-len", type=int, default=None,
+                       help="tokens per sample, for --step-unit token")
+        p.add_argument("--step-divisor", type=float, default=None,
+                       help="divide the step column by this (overrides --step-unit)")
+    if offset:
+        p.add_argument("--step-offset", type=int, default=0,
+                       help="add this to every step after dividing (1 when the source counts from 0)")
+
+
+def _axis(args: argparse.Namespace) -> Any:
+    from k2repro.importers.wandb_csv import StepAxis
+
+    return StepAxis(unit=args.step_unit, global_batch=args.global_batch, seq_len=args.seq_len,
+                    divisor=args.step_divisor, offset=args.step_offset)
+
+
+def _conf_wandb(p: argparse.ArgumentParser) -> None:
+    _common(p, step_axis=True)
+    p.add_argument("--run", default=None, metavar="RUN",
+                   help="import only this W&B run of the file (default: every run, one store run each)")
+
+
+def _read_wandb(args: argparse.Namespace, names: Any) -> tuple[list[Any], dict[str, Any]]:
+    from k2repro.importers.wandb_csv import read
+
+    axis = _axis(args)
+    return read(args.path, names, axis, select_run=args.run), {"axis": axis.as_hparams()}
+
+
+def _conf_csv(p: argparse.ArgumentParser) -> None:
+    _common(p, step_axis=True)
+
+
+def _read_csv(args: argparse.Namespace, names: Any) -> tuple[list[Any], dict[str, Any]]:
+    from k2repro.importers.generic import read
+
+    axis = _axis(args)
+    return read(args.path, names, axis), {"axis": axis.as_hparams()}
+
+
+def _conf_tb(p: argparse.ArgumentParser) -> None:
+    _common(p, step_axis=False)
+
+
+def _read_tb(args: argparse.Namespace, names: Any) -> tuple[list[Any], dict[str, Any]]:
+    from k2repro.importers.tensorboard import read
+
+    return read(args.path, names, offset=args.step_offset), {"step_offset": args.step_offset}
+
+
+def _conf_megatron(p: argparse.ArgumentParser) -> None:
+    _common(p, step_axis=False, offset=False)
+
+
+def _read_megatron(args: argparse.Namespace, names: Any) -> tuple[list[Any], dict[str, Any]]:
+    from k2repro.importers.megatron_log import read
+
+    return read(args.path, names), {}
+
+
+#: kind -> (help, configure(parser), read(args, names) -> (runs, options that shape the result))
+KINDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., Any]]] = {
+    "wandb-csv": ("a W&B chart CSV export (one store run per W&B run in it)", _conf_wandb, _read_wandb),
+    "tensorboard": ("TensorBoard event files or a folder of them (one run per folder)", _conf_tb, _read_tb),
+    "megatron-log": ("a Megatron-LM training log (stdout)", _conf_megatron, _read_megatron),
+    "csv": ("a CSV or JSONL file with one row per step", _conf_csv, _read_csv),
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Import a run trained elsewhere into the audit store (source import:<kind>), so that "
+        "sql, diff and forensics work on it. Malformed input: one error naming the file and "
+        "line, exit 2, nothing written. The same content imported again is reported, not "
+        "duplicated. See docs/importers.md.")
+    sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind, (help_, conf, _) in KINDS.items():
+        conf(sub.add_parser(kind, help=help_, description=help_))
+
+
+def run(args: argparse.Namespace) -> int:
+    from k2repro.audit.store import default_store
+    from k2repro.importers.common import NameMap, commit_runs
+
+    if args.kind not in KINDS:  # pragma: no cover - argparse's choices guard this
+        raise BadInputError(f"unknown import kind {args.kind!r}")
+    names = NameMap.build(args.map)
+    runs, options = KINDS[args.kind][2](args, names)
+    options = {"kind": args.kind, "map": names.user_pairs(), **options}
+    store = Path(args.store) if args.store else default_store()
+    name = args.name or Path(args.path).name
+    results = commit_runs(store, runs, name, options)
+    if args.json:
+        json.dump({"run_ids": [r.run_id for r in results], "runs": [r.as_dict() for r in results],
+                   "store": str(store)}, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    for r in results:
+        state = "imported" if r.created else "already imported"
+        print(f"run_id={r.run_id} name={r.name} steps={r.steps} ({state})")
+    return 0
