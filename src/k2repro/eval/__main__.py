@@ -1,0 +1,7 @@
+"""`python -m k2repro.eval PLAN.json RESULTS.json`: one rank of `k2repro eval --nproc N`."""
+
+import sys
+
+from k2repro.eval.runner import worker_main
+
+sys.exit(worker_main())
