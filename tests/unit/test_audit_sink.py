@@ -177,3 +177,19 @@ def test_write_run_tables_is_atomic_and_complete(tmp_path):
                  {"onset_step": [2], "peak_step": [2], "end_step": [3], "class": ["transient"]})
     with open_store(tmp_path) as st:
         assert st.execute("SELECT run_id, class FROM spikes").fetchall() == [("imp-1", "transient")]
+
+
+def test_open_segment_rolls_over(tmp_path, monkeypatch):
+    import k2repro.audit.sink as sink_mod
+
+    monkeypatch.setattr(sink_mod, "ROLL_FLUSHES", 3)
+    sink = AuditSink(tmp_path, "run-g")
+    _start(sink)
+    for s in range(1, 11):
+        sink.log_steps({"step": [s], "loss": [float(s)]})
+        sink.flush(wait=True)  # one write per flush
+    sink.close()
+    files = sorted(p.name for p in (tmp_path / "run-g" / "steps").glob("*.parquet"))
+    assert len(files) == 4  # 3 + 3 + 3 + 1 writes
+    with open_store(tmp_path) as st:
+        assert st.steps("run-g")["step"].tolist() == list(range(1, 11))

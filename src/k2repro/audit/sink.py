@@ -51,6 +51,12 @@ from k2repro.audit.writer import (
 from k2repro.errors import BadInputError
 
 
+#: A rank's open segment of a table is rewritten (as a superset) until it holds this many
+#: writes or rows; then a new segment starts.
+ROLL_FLUSHES = 32
+ROLL_ROWS = 50_000
+
+
 class AuditWriteError(RuntimeError):
     """The background writer failed; the run's audit trail is incomplete from here on."""
 
@@ -155,6 +161,7 @@ class AuditSink:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._buffers: dict[str, list[Mapping[str, Any]]] = {}
         self._seq = 0
+        self._open: dict[str, tuple[str, Any, int]] = {}  # table -> (segment name, rows, writes)
         self._error: BaseException | None = None
         self._started = False
         self._closed = False
@@ -401,10 +408,21 @@ class AuditSink:
         return top + 1
 
     def _write_now(self, table: str, cols: Mapping[str, Any]) -> None:
-        tbl = to_arrow(table, cols, self.run_id, self.redactor)
-        name = f"r{self.rank}-{self._seq:08d}.parquet"
-        self._seq += 1
+        """Write rows of `table` into this rank's open segment of that table: the segment is
+        replaced by a superset of itself (temp + rename onto the same name) until it holds
+        ROLL_FLUSHES writes or ROLL_ROWS rows, then the next one opens. Readers see either
+        version, both complete; a long run keeps a few dozen files per table, not thousands."""
+        import pyarrow as pa
+
+        new = to_arrow(table, cols, self.run_id, self.redactor)
+        cur = self._open.get(table)
+        if cur is not None and cur[2] < ROLL_FLUSHES and cur[1].num_rows + new.num_rows <= ROLL_ROWS:
+            name, tbl, writes = cur[0], pa.concat_tables([cur[1], new]), cur[2] + 1
+        else:
+            name, tbl, writes = f"r{self.rank}-{self._seq:08d}.parquet", new, 1
+            self._seq += 1
         write_segment(self._run_dir / table, name, tbl, on_write=self._on_write, fsync=self._fsync)
+        self._open[table] = (name, tbl, writes)
         self.segments_written += 1
 
     @staticmethod

@@ -1,0 +1,323 @@
+"""Logger throughput: 20,000 steps x 67 scalars through k2repro's AuditSink against MLflow
+(SQLite backend and file store), TensorBoard (tensorboardX SummaryWriter), DVCLive and W&B
+offline. End to end: the logging calls, the background writes and the final close/finish.
+
+What 67 scalars are for k2repro: one `steps` row (15 numeric columns + batch_hash + time) and
+`layer_stats` for 10 parameter tensors x 5 statistics, logged as columnar batches once per
+`flush_every` = 10 steps (the trainer's way: statistics reach the host once per flush). The
+others get the same 67 values per step through their per-step API (`log_metrics(dict, step)`,
+`add_scalar` x 67, `log_metric` x 67 with `live.step` set, `run.log(dict, step)`).
+
+Each logger runs in its own process (imports, threads and files cannot leak across). Slow ones
+run 2,000 steps and are reported as measured, with the 20,000-step time scaled linearly. Setup
+(creating the run/experiment/database) is timed apart and not in steps/s. Also measured: a
+floor that writes the same batches straight to Parquet in the loop (no thread, no schema
+conformance, no redaction), to show what the sink's safety costs.
+
+    .venv/bin/python bench/logger_throughput.py            # writes reports/bench/logger.json
+    .venv/bin/python bench/logger_throughput.py --quick    # 2,000 steps everywhere (smoke run)
+
+Bench-only packages: `pip install -e '.[bench]'`. A logger that cannot be imported is recorded
+as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write  # noqa: E402
+
+STEPS = 20_000
+SLOW_STEPS = 2_000
+FLUSH_EVERY = 10
+N_PARAMS = 10
+STEP_COLS = ["loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s", "loss_min", "loss_max",
+             "loss_std", "logz_mean", "skipped", "clipped", "mfu", "peak_mem_bytes", "n_samples"]
+LAYER_COLS = ["grad_norm", "param_norm", "update_norm", "update_ratio", "grad_max_abs"]
+N_SCALARS = len(STEP_COLS) + 2 + N_PARAMS * len(LAYER_COLS)  # 15 + batch_hash + time + 50 = 67
+INT_COLS = {"tokens", "peak_mem_bytes", "n_samples"}
+BOOL_COLS = {"skipped", "clipped"}
+
+# logger -> steps it runs (slow ones are scaled to STEPS)
+LOGGERS = {
+    "k2repro_sink": STEPS,
+    "parquet_sync_per_flush": STEPS,
+    "tensorboardX": SLOW_STEPS,
+    "mlflow_sqlite": SLOW_STEPS,
+    "mlflow_file": SLOW_STEPS,
+    "dvclive": SLOW_STEPS,
+    "wandb_offline": SLOW_STEPS,
+}
+OURS_REPEATS = 3
+
+
+def values(n: int):  # noqa: ANN201 - numpy array
+    import numpy as np
+
+    return np.random.default_rng(0).random((n, N_SCALARS))
+
+
+def names() -> list[str]:
+    """The 67 metric names the per-step loggers get."""
+    out = [f"train/{c}" for c in STEP_COLS] + ["train/batch_hash_u32", "train/time"]
+    out += [f"layers/{p}/{c}" for p in range(N_PARAMS) for c in LAYER_COLS]
+    assert len(out) == N_SCALARS
+    return out
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# ------------------------------------------------------------------------------ loggers
+
+
+def _batches(vals, n: int):  # noqa: ANN001, ANN202
+    """Columnar batches per flush: what a trainer hands the sink."""
+    from datetime import datetime, timezone
+
+    params = [f"layers.{i}.weight" for i in range(N_PARAMS)]
+    now = datetime.now(timezone.utc)
+    for s0 in range(0, n, FLUSH_EVERY):
+        blk = vals[s0:s0 + FLUSH_EVERY]
+        k = len(blk)
+        steps = list(range(s0 + 1, s0 + k + 1))
+        cols: dict = {"step": steps}
+        for j, c in enumerate(STEP_COLS):
+            col = blk[:, j]
+            cols[c] = ((col * 1e6).astype("int64").tolist() if c in INT_COLS else
+                       (col > 0.5).tolist() if c in BOOL_COLS else col.tolist())
+        cols["batch_hash"] = [f"{int(x * 2**32):08x}" for x in blk[:, len(STEP_COLS)]]
+        cols["time"] = [now] * k
+        ls = blk[:, len(STEP_COLS) + 2:].reshape(k * N_PARAMS, len(LAYER_COLS))
+        layer = {"step": [s for s in steps for _ in range(N_PARAMS)], "param": params * k}
+        for j, c in enumerate(LAYER_COLS):
+            layer[c] = ls[:, j].tolist()
+        yield cols, layer
+
+
+def run_k2repro_sink(n: int, out: Path) -> dict:
+    from k2repro.audit.sink import AuditSink
+
+    t0 = time.perf_counter()
+    sink = AuditSink(out, "bench-run", flush_every=FLUSH_EVERY)
+    sink.start({"name": "bench"}, {"bench": {"steps": n}}, {"host": "bench"}, [])
+    setup = time.perf_counter() - t0
+    vals = values(n)
+    t0 = time.perf_counter()
+    for cols, layer in _batches(vals, n):
+        sink.log_steps(cols)
+        sink.log_layer_stats(layer)
+        sink.flush()
+    sink.close()
+    return {"seconds": time.perf_counter() - t0, "setup_s": setup, "segments": sink.segments_written}
+
+
+def run_parquet_floor(n: int, out: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (out / "steps").mkdir(parents=True)
+    (out / "layer_stats").mkdir(parents=True)
+    vals = values(n)
+    t0 = time.perf_counter()
+    for i, (cols, layer) in enumerate(_batches(vals, n)):
+        pq.write_table(pa.table(cols), out / "steps" / f"{i:08d}.parquet", compression="zstd")
+        pq.write_table(pa.table(layer), out / "layer_stats" / f"{i:08d}.parquet", compression="zstd")
+    return {"seconds": time.perf_counter() - t0, "setup_s": 0.0}
+
+
+def _per_step(vals, n: int):  # noqa: ANN001, ANN202
+    keys = names()
+    for s in range(n):
+        yield s + 1, dict(zip(keys, vals[s].tolist(), strict=True))
+
+
+def run_mlflow(n: int, out: Path, backend: str) -> dict:
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = f"sqlite:///{out / 'mlflow.db'}" if backend == "sqlite" else (out / "mlruns").as_uri()
+    t0 = time.perf_counter()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("bench")
+    mlflow.start_run()
+    setup = time.perf_counter() - t0
+    vals = values(n)
+    t0 = time.perf_counter()
+    for step, metrics in _per_step(vals, n):
+        mlflow.log_metrics(metrics, step=step)
+    mlflow.end_run()
+    return {"seconds": time.perf_counter() - t0, "setup_s": setup, "backend": uri.split(":")[0]}
+
+
+def run_tensorboardx(n: int, out: Path) -> dict:
+    from tensorboardX import SummaryWriter
+
+    t0 = time.perf_counter()
+    w = SummaryWriter(str(out))
+    setup = time.perf_counter() - t0
+    vals = values(n)
+    t0 = time.perf_counter()
+    for step, metrics in _per_step(vals, n):
+        for k, v in metrics.items():
+            w.add_scalar(k, v, step)
+    w.close()
+    return {"seconds": time.perf_counter() - t0, "setup_s": setup}
+
+
+def run_dvclive(n: int, out: Path) -> dict:
+    from dvclive import Live
+
+    t0 = time.perf_counter()
+    live = Live(str(out / "dvclive"), save_dvc_exp=False, dvcyaml=False, report=None)
+    setup = time.perf_counter() - t0
+    vals = values(n)
+    t0 = time.perf_counter()
+    for step, metrics in _per_step(vals, n):
+        live.step = step
+        for k, v in metrics.items():
+            live.log_metric(k, v)
+    live.end()
+    return {"seconds": time.perf_counter() - t0, "setup_s": setup}
+
+
+def run_wandb(n: int, out: Path) -> dict:
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DISABLE_GIT="true",
+                      WANDB_DIR=str(out), WANDB_CONSOLE="off")
+    import wandb
+
+    t0 = time.perf_counter()
+    run = wandb.init(project="bench", mode="offline", dir=str(out))
+    setup = time.perf_counter() - t0
+    vals = values(n)
+    t0 = time.perf_counter()
+    for step, metrics in _per_step(vals, n):
+        run.log(metrics, step=step)
+    run.finish()
+    return {"seconds": time.perf_counter() - t0, "setup_s": setup}
+
+
+RUNNERS = {
+    "k2repro_sink": run_k2repro_sink,
+    "parquet_sync_per_flush": run_parquet_floor,
+    "tensorboardX": run_tensorboardx,
+    "mlflow_sqlite": lambda n, out: run_mlflow(n, out, "sqlite"),
+    "mlflow_file": lambda n, out: run_mlflow(n, out, "file"),
+    "dvclive": run_dvclive,
+    "wandb_offline": run_wandb,
+}
+PACKAGES = {"tensorboardX": "tensorboardX", "mlflow_sqlite": "mlflow-skinny", "mlflow_file": "mlflow-skinny",
+            "dvclive": "dvclive", "wandb_offline": "wandb", "k2repro_sink": "k2repro", "parquet_sync_per_flush": "pyarrow"}
+
+
+def one(name: str, n: int) -> dict:
+    """Run one logger in this process; the output folder is a fresh temp dir (cwd too, so no
+    logger finds a git or DVC repository to talk to)."""
+    from importlib import metadata
+
+    with tempfile.TemporaryDirectory(prefix=f"k2bench-{name}-") as tmp:
+        out = Path(tmp)
+        os.chdir(out)
+        res = RUNNERS[name](n, out / "out")
+        res.update(steps=n, bytes=du(out / "out"))
+    try:
+        res["version"] = metadata.version(PACKAGES[name])
+    except metadata.PackageNotFoundError:
+        res["version"] = None
+    return res
+
+
+def spawn(name: str, n: int, timeout: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    try:
+        res = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(n)], capture_output=True,
+                             text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"timed out after {timeout} s"}
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"skipped": f"failed: {tail[:300]}"}
+    return json.loads(lines[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="2,000 steps for every logger (smoke run)")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these loggers")
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.steps or STEPS)))
+        return 0
+
+    results: dict[str, dict] = {}
+    for name, n in LOGGERS.items():
+        if args.only and name not in args.only:
+            continue
+        n = SLOW_STEPS if args.quick else n
+        reps = OURS_REPEATS if name == "k2repro_sink" else 1
+        runs = [spawn(name, n, timeout=900) for _ in range(reps)]
+        ok = [r for r in runs if "skipped" not in r]
+        if not ok:
+            results[name] = runs[0]
+            print(f"{name}: skipped ({runs[0]['skipped']})", flush=True)
+            continue
+        secs = statistics.median(r["seconds"] for r in ok)
+        r = dict(ok[0], seconds=secs)
+        if reps > 1:
+            r["seconds_all"] = [round(x["seconds"], 4) for x in ok]
+        r["steps_per_s"] = n / secs
+        r["seconds_for_20k"] = secs * STEPS / n
+        r["scaled"] = n != STEPS
+        r["bytes_per_step"] = r["bytes"] / n
+        results[name] = r
+        print(f"{name}: {r['steps_per_s']:.0f} steps/s ({n} steps, {r['bytes'] / 1e6:.2f} MB)", flush=True)
+
+    ours = results.get("k2repro_sink", {}).get("steps_per_s")
+    for name, r in results.items():
+        if ours and "steps_per_s" in r:
+            r["ours_speedup"] = ours / r["steps_per_s"]
+    measured = {k: v for k, v in results.items() if "steps_per_s" in v and k not in ("k2repro_sink", "parquet_sync_per_flush")}
+    mlflow_best = max((results[k]["steps_per_s"] for k in ("mlflow_sqlite", "mlflow_file") if k in measured),
+                      default=None)
+    goals = {
+        "ours_vs_best_mlflow": (ours / mlflow_best) if ours and mlflow_best else None,
+        "ours_ge_100x_mlflow": bool(ours and mlflow_best and ours >= 100 * mlflow_best),
+        "ours_ge_10x_wandb_offline": (bool(ours >= 10 * measured["wandb_offline"]["steps_per_s"])
+                                      if ours and "wandb_offline" in measured else None),
+        "ours_fastest_of_all_measured": bool(ours and all(ours > v["steps_per_s"] for v in measured.values())),
+    }
+    payload = {"loadavg_at_end": list(os.getloadavg()), "steps": STEPS, "slow_steps": SLOW_STEPS, "scalars_per_step": N_SCALARS,
+               "flush_every": FLUSH_EVERY, "quick": args.quick, "results": results, "goals": goals,
+               "command": "python bench/logger_throughput.py" + (" --quick" if args.quick else "")}
+    if not args.only:
+        write("logger", payload)
+    print()
+    print("| logger | steps run | steps/s | s for 20k steps | MB on disk | bytes/step | ours x |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        if "steps_per_s" not in r:
+            print(f"| {name} | skipped: {r['skipped']} | | | | | |")
+            continue
+        print(f"| {name} {r.get('version') or ''} | {r['steps']} | {r['steps_per_s']:,.0f} | "
+              f"{r['seconds_for_20k']:.2f}{' (scaled)' if r['scaled'] else ''} | {r['bytes'] / 1e6:.2f} | "
+              f"{r['bytes_per_step']:.0f} | {r.get('ours_speedup', 0):.1f} |")
+    print(json.dumps(goals))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
