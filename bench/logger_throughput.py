@@ -142,54 +142,56 @@ def _per_step(vals, n: int):  # noqa: ANN001, ANN202
         yield s + 1, dict(zip(keys, vals[s].tolist(), strict=True))
 
 
+def _timed(n: int, setup, log_step, finish) -> dict:  # noqa: ANN001
+    """Setup timed apart; then every step through `log_step(handle, step, metrics)` and the
+    final `finish(handle)`, timed together."""
+    t0 = time.perf_counter()
+    handle = setup()
+    setup_s = time.perf_counter() - t0
+    vals = values(n)
+    t0 = time.perf_counter()
+    for step, metrics in _per_step(vals, n):
+        log_step(handle, step, metrics)
+    finish(handle)
+    return {"seconds": time.perf_counter() - t0, "setup_s": setup_s}
+
+
 def run_mlflow(n: int, out: Path, backend: str) -> dict:
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
     uri = f"sqlite:///{out / 'mlflow.db'}" if backend == "sqlite" else (out / "mlruns").as_uri()
-    t0 = time.perf_counter()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("bench")
-    mlflow.start_run()
-    setup = time.perf_counter() - t0
-    vals = values(n)
-    t0 = time.perf_counter()
-    for step, metrics in _per_step(vals, n):
-        mlflow.log_metrics(metrics, step=step)
-    mlflow.end_run()
-    return {"seconds": time.perf_counter() - t0, "setup_s": setup, "backend": uri.split(":")[0]}
+
+    def setup() -> None:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("bench")
+        mlflow.start_run()
+
+    res = _timed(n, setup, lambda _h, step, m: mlflow.log_metrics(m, step=step), lambda _h: mlflow.end_run())
+    return {**res, "backend": uri.split(":")[0]}
 
 
 def run_tensorboardx(n: int, out: Path) -> dict:
     from tensorboardX import SummaryWriter
 
-    t0 = time.perf_counter()
-    w = SummaryWriter(str(out))
-    setup = time.perf_counter() - t0
-    vals = values(n)
-    t0 = time.perf_counter()
-    for step, metrics in _per_step(vals, n):
+    def log(w, step: int, metrics: dict) -> None:  # noqa: ANN001
         for k, v in metrics.items():
             w.add_scalar(k, v, step)
-    w.close()
-    return {"seconds": time.perf_counter() - t0, "setup_s": setup}
+
+    return _timed(n, lambda: SummaryWriter(str(out)), log, lambda w: w.close())
 
 
 def run_dvclive(n: int, out: Path) -> dict:
     from dvclive import Live
 
-    t0 = time.perf_counter()
-    live = Live(str(out / "dvclive"), save_dvc_exp=False, dvcyaml=False, report=None)
-    setup = time.perf_counter() - t0
-    vals = values(n)
-    t0 = time.perf_counter()
-    for step, metrics in _per_step(vals, n):
-        live.step = step
+    def log(live, step: int, metrics: dict) -> None:  # noqa: ANN001
+        live.step = step  # set the step instead of next_step(): no per-step summary writes
         for k, v in metrics.items():
             live.log_metric(k, v)
-    live.end()
-    return {"seconds": time.perf_counter() - t0, "setup_s": setup}
+
+    return _timed(n, lambda: Live(str(out / "dvclive"), save_dvc_exp=False, dvcyaml=False, report=None),
+                  log, lambda live: live.end())
 
 
 def run_wandb(n: int, out: Path) -> dict:
@@ -197,15 +199,8 @@ def run_wandb(n: int, out: Path) -> dict:
                       WANDB_DIR=str(out), WANDB_CONSOLE="off")
     import wandb
 
-    t0 = time.perf_counter()
-    run = wandb.init(project="bench", mode="offline", dir=str(out))
-    setup = time.perf_counter() - t0
-    vals = values(n)
-    t0 = time.perf_counter()
-    for step, metrics in _per_step(vals, n):
-        run.log(metrics, step=step)
-    run.finish()
-    return {"seconds": time.perf_counter() - t0, "setup_s": setup}
+    return _timed(n, lambda: wandb.init(project="bench", mode="offline", dir=str(out)),
+                  lambda run, step, m: run.log(m, step=step), lambda run: run.finish())
 
 
 RUNNERS = {
@@ -287,7 +282,7 @@ def main() -> int:
         print(f"{name}: {r['steps_per_s']:.0f} steps/s ({n} steps, {r['bytes'] / 1e6:.2f} MB)", flush=True)
 
     ours = results.get("k2repro_sink", {}).get("steps_per_s")
-    for name, r in results.items():
+    for r in results.values():
         if ours and "steps_per_s" in r:
             r["ours_speedup"] = ours / r["steps_per_s"]
     measured = {k: v for k, v in results.items() if "steps_per_s" in v and k not in ("k2repro_sink", "parquet_sync_per_flush")}

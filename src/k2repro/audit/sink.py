@@ -50,7 +50,6 @@ from k2repro.audit.writer import (
 )
 from k2repro.errors import BadInputError
 
-
 #: A rank's open segment of a table is rewritten (as a superset) until it holds this many
 #: writes or rows; then a new segment starts.
 ROLL_FLUSHES = 32
