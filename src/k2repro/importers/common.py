@@ -91,10 +91,12 @@ class NameMap:
     of None drops the series."""
 
     pairs: Mapping[str, tuple[str | None, float]]
+    explicit: Mapping[str, str | None] = field(default_factory=dict)
 
     @classmethod
     def build(cls, specs: Sequence[str] = ()) -> NameMap:
         pairs: dict[str, tuple[str | None, float]] = dict(DEFAULT_MAP)
+        explicit: dict[str, str | None] = {}
         for spec in specs:
             for item in spec.split(","):
                 if not item.strip():
@@ -105,6 +107,7 @@ class NameMap:
                     raise BadInputError(f"--map {item!r}: expected SOURCE=TARGET or TARGET=SOURCE")
                 if not right:  # `--map name=`: leave that series out
                     pairs[norm_name(left)] = (None, 1.0)
+                    explicit[norm_name(left)] = None
                     continue
                 # Either order: `--map step=iter` (k2repro column first, as for generic CSV) or
                 # `--map grad-norm=grad_norm` (W&B's old=new). The side that names a k2repro
@@ -112,14 +115,16 @@ class NameMap:
                 lk, rk = left in KNOWN_TARGETS, right in KNOWN_TARGETS
                 src, dst = (right, left) if lk and not rk else (left, right)
                 pairs[norm_name(src)] = (dst, 1.0)
-        return cls(pairs)
+                explicit[norm_name(src)] = dst
+        return cls(pairs, explicit)
 
     def target(self, name: str) -> tuple[str | None, float]:
         """(target, scale); an unmapped name keeps its own name as a `metrics` series."""
         return self.pairs.get(norm_name(name), (name.strip(), 1.0))
 
     def user_pairs(self) -> dict[str, str | None]:
-        return {k: v[0] for k, v in self.pairs.items() if DEFAULT_MAP.get(k) != v}
+        """The `--map` pairs as given (source -> target), for hparams and the options hash."""
+        return dict(self.explicit)
 
 
 # ----------------------------------------------------------------------------- parsed runs
@@ -215,7 +220,9 @@ def steps_from_float(path: str, x: np.ndarray, divisor: float, offset: int, line
         i = int(off[0])
         hint = (f" (step axis / {divisor:g}); check --step-unit/--global-batch/--seq-len/"
                 "--step-divisor (a batch-size ramp-up cannot be divided out)") if divisor != 1 else ""
-        raise bad(path, line_of(i), f"{what} {x[i]!r} is not a whole number{hint}")
+        v = float(x[i])
+        raise bad(path, line_of(i), f"{what} {int(v) if v.is_integer() else v!r} is not a whole "
+                  f"number{hint}")
     return r.astype(np.int64) + int(offset)
 
 
