@@ -101,7 +101,8 @@ def test_data_order_pure_function() -> None:
 
 def test_deferred_positions_move_to_the_end() -> None:
     steps = [data_position(s, [4, 5], 10) for s in range(1, 11)]
-    assert steps == [1, 2, 3, 6, 7, 8, 9, 10, 4, 5]
+    assert steps == [1, 2, 3, 6, 7, 8, 9, 10, 11, 12]
+    assert [data_position(s, [9, 2]) for s in range(1, 6)] == [1, 3, 4, 5, 6]
     s = StepSampler(1, 100, 4, 10)
     s.load_state_dict({"deferred": [4, 5]})
     assert np.array_equal(s.ids(4), global_batch_ids(1, 100, 6, 4))

@@ -190,6 +190,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _need(g.action in GUARD_ACTIONS, "guard.action", f"must be one of {GUARD_ACTIONS} (got {g.action!r})")
     _need(g.max_rollbacks >= 0, "guard.max_rollbacks", f"must be >= 0 (got {g.max_rollbacks})")
     _need(g.threshold > 0, "guard.threshold", f"must be > 0 (got {g.threshold})")
+    _need(g.signal in ("loss", "grad_norm"), "guard.signal", f"must be 'loss' or 'grad_norm' (got {g.signal!r})")
+    _need(g.short_window >= 4, "guard.short_window", f"must be >= 4 (got {g.short_window})")
+    _need(g.long_window >= 2, "guard.long_window", f"must be >= 2 (got {g.long_window})")
     f = cfg.faults
     _need(0 < f.bad_batch_fraction <= 1, "faults.bad_batch_fraction",
           f"must be in (0, 1] (got {f.bad_batch_fraction})")

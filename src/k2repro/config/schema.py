@@ -77,6 +77,9 @@ class TrainConfig:
     precision: str = "fp32"
     resume: str = ""
     skip_steps: list[int] = field(default_factory=list)
+    # data positions moved behind the rest of the stream (written by guard rollbacks, so that a
+    # rolled-back run's config replays it exactly)
+    defer_positions: list[int] = field(default_factory=list)
     dry_run: bool = False
     log_every: int = 10
     compile: bool = False
@@ -115,7 +118,6 @@ class GuardConfig:
     short_window: int = 16
     long_window: int = 128
     min_history: int = 32
-    enabled: bool = False
 
 
 @dataclass

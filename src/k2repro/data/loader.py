@@ -16,22 +16,18 @@ PURPOSE_DATA = 1
 
 def data_position(step: int, deferred: Sequence[int] = (), max_steps: int = 0) -> int:
     """The data position (1-based batch index in the seeded stream) that training step
-    `step` consumes. Positions in `deferred` (guard rollbacks, as K2 moved a data chunk to the
-    end) are skipped where they fell and consumed by the last steps of the run instead.
+    `step` consumes: the step-th position that is not deferred. Positions deferred by a guard
+    rollback (K2 moved the data chunk after a spike to the end of its order) move behind every
+    other position of the stream, so a run of `max_steps` never meets them again.
+    (`max_steps` is accepted for symmetry with the sampler and does not change the answer.)
     """
     if not deferred:
         return step
-    d = list(deferred)
-    dset = set(d)
-    n_tail = len(d)
-    if max_steps and step > max_steps - n_tail:
-        return d[step - (max_steps - n_tail) - 1]
-    # the step-th position that is not deferred
-    pos, seen = 0, 0
-    while seen < step:
-        pos += 1
-        if pos not in dset:
-            seen += 1
+    d = sorted(set(deferred))
+    pos = step
+    for x in d:  # each deferred position at or before the candidate pushes it one further
+        if x <= pos:
+            pos += 1
     return pos
 
 

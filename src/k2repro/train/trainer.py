@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from k2repro.config.load import config_hash, flatten, load_config, load_params_file, to_dict
 from k2repro.config.schema import RunConfig
-from k2repro.data.loader import StepSampler, batch_hash, rank_slice
+from k2repro.data.loader import StepSampler, batch_hash, data_position, rank_slice
 from k2repro.data.packed import PackedDataset
 from k2repro.distributed.determinism import set_determinism
 from k2repro.distributed.fsdp import apply_fsdp, local
@@ -38,10 +38,12 @@ from k2repro.model.flops import flops_per_token
 from k2repro.model.llama import ModelArgs, Transformer, token_losses
 from k2repro.train import checkpoint as ckpt
 from k2repro.train import faults as F
+from k2repro.train.guard import SpikeGuard
 from k2repro.train.optim import build_optimizer, lr_at
 
 PURPOSE_INIT = 3
-STEP_FIELDS = ("loss", "grad_norm", "clipped", "loss_min", "loss_max", "loss_std", "logz_mean", "applied")
+STEP_FIELDS = ("loss", "grad_norm", "clipped", "loss_min", "loss_max", "loss_std", "logz_mean", "applied",
+               "guard_flag")
 
 
 def new_run_id(name: str) -> str:
@@ -103,6 +105,7 @@ class Trainer:
         self.params = [p for _, p in self.model.named_parameters()]
         self.opt = build_optimizer(self.model, cfg.optim)
         self.sampler = StepSampler(t.seed, len(self.data), t.global_batch_size, t.max_steps)
+        self.sampler.deferred = sorted(set(t.defer_positions))
         self.micro_per_rank = t.global_batch_size // (t.micro_batch_size * info.world_size)
         self.start_step = 0
         self.parent_run_id: str | None = None
@@ -112,7 +115,10 @@ class Trainer:
         self.sink = None
         self.pending = Pending()
         self.skip_steps = set(t.skip_steps)
-        self.guard = None
+        # The guard watches every step when it can act or when there is a store to log to.
+        self.guard = SpikeGuard(cfg.guard, info.device) if (cfg.guard.action != "log" or cfg.audit.enabled) else None
+        self.rollbacks = 0
+        self.resumed_from: str | None = None
 
     # ---- resume -------------------------------------------------------------------------------
     def resolve_resume(self, target: str) -> Path:
@@ -131,12 +137,16 @@ class Trainer:
         self.start_step = int(manifest["step"])
         self.parent_run_id = manifest.get("run_id")
         self.sampler.load_state_dict(state.get("sampler", {}))
+        self.sampler.deferred = sorted(set(self.sampler.deferred) | set(self.cfg.train.defer_positions))
+        self.rollbacks = int(state.get("rollbacks", 0))
+        if self.guard is not None and state.get("guard") is not None:
+            self.guard.load_state_dict(state["guard"])
         if int(manifest["world_size"]) == self.info.world_size:
             ckpt.set_rng_state(state["rng"])
         self.resumed_from = str(path)
 
     # ---- audit --------------------------------------------------------------------------------
-    def start_audit(self) -> None:
+    def start_audit(self, resume_path: str | None = None) -> None:
         cfg, info = self.cfg, self.info
         if not cfg.audit.enabled:
             return
@@ -148,11 +158,15 @@ class Trainer:
                               heartbeat_s=cfg.audit.heartbeat_s)
         env = capture_facts(info.rank, info.world_size, extra=self.det)
         resolved = to_dict(cfg)
+        if resume_path:  # a rollback's child run: its config says where it started and what it deferred
+            resolved["train"]["resume"] = resume_path
+            resolved["train"]["defer_positions"] = list(self.sampler.deferred)
         # A replay (or any tool that launches training on behalf of a run) names its parent.
         self.parent_run_id = os.environ.get("K2REPRO_PARENT_RUN_ID") or self.parent_run_id
         run = {
             "name": cfg.run.name, "parent_run_id": self.parent_run_id,
-            "resumed_from_step": self.start_step if (self.parent_run_id and cfg.train.resume) else None,
+            "resumed_from_step": self.start_step if (self.parent_run_id and (cfg.train.resume or resume_path))
+            else None,
             "source": os.environ.get("K2REPRO_SOURCE", "train"), "config_hash": config_hash(cfg),
             "git_commit": env.get("git.commit"), "git_dirty": env.get("git.dirty") == "True",
             "world_size": info.world_size, "started_at": datetime.now(timezone.utc),
@@ -175,18 +189,22 @@ class Trainer:
     def _local_batches(self, step: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
         t, f = self.cfg.train, self.cfg.faults
         ids = self.sampler.ids(step)
+        # Faults belong to the data (its position in the stream), not to the step number, so
+        # a rollback that defers the data also moves the fault, as it would a real bad chunk.
+        pos = data_position(step, self.sampler.deferred)
         mine = rank_slice(ids, self.info.rank, self.info.world_size)
         per = len(ids) // self.info.world_size
         positions = np.arange(self.info.rank * per, (self.info.rank + 1) * per)
         tokens = self.data.get(mine, t.seq_len)
-        if step in f.bad_batch_steps:
-            bad = F.bad_positions(t.seed, step, len(ids), f.bad_batch_fraction)
-            tokens = F.inject_bad_batch(tokens, positions, bad, t.seed, step, self.data.vocab_size,
+        if pos in f.bad_batch_steps:
+            bad = F.bad_positions(t.seed, pos, len(ids), f.bad_batch_fraction)
+            tokens = F.inject_bad_batch(tokens, positions, bad, t.seed, pos, self.data.vocab_size,
                                         f.bad_batch_kind)
             if self.sink is not None and self.info.is_main:
                 self.sink.log_event("fault_injected", step=step, severity="warning", detail={
                     "kind": "bad_batch", "bad_batch_kind": f.bad_batch_kind,
-                    "sample_ids": [int(ids[i]) for i in bad], "positions": [int(i) for i in bad]})
+                    "sample_ids": [int(ids[i]) for i in bad], "positions": [int(i) for i in bad],
+                    "data_position": int(pos)})
         mb = t.micro_batch_size
         chunks = [tokens[i:i + mb] for i in range(0, len(tokens), mb)]
         id_chunks = [mine[i:i + mb] for i in range(0, len(mine), mb)]
@@ -267,15 +285,18 @@ class Trainer:
         apply = None
         if step in self.skip_steps:
             apply = torch.zeros((), dtype=torch.bool, device=dev)
+        flag = torch.zeros((), dtype=torch.bool, device=dev)
         if self.guard is not None:
-            decision = self.guard.observe(step, loss, grad_norm)
-            apply = decision if apply is None else apply & decision
+            decision, flag = self.guard.observe(loss, grad_norm)
+            if self.guard.action != "log":
+                apply = decision if apply is None else apply & decision
         norms = self.opt.step(apply=apply, norms_for=self.params if want_layers else None)
         self.opt.zero_grad(set_to_none=True)
         if want_layers:
             self.pending.norms = (step, g_sq, g_max, norms[0], norms[1])
         applied = torch.ones((), device=dev) if apply is None else apply.float()
-        vec = torch.stack([loss, grad_norm, clipped, hmax[1].neg(), hmax[0], loss_std, logz_mean, applied])
+        vec = torch.stack([loss, grad_norm, clipped, hmax[1].neg(), hmax[0], loss_std, logz_mean, applied,
+                           flag.float()])
         self.pending.steps.append((step, lr, t.global_batch_size * t.seq_len, batch_hash(ids), vec))
         if cfg.audit.sample_stats:
             mine = np.concatenate(id_chunks) if id_chunks else np.zeros(0, dtype=np.int64)
@@ -313,6 +334,7 @@ class Trainer:
                          tokens_per_s=tokens / dt if dt and dt == dt else None)
                 r["skipped"] = r.pop("applied") < 0.5
                 r["clipped"] = r["clipped"] > 0.5
+                r["guard_flag"] = r["guard_flag"] > 0.5
                 r["mfu"] = None
                 rows.append(r)
             pend.steps.clear()
@@ -321,8 +343,9 @@ class Trainer:
             pend.layers.clear()
             return rows
         if rows and self.info.is_main:
-            cols = {k: [r[k] for r in rows] for k in rows[0]}
+            cols = {k: [r[k] for r in rows] for k in rows[0] if k != "guard_flag"}
             self.sink.log_steps(cols)
+            self._log_guard_events(rows)
         if pend.samples:
             losses = torch.cat([s[2] for s in pend.samples]).double().cpu().numpy()
             steps = np.concatenate([np.full(len(s[1]), s[0]) for s in pend.samples])
@@ -355,7 +378,8 @@ class Trainer:
 
         row = ckpt.save_checkpoint(
             self.ckpt_dir / ckpt.step_dirname(step), self.model, self.opt,
-            rank_state={"step": step, "sampler": self.sampler.state_dict()},
+            rank_state={"step": step, "sampler": self.sampler.state_dict(), "rollbacks": self.rollbacks,
+                        "guard": self.guard.state_dict() if self.guard is not None else None},
             rank=info.rank, world_size=info.world_size,
             meta={"step": step, "run_id": self.run_id, "config_hash": config_hash(cfg)},
             before_rename=fault_hook if info.rank == cfg.faults.kill_rank else None,
@@ -365,12 +389,82 @@ class Trainer:
         if info.is_main:
             ckpt.prune(self.ckpt_dir, cfg.ckpt.keep_last)
 
+    # ---- guard --------------------------------------------------------------------------------
+    def _log_guard_events(self, rows: list[dict]) -> None:
+        if self.guard is None:
+            return
+        for r in rows:
+            if r["guard_flag"]:
+                self.sink.log_event("spike", step=r["step"], severity="warning", detail={
+                    "detector": "robust_z", "signal": self.guard.signal, "action": self.guard.action,
+                    "loss": r["loss"], "grad_norm": r["grad_norm"]})
+                if r["skipped"] and self.guard.action != "log":
+                    self.sink.log_event("skip", step=r["step"], severity="warning",
+                                        detail={"reason": "spike guard", "action": self.guard.action})
+
+    def guard_act(self, rows: list[dict]) -> int | None:
+        """Act on the first flagged step of a flush. Returns the step to continue after (a
+        rollback), None to go on. Every rank reaches the same decision from the same rows."""
+        if self.guard is None or self.guard.action in ("log", "skip"):
+            return None
+        flagged = [r["step"] for r in rows if r["guard_flag"]]
+        if not flagged:
+            return None
+        k = flagged[0]
+        if self.guard.action == "abort":
+            raise GuardAbort(f"loss spike at step {k} (guard.action=abort)")
+        return self.rollback(k)
+
+    def rollback(self, k: int) -> int:
+        """K2's remedy: reload the newest checkpoint before step k and move the data that
+        followed it to the end of the data order. Continues as a new run id (parent = this run)."""
+        cands = [(s, p) for s, p in ckpt.list_checkpoints(self.ckpt_dir) if s < k]
+        if self.resumed_from and self.start_step < k:
+            cands.append((self.start_step, Path(self.resumed_from)))
+        if not cands:
+            raise GuardAbort(f"loss spike at step {k}: no checkpoint before it to roll back to")
+        if self.rollbacks >= self.cfg.guard.max_rollbacks:
+            raise GuardAbort(f"loss spike at step {k}: guard.max_rollbacks={self.cfg.guard.max_rollbacks} reached")
+        c, path = max(cands)
+        window = [data_position(s, self.sampler.deferred, self.cfg.train.max_steps) for s in range(c + 1, k + 1)]
+        old_id = self.run_id
+        new_id = broadcast_object(new_run_id(self.cfg.run.name), self.info)
+        if self.sink is not None:
+            self.sink.log_event("rollback", step=k, severity="warning", detail={
+                "to_step": c, "checkpoint": str(path), "deferred": window, "child_run_id": new_id})
+            self.sink.close("completed")
+            self.sink = None
+        self.pending = Pending()
+        manifest, state = ckpt.load_checkpoint(path, self.model, self.opt, self.info.rank, self.info.world_size)
+        self.sampler.load_state_dict(state.get("sampler", {}))
+        self.sampler.deferred = sorted(set(self.sampler.deferred) | set(window))
+        if self.guard is not None and state.get("guard") is not None:
+            self.guard.load_state_dict(state["guard"])
+        if int(manifest["world_size"]) == self.info.world_size:
+            ckpt.set_rng_state(state["rng"])
+        self.rollbacks += 1
+        self.run_id, self.parent_run_id, self.start_step = new_id, old_id, c
+        self.resumed_from = str(path)
+        self.ckpt_dir = self.ckpt_base / new_id / "checkpoints"
+        if self.info.is_main:
+            print(f"spike guard: loss spike at step {k}; rolled back to step {c} ({path}); "
+                  f"data positions {window[0]}..{window[-1]} deferred; continuing as run_id={new_id}", flush=True)
+        if self.cfg.audit.enabled:
+            self.start_audit(resume_path=str(path))
+            if self.info.is_main:
+                self.sink.log_event("rollback", step=c, severity="warning", detail={
+                    "parent_run_id": old_id, "spike_step": k, "checkpoint": str(path), "deferred": window,
+                    "deferred_all": list(self.sampler.deferred)})
+        return c
+
     # ---- loop ---------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         cfg, info = self.cfg, self.info
         t, a = cfg.train, cfg.audit
         last = t.stop_at_step or t.max_steps
         flush_every = a.flush_every if self.sink is not None else max(1, t.log_every)
+        if self.guard is not None and self.guard.action in ("rollback", "abort"):
+            flush_every = min(flush_every, max(1, cfg.ckpt.interval or flush_every))
         times: dict[int, float] = {}
         history: list[dict] = []
         step = self.start_step
@@ -393,6 +487,11 @@ class Trainer:
                     r = rows[-1]
                     print(f"step {r['step']:>6}/{t.max_steps}  loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}"
                           f"  lr {r['lr']:.2e}  tok/s {r['tokens_per_s'] or 0:,.0f}", flush=True)
+                back = self.guard_act(rows)
+                if back is not None:
+                    step = back
+                    t_prev = time.perf_counter()
+                    continue
             if cfg.ckpt.interval and step % cfg.ckpt.interval == 0:
                 self.save(step)
                 t_prev = time.perf_counter()
