@@ -63,6 +63,11 @@ def test_conversion_errors_name_the_column():
         to_arrow("steps", {"step": [1, 2], "loss": [1.0]}, "r1")
     with pytest.raises(ValueError, match="rows of other runs"):
         to_arrow("steps", {"run_id": ["x"], "step": [1]}, "r1")
+    with pytest.raises(ValueError, match="steps.tokens.*not an integer"):
+        to_arrow("steps", {"step": [1], "tokens": [2.5]}, "r1")
+    ok = to_arrow("steps", {"step": [1.0, 2], "tokens": [512.0, None], "skipped": ["false", "true"]}, "r1")
+    assert ok.column("tokens").to_pylist() == [512, None]
+    assert ok.column("skipped").to_pylist() == [False, True]
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty_dir", "stubbed"])

@@ -332,6 +332,8 @@ class AuditSink:
             self._raise_if_failed()
         if self._closed:
             raise RuntimeError("AuditSink is closed")
+        if not self._started:
+            raise RuntimeError("AuditSink.start() must come before logging")
         known = S.column_names(table)
         unknown = [k for k in rows if k not in known]
         if unknown:

@@ -67,15 +67,36 @@ def _ts_array(values: Sequence[Any], type_: pa.DataType) -> pa.Array:
     return pa.array(micros, type=pa.int64()).cast(type_)
 
 
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, str):
+        low = v.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no", ""):
+            return False
+        raise ValueError(f"not a boolean: {v!r}")
+    return bool(v)
+
+
+def _to_int(v: Any) -> int:
+    """Exact only: 512.0 -> 512, but 2.5 is an error rather than a silent truncation."""
+    if isinstance(v, str):
+        return int(v)
+    f = float(v)
+    if f != int(f):
+        raise ValueError(f"not an integer: {v!r}")
+    return int(f)
+
+
 def _fallback(values: Sequence[Any], type_: pa.DataType) -> pa.Array:
     import pyarrow as pa
 
     if pa.types.is_timestamp(type_):
         return _ts_array(values, type_)
     if pa.types.is_boolean(type_):
-        conv: Callable[[Any], Any] = bool
+        conv: Callable[[Any], Any] = _to_bool
     elif pa.types.is_integer(type_):
-        conv = int
+        conv = _to_int
     elif pa.types.is_floating(type_):
         conv = float
     else:
@@ -91,6 +112,9 @@ def _to_array(values: Any, type_: pa.DataType, where: str) -> pa.Array:
             return values.cast(type_)
         if pa.types.is_timestamp(type_):
             return _ts_array(list(values), type_)
+        if pa.types.is_integer(type_):
+            # pa.array(..., type=int64) truncates 2.5 to 2 silently; a safe cast refuses it.
+            return pa.array(values).cast(type_)
         return pa.array(values, type=type_)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError,
             OverflowError):
