@@ -45,6 +45,15 @@ def jsonable(v: Any) -> Any:
     return str(v)
 
 
+def _csv_cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    j = jsonable(v)
+    return json.dumps(j, ensure_ascii=False) if isinstance(j, list | dict) else j
+
+
 def _text(v: Any) -> str:
     if v is None:
         return "NULL"
@@ -82,7 +91,7 @@ def _render(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, out
         w = csv.writer(out, lineterminator="\n")
         w.writerow(columns)
         for r in rows:
-            w.writerow(["" if v is None else (jsonable(v) if not isinstance(v, str) else v) for v in r])
+            w.writerow([_csv_cell(v) for v in r])
         return
     cells = [[_text(v) for v in r] for r in rows]
     widths = [len(c) for c in columns]
