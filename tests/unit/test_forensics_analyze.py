@@ -170,3 +170,18 @@ def test_threshold_is_a_parameter(store: Path) -> None:
     assert [sp.episode.cls for sp in strict.spikes] == ["divergence"]
     assert strict.detectors["robust_z"]["n_flagged"] == 0
     assert strict.detectors["nonfinite"]["n_flagged"] == 760 - NAN + 1
+
+
+def test_unlogged_loss_is_not_a_nan(tmp_path: Path) -> None:
+    """An import that logs the loss every other step: the gaps are NULL, not NaN, and must not
+    read as a divergence."""
+    from k2repro.forensics.synthetic import generate, write_tables
+
+    spec = SyntheticRun(run_id="gaps", n_steps=400, seed=8, spikes=(InjectedSpike("bump", 201, size=0.8),))
+    st = generate(spec)["steps"]
+    loss = [None if i % 2 else float(v) for i, v in enumerate(st["loss"])]
+    write_tables(tmp_path, "gaps", {"runs": {"run_id": ["gaps"], "source": ["import:csv"]},
+                                    "steps": {"step": st["step"], "loss": loss}})
+    r = analyze_run(k2repro.open_store(tmp_path), "gaps")
+    assert [(sp.episode.onset_step, sp.episode.cls) for sp in r.spikes] == [(201, "transient")]
+    assert any("200 rows have no loss" in n for n in r.notes), r.notes

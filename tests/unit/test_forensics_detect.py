@@ -19,6 +19,8 @@ from k2repro.forensics.detect import (
     robust_z,
     robust_z_flag,
     robust_z_last,
+    robust_z_parts,
+    robust_z_rows,
 )
 from k2repro.forensics.episodes import build_episodes
 from k2repro.forensics.synthetic import InjectedSpike, SyntheticRun, generate
@@ -82,6 +84,22 @@ def test_one_point_reference_equals_the_vectorised_rule(trend: bool) -> None:
     assert [robust_z_flag(x[: i + 1], rule) for i in (150, 200)] == [False, True]
     # history beyond history_needed does not matter
     assert robust_z_last(x[:260], rule) == robust_z_last(x[260 - rule.history_needed - 1: 260], rule)
+
+
+@pytest.mark.parametrize("trend", [True, False])
+def test_row_range_z_equals_the_whole_pass_for_many_series(trend: bool) -> None:
+    """What per-layer precursors use: z of a few rows of 2-D data, without a whole-run pass."""
+    rng = np.random.default_rng(5)
+    a = 3 + np.exp(-np.arange(400) / 50)[:, None] + rng.normal(0, 0.03, (400, 7))
+    a[50, 2], a[10, 3] = np.nan, np.inf
+    a[200:203, 1] += 1.0
+    rule = RobustZ(trend=trend)
+    z, _, _ = robust_z_parts(a, rule)
+    for lo, hi in [(0, 400), (30, 40), (150, 260), (390, 400)]:
+        zr = robust_z_rows(a, lo, hi, rule)
+        assert np.array_equal(np.isnan(zr), np.isnan(z[lo:hi]))
+        ok = ~np.isnan(zr)
+        np.testing.assert_allclose(zr[ok], z[lo:hi][ok], rtol=1e-9, atol=1e-9)
 
 
 def test_min_history_and_direction() -> None:

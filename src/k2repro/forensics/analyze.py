@@ -170,10 +170,12 @@ def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = Forens
         raise BadInputError(f"no run '{run_id}' in the store (no runs or steps rows for it)")
     res = ForensicsResult(run_id=run_id, params=p)
     res.run = src.run_row()
-    st = src.steps()
+    st = src.steps(p.signal)
     res.timings["read_steps_s"] = time.perf_counter() - t0
-    if getattr(src, "dup_steps", 0):
-        res.notes.append(f"steps: {src.dup_steps} step numbers were logged twice; the last row of each was used")
+    if src.dup_steps:
+        res.notes.append(f"steps: {src.dup_steps} step numbers were logged twice; one row of each was used")
+    if src.unlogged:
+        res.notes.append(f"steps: {src.unlogged} rows have no {p.signal} (not logged) and were left out")
     steps = st["step"]
     res.n_steps = int(steps.size)
     if steps.size:
@@ -192,8 +194,8 @@ def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = Forens
     interventions = [e for e in events if e.get("kind") in INTERVENTION_KINDS]
 
     x = st.get(p.signal)
-    if x is None or np.isfinite(x).sum() + (~np.isfinite(x)).sum() == 0 or not _finite_any(x):
-        res.impossible.append(f"detection: the run has no {p.signal} values")
+    if x is None or not _finite_any(x):
+        res.impossible.append(f"detection: the run has no finite {p.signal} values")
         res.impossible.extend(_Availability(src, st, p).lines)
         res.timings["total_s"] = time.perf_counter() - t0
         return res

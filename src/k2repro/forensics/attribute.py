@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from k2repro.forensics.detect import RobustZ, robust_z_parts
+from k2repro.forensics.detect import RobustZ, robust_z_rows
 from k2repro.forensics.precursors import PrecursorParams, crossing_start
 
 LAYER_STATS = ("grad_norm", "update_ratio", "grad_max_abs", "update_norm", "param_norm")
@@ -32,7 +32,7 @@ class LayerParams:
     jump_lead: int = 2
     pre_points: int = 32
     top_n: int = 5
-    heatmap_params: int = 40
+    heatmap_params: int = 24
     heat_before: int = 48
     heat_after: int = 48
 
@@ -101,18 +101,18 @@ def layer_attribution(
         wide = wide.sort_index()
         wsteps = wide.index.to_numpy(dtype=np.int64)
         r = replace(rule, threshold=pre.threshold, direction="up")
-        z, _, _ = robust_z_parts(wide.to_numpy(dtype=np.float64), r)
         lo_c = int(np.searchsorted(wsteps, onset_step - pre.lookback, side="left"))
         hi_c = int(np.searchsorted(wsteps, max(peak_step, hi), side="right"))
+        z = robust_z_rows(wide.to_numpy(dtype=np.float64), lo_c, hi_c, r)
         best: tuple | None = None
         gap = max(pre.max_gap, 2 * out.interval)
         for j, param in enumerate(wide.columns):
-            c = crossing_start(z[lo_c:hi_c, j], lo_c, wsteps, onset_step, pre.threshold, gap)
+            c = crossing_start(z[:, j], lo_c, wsteps, onset_step, pre.threshold, gap)
             if c is None:
                 continue
             key = (int(wsteps[c]), -float(order.get(param, 0.0) or 0.0))
             if best is None or key < best[0]:
-                best = (key, str(param), int(wsteps[c]), float(z[c, j]))
+                best = (key, str(param), int(wsteps[c]), float(z[c - lo_c, j]))
         if best is not None:
             out.first_to_cross = {"param": best[1], "step": best[2],
                                   "lead_steps": int(onset_step - best[2]), "z": _r(best[3])}

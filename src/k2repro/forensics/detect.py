@@ -176,6 +176,73 @@ def robust_z_parts(x: Any, p: RobustZ = RobustZ()) -> tuple[np.ndarray, np.ndarr
     return z, scale, pred_a
 
 
+def _trailing_windows(a: np.ndarray, w: int, start: int, stop: int) -> np.ndarray:
+    """For rows start..stop-1 of `a` (n x k), the w rows before each: a strided view of shape
+    (stop-start, k, w), NaN where a window reaches above row 0."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    lo = start - w
+    ap = a[lo:stop] if lo >= 0 else np.vstack([np.full((-lo, a.shape[1]), np.nan), a[:stop]])
+    return sliding_window_view(ap, w, axis=0)[: stop - start]
+
+
+def _window_quantiles(win: np.ndarray, qs: tuple[float, ...], min_count: int) -> list[np.ndarray]:
+    """Linear-interpolation quantiles over the last axis ignoring NaNs (as pandas' rolling
+    quantile); NaN where fewer than min_count values."""
+    srt = np.sort(win, axis=-1)  # NaNs sort last
+    cnt = np.sum(~np.isnan(win), axis=-1)
+    out = []
+    for q in qs:
+        pos = q * np.maximum(cnt - 1, 0)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, np.maximum(cnt - 1, 0))
+        vlo = np.take_along_axis(srt, lo[..., None], -1)[..., 0]
+        vhi = np.take_along_axis(srt, hi[..., None], -1)[..., 0]
+        v = vlo + (vhi - vlo) * (pos - lo)
+        v[cnt < max(min_count, 1)] = np.nan
+        out.append(v)
+    return out
+
+
+def robust_z_rows(x: Any, start: int, stop: int, p: RobustZ = RobustZ()) -> np.ndarray:
+    """z of rows start..stop-1 of `x` (n x k: one series per column), equal to
+    robust_z_parts(x)[0][start:stop] up to rounding, at a cost proportional to the rows asked
+    for, not to n: the per-layer precursors need a few dozen rows of 100 series."""
+    a = _finite_or_nan(np.asarray(x, dtype=np.float64))
+    if a.ndim == 1:
+        a = a[:, None]
+    n = a.shape[0]
+    start, stop = max(0, start), min(n, stop)
+    if stop <= start:
+        return np.zeros((0, a.shape[1]))
+    # residuals for the rows the long window reaches
+    r_lo = max(0, start - p.long_window)
+    if p.trend:
+        h = p.short_window // 2
+        m_lo = max(0, r_lo - h)
+        (m,) = _window_quantiles(_trailing_windows(a, h, m_lo, stop), (0.5,), max(1, h // 2))
+        idx = np.arange(r_lo, stop)
+        cur = m[idx - m_lo]
+        prev_i = idx - h - m_lo
+        ok = (idx - h) >= 0
+        prev = np.full_like(cur, np.nan)
+        prev[ok] = m[prev_i[ok]]
+        pred = cur + (cur - prev) * ((h + 1) / (2 * h))
+    else:
+        (pred,) = _window_quantiles(_trailing_windows(a, p.short_window, r_lo, stop), (0.5,),
+                                    max(1, p.short_window // 2))
+    r = np.full((stop, a.shape[1]), np.nan)
+    r[r_lo:stop] = a[r_lo:stop] - pred
+    q25, q50, q75 = _window_quantiles(_trailing_windows(r, p.long_window, start, stop),
+                                      (0.25, 0.5, 0.75), p.min_residuals)
+    pred_t = pred[start - r_lo:]
+    scale = np.maximum(np.maximum(MAD_TO_SIGMA * (q75 - q25) / 2.0, p.rel_floor * np.abs(pred_t)),
+                       p.abs_floor)
+    z = (r[start:stop] - q50) / scale
+    z[: max(0, min(p.min_history, stop) - start)] = np.nan
+    return z
+
+
 def _direction_flags(z: np.ndarray, threshold: float, direction: str) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         if direction == "up":

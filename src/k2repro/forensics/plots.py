@@ -46,7 +46,8 @@ def envelope(steps: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> 
 def _png(fig: Any) -> bytes:
     plt = _mpl()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    # fixed margins (set per figure) instead of bbox_inches="tight", which draws everything twice
+    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
     plt.close(fig)
     return buf.getvalue()
 
@@ -67,7 +68,9 @@ def overview_png(result: Any) -> bytes | None:
     if not panels:
         return None
     plt = _mpl()
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.2 * len(panels)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 0.5 + 2.0 * len(panels)), sharex=True, squeeze=False)
+    fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.25 / (0.5 + 2.0 * len(panels)),
+                        bottom=0.5 / (0.5 + 2.0 * len(panels)), hspace=0.12)
     for ax, k in zip(axes[:, 0], panels, strict=True):
         x, lo, hi = envelope(s["step"], s[k])
         if lo is hi:
@@ -98,7 +101,8 @@ def zoom_png(sp: Any, signal: str = "loss") -> bytes | None:
         return None
     plt = _mpl()
     e = sp.episode
-    fig, ax = plt.subplots(figsize=(7, 2.6))
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    fig.subplots_adjust(left=0.1, right=0.9, top=0.88, bottom=0.18)
     ax.plot(z["step"], z[signal], ".-", ms=3, lw=0.8, color="#1f4e79", label=signal)
     ax.axvspan(e.onset_step, max(e.end_step, e.onset_step + 1), color=CLASS_COLORS.get(e.cls, "#999"),
                alpha=0.3, lw=0)
@@ -128,7 +132,9 @@ def heatmap_png(sp: Any) -> bytes | None:
     plt = _mpl()
     h = la.heat
     n = len(la.heat_params)
-    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.22 * n))
+    height = 0.9 + 0.17 * n
+    fig, ax = plt.subplots(figsize=(8, height))
+    fig.subplots_adjust(left=0.33, right=0.88, top=1 - 0.15 / height, bottom=0.55 / height)
     lim = max(0.5, float(np.nanmax(np.abs(h))))
     steps = la.heat_steps
     im = ax.imshow(h, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest",
@@ -137,5 +143,6 @@ def heatmap_png(sp: Any) -> bytes | None:
     ax.set_yticklabels([p if len(p) <= 40 else "..." + p[-37:] for p in la.heat_params], fontsize=6)
     ax.axvline(sp.episode.onset_step, color="k", lw=0.8, ls="--")
     ax.set_xlabel("step")
-    fig.colorbar(im, ax=ax, label="log10(grad norm / before)", fraction=0.04)
+    cax = fig.add_axes((0.9, 0.55 / height, 0.015, 1 - 0.7 / height))
+    fig.colorbar(im, cax=cax, label="log10(grad norm / before)")
     return _png(fig)

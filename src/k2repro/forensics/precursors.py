@@ -2,9 +2,9 @@
 many steps it led the loss (OLMo 2 saw grad-norm spikes before loss spikes; Wortsman et al.
 log Z; Molybog et al. update/param ratios).
 
-Each signal gets the robust-z rule with its own noise scale, computed only on a window around
-the episode (history_needed points before it), which gives the same values as a whole-run
-pass for the points that matter and keeps a 1M-step log cheap.
+Each signal gets the robust-z rule with its own noise scale, computed only for the points
+around the episode (detect.robust_z_rows: the same values as a whole-run pass, at a cost
+proportional to the points asked for), which keeps a 1M-step log cheap.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from k2repro.forensics.detect import RobustZ, robust_z_parts
+from k2repro.forensics.detect import RobustZ, robust_z_rows
 
 
 @dataclass(frozen=True)
@@ -38,20 +38,6 @@ class Crossing:
     z: float
 
 
-def window_z(values: np.ndarray, lo: int, hi: int, rule: RobustZ) -> tuple[int, np.ndarray]:
-    """Robust z of values[lo:hi] with enough history before lo; returns (offset, z) where
-    z[i] belongs to index offset + i."""
-    start = max(0, lo - rule.history_needed)
-    z, _, _ = robust_z_parts(values[start:hi], rule)
-    # points that lack min_history in the whole series stay undefined
-    glob = np.arange(start, start + z.size)
-    z[glob < rule.min_history] = np.nan
-    # the first history_needed points of the slice lack history only if start > 0
-    if start > 0:
-        z[: min(rule.history_needed, z.size)] = np.nan
-    return start, z
-
-
 def first_crossing(
     name: str,
     steps: np.ndarray,
@@ -71,14 +57,12 @@ def first_crossing(
     hi = int(np.searchsorted(steps, peak_step, side="right"))
     if hi <= lo:
         return None
-    r = replace(rule, threshold=p.threshold, direction="up")
-    off, z = window_z(values, lo, hi, r)
-    zz = z[lo - off: hi - off]
+    zz = robust_z_rows(values, lo, hi, replace(rule, threshold=p.threshold, direction="up"))[:, 0]
     interval = int(np.median(np.diff(steps[max(0, lo - 8): hi + 1]))) if hi - lo > 1 else 1
     c = crossing_start(zz, lo, steps, onset_step, p.threshold, max(p.max_gap, 2 * max(interval, 1)))
     if c is None:
         return None
-    return Crossing(name, int(steps[c]), int(onset_step - steps[c]), float(z[c - off]))
+    return Crossing(name, int(steps[c]), int(onset_step - steps[c]), float(zz[c - lo]))
 
 
 def crossing_start(z: np.ndarray, offset: int, steps: np.ndarray, onset_step: int, threshold: float,

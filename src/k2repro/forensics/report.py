@@ -328,20 +328,27 @@ def _spike_html(i: int, sp: Spike, s: dict, plots: bool) -> str:
         out.append("<h3>Data</h3>")
         out.append(f'<p><span class="verdict-{_e(da["verdict"])}">{_e(da["verdict"])}</span>: {_e(da["reason"])}</p>')
         if da["samples"]:
+            smps = da["samples"]
+            # optional columns only when some sample has them (no packed data: no text)
+            opt = [c for c in ("injected", "doc_ids", "features", "text") if any(x.get(c) for x in smps)]
             rows = []
-            for smp in da["samples"]:
-                feats = smp.get("features") or {}
-                ftxt = "<br>".join(f"{_e(k)}={_e(v)}" for k, v in feats.items())
-                flags = ", ".join(smp.get("flags") or [])
-                txt = smp.get("text")
-                rows.append([_e(smp["sample_id"]), _e(smp.get("rank")), _e(smp["loss"]),
-                             _e(smp["excess_vs_step"]), _e(smp["excess_vs_run"]), _e(smp["z"]),
-                             "yes" if smp["outlier"] else "", _e(smp.get("injected") or ""),
-                             _e(smp.get("doc_ids") or []), f'<span class="mono">{ftxt}</span>'
-                             + (f"<br><b>{_e(flags)}</b>" if flags else ""),
-                             f'<div class="txt">{_e(txt)}</div>' if txt else ""])
-            out.append(_table(["sample", "rank", "loss", "excess vs step median", "excess vs run",
-                               "z", "outlier", "injected", "docs", "features", "text"], rows))
+            for smp in smps:
+                row = [_e(smp["sample_id"]), _e(smp.get("rank")), _e(smp["loss"]), _e(smp["excess_vs_step"]),
+                       _e(smp["excess_vs_run"]), _e(smp["z"]), "yes" if smp["outlier"] else ""]
+                for c in opt:
+                    v = smp.get(c)
+                    if c == "features":
+                        ftxt = "<br>".join(f"{_e(k)}={_e(x)}" for k, x in (v or {}).items())
+                        flags = ", ".join(smp.get("flags") or [])
+                        row.append(f'<span class="mono">{ftxt}</span>' + (f"<br><b>{_e(flags)}</b>" if flags else ""))
+                    elif c == "text":
+                        row.append(f'<div class="txt">{_e(v)}</div>' if v else "")
+                    else:
+                        row.append(_e(v or ""))
+                rows.append(row)
+            names = {"injected": "injected", "doc_ids": "docs", "features": "features", "text": "text"}
+            out.append(_table(["sample", "rank", "loss", "excess vs step median", "excess vs run", "z",
+                               "outlier", *[names[c] for c in opt]], rows))
             if da["batch_feature_median"]:
                 out.append('<p class="note">Batch median features: '
                            + _e(", ".join(f"{k}={v}" for k, v in da["batch_feature_median"].items())) + "</p>")

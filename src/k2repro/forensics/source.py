@@ -54,41 +54,50 @@ class RunSource:
         return self._q(f"SELECT 1 FROM {table} WHERE run_id = ? LIMIT 1").fetchone() is not None
 
     def exists(self) -> bool:
-        return self.has_rows("runs") or self.has_rows("steps")
+        # the store's raw runs table when it has one: the `runs` view derives status (slower)
+        return self.has_rows("runs_raw" if self.columns("runs_raw") else "runs") or self.has_rows("steps")
 
     def run_row(self) -> dict:
-        if not self.has_rows("runs"):
+        """The run's `runs` row (from the raw table when the store has one: the `runs` view's
+        derived status costs a heartbeat scan, and forensics does not need it)."""
+        table = "runs_raw" if self.columns("runs_raw") else "runs"
+        if not self.has_rows(table):
             return {}
-        have = self.columns("runs")
+        have = self.columns(table)
         cols = [c for c in RUN_COLUMNS if c in have]
-        df = self._q(f"SELECT {', '.join(cols)} FROM runs WHERE run_id = ? LIMIT 1").df()
-        return {k: _py(v) for k, v in df.iloc[0].items()}
+        cur = self._q(f"SELECT {', '.join(cols)} FROM {table} WHERE run_id = ? LIMIT 1")
+        row = cur.fetchone()
+        return {d[0]: _py(v) for d, v in zip(cur.description, row, strict=True)}
 
-    def steps(self) -> dict[str, np.ndarray]:
-        """step-ordered arrays of the step signals present (absent ones left out); a step
-        logged twice keeps its last row by file order (noted by the caller via `dup_steps`)."""
+    def steps(self, primary: str = "loss") -> dict[str, np.ndarray]:
+        """Step-ordered arrays of the step signals present (absent columns left out). Rows
+        where `primary` is NULL (not logged, as in an import that logs it every N steps) are
+        left out, so that a missing value is never read as a NaN loss; their count is in
+        `self.unlogged`. A step logged twice keeps one of its rows (`self.dup_steps`)."""
         have = self.columns("steps")
         cols = [c for c in (*STEP_SIGNALS, "skipped") if c in have]
-        sel = ", ".join(f"{c}::DOUBLE AS {c}" if c != "skipped" else "skipped" for c in cols)
+        # NULL -> NaN / false in SQL, so the arrays come back plain (not masked)
+        sel = ", ".join(f"coalesce({c}::DOUBLE, 'NaN'::DOUBLE) AS {c}" if c != "skipped"
+                        else "coalesce(skipped, false) AS skipped" for c in cols)
+        where = f" AND {primary} IS NOT NULL" if primary in have else ""
         res = self._q(
             f"SELECT step::BIGINT AS step{', ' if sel else ''}{sel} FROM steps "
-            "WHERE run_id = ? AND step IS NOT NULL ORDER BY step"
+            f"WHERE run_id = ? AND step IS NOT NULL{where} ORDER BY step"
         ).fetchnumpy()
+        self.unlogged = 0
+        if where:
+            self.unlogged = int(self._q(
+                f"SELECT count(*) FROM steps WHERE run_id = ? AND {primary} IS NULL").fetchone()[0])
         out: dict[str, np.ndarray] = {}
         step = np.asarray(res["step"], dtype=np.int64)
         keep = np.ones(step.size, dtype=bool)
         if step.size > 1:
             keep[:-1] = step[1:] != step[:-1]
         self.dup_steps = int((~keep).sum())
-        out["step"] = step[keep]
+        out["step"] = step if keep.all() else step[keep]
         for c in cols:
-            v = res[c]
-            if c == "skipped":
-                arr = np.asarray(np.ma.filled(v, False) if np.ma.isMaskedArray(v) else v, dtype=bool)
-            else:
-                arr = np.asarray(np.ma.filled(v.astype(np.float64), np.nan)
-                                 if np.ma.isMaskedArray(v) else v, dtype=np.float64)
-            out[c] = arr[keep]
+            arr = np.asarray(res[c], dtype=bool if c == "skipped" else np.float64)
+            out[c] = arr if keep.all() else arr[keep]
         return out
 
     def layer_window(self, lo: int, hi: int) -> Any:
