@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,12 +29,31 @@ class DistInfo:
         return dist.is_available() and dist.is_initialized()
 
 
+def die_with_launcher() -> None:
+    """Under torchrun, each worker runs in its own session: a SIGKILL of the job's process group
+    reaches the launcher but not the workers, which would train on as orphans. Ask the kernel to
+    SIGKILL this worker when its parent dies (Linux; a no-op elsewhere)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        parent = os.getppid()
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    except OSError:
+        pass
+
+
 def init_distributed(backend: str = "auto") -> DistInfo:
     """Join the process group that torchrun set up (RANK/WORLD_SIZE/MASTER_ADDR in the env).
 
     World size 1 without torchrun needs no process group at all. The device is CUDA (one GPU per
     local rank) when available, else CPU; `auto` picks nccl for CUDA and gloo for CPU.
     """
+    die_with_launcher()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -150,7 +150,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         if not cfg.audit.enabled:
             return
-        from k2repro.audit.facts import capture_facts
+        from k2repro.audit.facts import capture_facts, git_diff_text
         from k2repro.audit.sink import AuditSink
 
         self.sink = AuditSink(cfg.audit.store, self.run_id, rank=info.rank, world_size=info.world_size,
@@ -179,11 +179,11 @@ class Trainer:
              "sha256": a["sha256"], "n_docs": a.get("n_docs"), "n_tokens": a.get("n_tokens")}
             for a in self.data.artifacts()
         ]
-        self.sink.start(run, flatten(resolved), env, manifest)
-        if self.parent_run_id:
+        self.sink.start(run, flatten(resolved), env, manifest,
+                        git_diff=git_diff_text() if info.is_main else None)
+        if self.parent_run_id and info.is_main:
             self.sink.log_event("resume", step=self.start_step, detail={
                 "parent_run_id": self.parent_run_id, "checkpoint": self.resumed_from})
-        self.sink.log_event("start", step=self.start_step, detail={"world_size": info.world_size})
 
     # ---- one step -----------------------------------------------------------------------------
     def _local_batches(self, step: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
