@@ -534,6 +534,9 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> tuple[int, str, l
         trainer.start_audit()
         history = trainer.fit()
         barrier(info)
+        timings = os.environ.get("K2REPRO_TIMINGS_FILE")  # benchmarks: rank 0's step wall times
+        if timings and info.is_main:
+            Path(timings).write_text(json.dumps([[r["step"], r["step_time_s"]] for r in history]))
         if trainer.sink is not None:
             trainer.sink.close("completed")
         return 0, rid, history
