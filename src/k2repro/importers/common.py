@@ -183,6 +183,17 @@ def sha256_path(path: Path, pattern_files: Iterable[Path] | None = None) -> str:
     return h.hexdigest()
 
 
+def sha256_background(path: Path) -> Any:
+    """Hash a file in a thread while the caller parses it (hashlib and DuckDB both release the
+    GIL); `.result()` gives the hex digest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ex = ThreadPoolExecutor(max_workers=1)
+    fut = ex.submit(sha256_path, path)
+    ex.shutdown(wait=False)
+    return fut
+
+
 def check_steps(path: str, steps: np.ndarray, line_of: Any, what: str = "step") -> None:
     """Steps must be integers >= 1 and strictly increasing. `line_of(i)` gives the source line
     of row i (only called on the error path)."""
@@ -270,20 +281,23 @@ def _steps_table(run: ImportedRun) -> pa.Table:
 def _metrics_table(run: ImportedRun) -> pa.Table | None:
     import pyarrow as pa
 
+    from k2repro.audit.writer import repeat_string
+
     if not run.metrics:
         return None
     steps, names, values = [], [], []
     for name, (s, v) in sorted(run.metrics.items()):
         s = s if isinstance(s, pa.Array) else pa.array(s, type=pa.int64())
         v = v if isinstance(v, pa.Array) else pa.array(v, type=pa.float64())
-        keep = v.is_valid()
-        s, v = s.filter(keep), v.filter(keep)
+        if v.null_count:
+            keep = v.is_valid()
+            s, v = s.filter(keep), v.filter(keep)
         steps.append(s.cast(pa.int64()))
         values.append(v.cast(pa.float64()))
-        names.append(pa.array([name], pa.string()).take(pa.array([0] * len(s), pa.int32()))
-                     if len(s) else pa.array([], pa.string()))
+        names.append(repeat_string(name, len(s)))
+    n = sum(map(len, steps))
     return pa.table({"step": pa.concat_arrays(steps), "name": pa.concat_arrays(names),
-                     "value": pa.concat_arrays(values), "rank": pa.nulls(sum(map(len, steps)), pa.int32())})
+                     "value": pa.concat_arrays(values), "rank": pa.nulls(n, pa.int32())})
 
 
 def _hparam_table(h: Mapping[str, Any]) -> dict[str, list]:

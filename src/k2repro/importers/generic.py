@@ -26,7 +26,7 @@ from k2repro.importers.common import (
     is_number,
     read_csv_header,
     read_csv_table,
-    sha256_path,
+    sha256_background,
     steps_from_float,
 )
 from k2repro.importers.wandb_csv import StepAxis
@@ -58,13 +58,14 @@ def read(path: str | Path, names: NameMap, axis: StepAxis | None = None) -> list
     if not path.is_file():
         raise BadInputError(f"{path}: no such file")
     axis = axis or StepAxis()
+    sha = sha256_background(path)
     if is_jsonl(path):
         cols, data, line_of, dropped = _read_jsonl(path, names)
         fmt = "jsonl"
     else:
         cols, data, line_of, dropped = _read_csv(path, names)
         fmt = "csv"
-    return [_assemble(path, fmt, cols, data, line_of, dropped, names, axis)]
+    return [_assemble(path, fmt, cols, data, line_of, dropped, names, axis, sha.result())]
 
 
 def _read_csv(path: Path, names: NameMap) -> tuple[list[str], dict[str, Any], Any, list[str]]:
@@ -169,7 +170,7 @@ def _read_jsonl(path: Path, names: NameMap) -> tuple[list[str], dict[str, Any], 
 
 
 def _assemble(path: Path, fmt: str, cols: list[str], data: dict[str, Any], line_of: Any,
-              dropped: list[str], names: NameMap, axis: StepAxis) -> ImportedRun:
+              dropped: list[str], names: NameMap, axis: StepAxis, sha: str) -> ImportedRun:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -180,7 +181,7 @@ def _assemble(path: Path, fmt: str, cols: list[str], data: dict[str, Any], line_
         raise bad(path, None, "no data rows")
     steps = steps_from_float(str(path), x, axis.resolved_divisor(), axis.offset, line_of, what=step_col)
     check_steps(str(path), steps, line_of, what=step_col)
-    run = ImportedRun(KIND, str(path), sha256_path(path), steps=pa.array(steps, type=pa.int64()))
+    run = ImportedRun(KIND, str(path), sha, steps=pa.array(steps, type=pa.int64()))
     mapped: dict[str, str] = {}
     for c in cols[1:]:
         target, scale = names.target(c)

@@ -24,7 +24,7 @@ from k2repro.importers.common import (
     csv_line_of,
     read_csv_header,
     read_csv_table,
-    sha256_path,
+    sha256_background,
     steps_from_float,
 )
 
@@ -114,10 +114,11 @@ def read(path: str | Path, names: NameMap, axis: StepAxis, select_run: str | Non
                                 f"{', '.join(sorted(layout))})")
         layout = {select_run: layout[select_run]}
     divisor = axis.resolved_divisor()
+    sha_job = sha256_background(path)
     wanted = [header[0]] + [c for m in layout.values() for p in m.values() for c in p.values()]
     tbl = read_csv_table(path, header, {c: "DOUBLE" for c in header}, wanted)
     line_of = csv_line_of(path)
-    sha = sha256_path(path)
+    sha = sha_job.result()
     row_index = pa.array(np.arange(tbl.num_rows, dtype=np.int64))
     out = []
     for run_label, metrics in layout.items():
@@ -162,8 +163,14 @@ def read(path: str | Path, names: NameMap, axis: StepAxis, select_run: str | Non
             lo = sub.column(parts["__MIN"]).combine_chunks() if "__MIN" in parts else None
             hi = sub.column(parts["__MAX"]).combine_chunks() if "__MAX" in parts else None
             for suf, arr in (("__MIN", lo), ("__MAX", hi)):
-                if arr is not None:
-                    run.metrics[f"{target}{suf}"] = (step_arr, pc.multiply(arr, scale) if scale != 1.0 else arr)
+                if arr is None:
+                    continue
+                # W&B writes the envelope for every point; it says something only where it
+                # differs from the value (a bucket of several steps): keep those points.
+                differs = pc.fill_null(pc.not_equal(arr, sub.column(parts["value"]).combine_chunks()), True)
+                if pc.any(differs).as_py():
+                    arr = pc.multiply(arr, scale) if scale != 1.0 else arr
+                    run.metrics[f"{target}{suf}"] = (step_arr.filter(differs), arr.filter(differs))
             if lo is not None and hi is not None:
                 wide = pc.fill_null(pc.greater(hi, lo), False)
                 n_wide = int(pc.sum(wide.cast(pa.int64())).as_py() or 0)
