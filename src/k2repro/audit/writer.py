@@ -125,6 +125,19 @@ def _to_array(values: Any, type_: pa.DataType, where: str) -> pa.Array:
         raise ValueError(f"{where}: cannot store values as {type_}: {exc}") from None
 
 
+def repeat_string(value: str, n: int) -> pa.Array:
+    """`n` copies of one string as an Arrow string array, built from buffers (a Python list of
+    a million strings costs a second; this costs milliseconds)."""
+    import numpy as np
+    import pyarrow as pa
+
+    b = value.encode()
+    if n * len(b) >= 2**31:
+        return pa.array([value] * n, type=pa.string())
+    offsets = np.arange(n + 1, dtype=np.int32) * np.int32(len(b))
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(b * n))
+
+
 def _redact_named_rows(table: str, tbl: pa.Table) -> pa.Table:
     """hparams/env rows whose key names a credential get their value REDACTED."""
     if table not in ("hparams", "env") or tbl.num_rows == 0:
@@ -181,7 +194,7 @@ def to_arrow(table: str, data: Any, run_id: str, redactor: Redactor | None = Non
                 if given - {run_id}:
                     raise ValueError(f"{where}: rows of other runs {sorted(given - {run_id})[:3]} "
                                      f"in a write for run {run_id}")
-            arr = pa.array([run_id] * n, type=pa.string())
+            arr = repeat_string(run_id, n)
         elif vals is None:
             if not field.nullable:
                 raise ValueError(f"{where}: required column missing")
