@@ -315,3 +315,34 @@ def test_generic_nan_values_are_kept_and_reported(tmp_path):
     (run,) = generic.read(p, NAMES)
     loss = col(run, "loss")
     assert math.isnan(loss[1]) and [e["step"] for e in run.events if e["kind"] == "nan"] == [2]
+
+
+@pytest.mark.parametrize("name,text", [
+    ("t.csv", "step,loss,time,skipped\n1,2.0,2024-01-01T00:00:00Z,false\n2,1.5,2024-01-01T00:00:10Z,true\n"),
+    ("t.jsonl", '{"step":1,"loss":2,"time":"2024-01-01T00:00:00+00:00","skipped":false}\n'
+                '{"step":2,"loss":1.5,"time":"2024-01-01T00:00:10+00:00","skipped":true}\n'),
+    ("e.csv", "step,loss,_timestamp,skipped\n1,2.0,1704067200,0\n2,1.5,1704067210,1\n"),
+])
+def test_generic_time_and_skipped_columns(tmp_path, name, text):
+    from k2repro.importers.common import _steps_table
+
+    p = tmp_path / name
+    p.write_text(text)
+    (run,) = generic.read(p, NAMES)
+    t = _steps_table(run)
+    assert [x.timestamp() for x in t.column("time").to_pylist()] == [1704067200.0, 1704067210.0]
+    assert t.column("skipped").to_pylist() == [False, True]
+    assert run.started_at == 1704067200.0 and run.ended_at == 1704067210.0
+
+
+def test_import_help_lists_every_kind(capsys):
+    from k2repro.cli.main import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(["import", "--help"])
+    out = capsys.readouterr().out
+    assert ei.value.code == 0 and all(k in out for k in ("wandb-csv", "tensorboard", "megatron-log", "csv"))
+    with pytest.raises(SystemExit) as ei:
+        main(["import", "wandb-csv", "--help"])
+    out = capsys.readouterr().out
+    assert ei.value.code == 0 and "--step-unit" in out and "--run" in out

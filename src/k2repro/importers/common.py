@@ -267,7 +267,9 @@ def _steps_table(run: ImportedRun) -> pa.Table:
             arr = r.cast(pa.int64())
         elif name in STEP_BOOL:
             arr = arr if pa.types.is_boolean(arr.type) else pc.not_equal(arr.cast(pa.float64()), 0.0)
-        elif name == "time":
+        elif name == "time" and pa.types.is_timestamp(arr.type):
+            arr = arr.cast(pa.timestamp("us", tz="UTC"))
+        elif name == "time":  # epoch seconds
             arr = pc.multiply(arr.cast(pa.float64()), 1e6)
             arr = pc.round(arr).cast(pa.int64()).cast(pa.timestamp("us", tz="UTC"))
         else:
