@@ -63,7 +63,7 @@ def _launch(plan, nproc: int) -> tuple[int, dict]:  # noqa: ANN001 - an EvalPlan
 
 def run(args: argparse.Namespace) -> int:
     from k2repro.cli.render import jsonable, render
-    from k2repro.eval.runner import parse_steps, plan_eval, stored_results, summary_rows
+    from k2repro.eval.runner import parse_steps, plan_eval, summary_rows
 
     if args.nproc < 1:
         raise BadInputError(f"--nproc must be >= 1, got {args.nproc}")
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"k2repro eval: error: {payload['error']}", file=sys.stderr)
                 return code
             results = payload["results"]
-    results += stored_results(args.store, plan.out_store, plan.run_id, plan.skipped, plan.settings_hash)
+    results += plan.skipped_results
     results.sort(key=lambda r: r["step"])
     if args.json:
         obj = {"run_id": plan.run_id, "out_store": plan.out_store, "settings": plan.settings,

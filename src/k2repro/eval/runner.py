@@ -8,7 +8,7 @@ A bad checkpoint therefore fails the whole command with exit 2 before anything i
 Evaluation loads each checkpoint's model weights only (a subset of the DCP checkpoint: the
 optimizer state is not read), sharded with FSDP at world size > 1, resharded from whatever world
 size saved it. Rank 0 writes one segment per checkpoint,
-`<out_store>/<run_id>/evals/step_<step>-<sha16>.parquet`: a deterministic name and deterministic
+`<out_store>/<run_id>/evals/step_<step>-<sha16>-<settings16>.parquet`: a deterministic name and deterministic
 rows (no timestamps), so evaluating the same checkpoint again rewrites the same bytes. A
 checkpoint whose manifest sha256 already has rows made with the same settings (in `--store` or
 `--out-store`) is skipped.
@@ -55,6 +55,7 @@ class EvalPlan:
     batch_size: int = 8
     todo: list[CheckpointRef] = field(default_factory=list)
     skipped: list[CheckpointRef] = field(default_factory=list)
+    skipped_results: list[dict] = field(default_factory=list)  # their stored metrics
     missing: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -91,17 +92,16 @@ def _file_sha(path: Path) -> str:
 
 def find_checkpoints(store_root: Path, run_id: str, cfg: Any, recorded: Sequence[dict]) -> tuple[dict[int, Path], list[int]]:
     """Complete checkpoint folders of the run on disk ({step: path}) and recorded steps that are
-    not on disk (pruned by ckpt.keep_last, or moved). Looks where the run recorded them, under
-    the run's checkpoint base (`ckpt.dir` or `audit.store`) and under the store root."""
+    not on disk (pruned by ckpt.keep_last, or moved). Looks under the store root, where the run
+    recorded them, and under the run's checkpoint base (`ckpt.dir` or `audit.store`)."""
     from k2repro.train.checkpoint import list_checkpoints
 
-    dirs: list[Path] = []
+    # first under the store the user named (a copied or moved store wins over recorded paths)
+    dirs: list[Path] = sorted(store_root.glob(f"**/{run_id}/checkpoints")) if store_root.is_dir() else []
     for r in recorded:
         if r.get("path"):
             dirs.append(Path(str(r["path"])).parent)
     dirs.append(Path(cfg.ckpt.dir or cfg.audit.store) / run_id / "checkpoints")
-    if store_root.is_dir():
-        dirs.extend(sorted(store_root.glob(f"**/{run_id}/checkpoints")))
     found: dict[int, Path] = {}
     seen: set[Path] = set()
     for d in dirs:
@@ -139,23 +139,32 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _evaluated(roots: Sequence[Path], run_id: str) -> set[tuple[str, str]]:
-    """(manifest_sha256, settings_hash) pairs that already have eval rows."""
-    from k2repro.audit.store import open_store
+EVAL_ROWS_SQL = ("SELECT step, metric, value, n_tokens, manifest_sha256, detail FROM evals "
+                 "WHERE run_id = ? AND manifest_sha256 IS NOT NULL ORDER BY step, metric")
 
-    out: set[tuple[str, str]] = set()
-    for root in roots:
-        if not root.is_dir():
+
+def _existing(rows: Sequence[tuple]) -> dict[tuple[str, str], dict]:
+    """Stored results keyed by (manifest_sha256, settings_hash), from `evals` rows."""
+    out: dict[tuple[str, str], dict] = {}
+    for step, metric, value, n_tok, sha, detail in rows:
+        try:
+            d = json.loads(detail or "{}")
+        except json.JSONDecodeError:
             continue
-        with open_store(root) as st:
-            rows = st.execute("SELECT DISTINCT manifest_sha256, detail FROM evals WHERE run_id = ? "
-                              "AND metric = 'val/loss' AND manifest_sha256 IS NOT NULL", [run_id]).fetchall()
-        for sha, detail in rows:
-            try:
-                out.add((sha, json.loads(detail or "{}").get("settings_hash", "")))
-            except json.JSONDecodeError:
-                continue
+        obj = out.setdefault((sha, str(d.get("settings_hash", ""))), {
+            "step": int(step), "tokens": d.get("tokens"), "manifest_sha256": sha, "status": "skipped",
+            "metrics": {}, "n_tokens": {}})
+        obj["metrics"][metric] = value
+        obj["n_tokens"][metric] = n_tok
     return out
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.PathLike | None = None,
@@ -181,6 +190,11 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         recorded = st.checkpoints(run_id)[["step", "path", "manifest_sha256"]].to_dict("records")
         manifest_rows = st.sql("SELECT artifact, sha256 FROM data_manifest WHERE run_id = ?",
                                [run_id]).to_dict("records")
+        eval_rows = st.execute(EVAL_ROWS_SQL, [run_id]).fetchall()
+    out_root = Path(out_store or root)
+    if out_root.is_dir() and not _inside(out_root, root):  # the query layer sees nested roots already
+        with open_store(out_root) as st:
+            eval_rows += st.execute(EVAL_ROWS_SQL, [run_id]).fetchall()
     if not row.get("config_json"):
         raise BadInputError(f"run {run_id} has no resolved config in {root} (imported runs cannot be evaluated)")
     config = json.loads(row["config_json"])
@@ -197,7 +211,7 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         "val_docs_sha256": _artifact_sha(ds_val, "packed/val.docs"),
         "train_sha256": _artifact_sha(ds_train, "packed/train.bin"),
     }
-    plan = EvalPlan(run_id=run_id, config=config, data_dir=str(ddir), out_store=str(out_store or root),
+    plan = EvalPlan(run_id=run_id, config=config, data_dir=str(ddir), out_store=str(out_root),
                     settings=settings, settings_hash=settings_hash(settings), batch_size=batch_size)
 
     found, missing = find_checkpoints(root, run_id, cfg, recorded)
@@ -215,7 +229,7 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         raise BadInputError(f"run {run_id} has no checkpoint on disk (ckpt.interval=0, or pruned)")
 
     by_step = {int(r["step"]): r.get("manifest_sha256") for r in recorded}
-    done = set() if force else _evaluated([root, Path(plan.out_store)], run_id)
+    done = {} if force else _existing(eval_rows)
     for step, path in sorted(selected.items()):
         mpath = path / MANIFEST
         sha = _file_sha(mpath)
@@ -226,6 +240,7 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         ref = CheckpointRef(step=step, path=str(path), manifest_sha256=sha)
         if (sha, plan.settings_hash) in done:
             plan.skipped.append(ref)
+            plan.skipped_results.append({**done[(sha, plan.settings_hash)], "path": str(path)})
         else:
             verify_checkpoint(path)  # every file against the manifest: CheckpointError names it
             plan.todo.append(ref)
@@ -257,7 +272,8 @@ def _deferred(path: Path) -> list[int]:
 
 def write_eval_rows(out_store: str | os.PathLike, run_id: str, ck: CheckpointRef,
                     rows: Sequence[tuple[str, float, int]], detail: dict) -> Path:
-    """One deterministic segment per (checkpoint, manifest): rewritten in place on re-evaluation."""
+    """One deterministic segment per (checkpoint, manifest, settings): `--force` rewrites it in
+    place; other settings add their own segment beside it."""
     from k2repro.audit.writer import ensure_store, to_arrow, write_segment
 
     root = Path(out_store)
@@ -269,7 +285,8 @@ def write_eval_rows(out_store: str | os.PathLike, run_id: str, ck: CheckpointRef
         "n_tokens": [int(r[2]) for r in rows], "manifest_sha256": [ck.manifest_sha256] * n,
         "detail": [text] * n,
     }, run_id)
-    return write_segment(root / run_id / "evals", f"step_{ck.step:08d}-{ck.manifest_sha256[:16]}.parquet", tbl)
+    name = f"step_{ck.step:08d}-{ck.manifest_sha256[:16]}-{str(detail.get('settings_hash', ''))[:16]}.parquet"
+    return write_segment(root / run_id / "evals", name, tbl)
 
 
 def _eprint(msg: str) -> None:
@@ -340,34 +357,6 @@ def _f(v: float) -> str:
     return "nan" if v != v else f"{v:.3f}"
 
 
-def stored_results(store: str | os.PathLike, out_store: str | os.PathLike, run_id: str,
-                   refs: Sequence[CheckpointRef], settings_hash_: str) -> list[dict]:
-    """Result objects of skipped checkpoints, read back from the rows that made them skip."""
-    from k2repro.audit.store import open_store
-
-    want = {r.manifest_sha256: r for r in refs}
-    found: dict[str, dict] = {}
-    roots = list(dict.fromkeys([Path(store), Path(out_store)]))
-    for root in roots:
-        if not root.is_dir() or not want:
-            continue
-        with open_store(root) as st:
-            rows = st.execute("SELECT manifest_sha256, metric, value, n_tokens, detail FROM evals WHERE run_id = ? "
-                              "ORDER BY metric", [run_id]).fetchall()
-        for sha, metric, value, n_tok, detail in rows:
-            if sha not in want:
-                continue
-            d = json.loads(detail or "{}")
-            if d.get("settings_hash") != settings_hash_:
-                continue
-            ref = want[sha]
-            obj = found.setdefault(sha, {"step": ref.step, "tokens": d.get("tokens"), "manifest_sha256": sha,
-                                         "path": ref.path, "status": "skipped", "metrics": {}, "n_tokens": {}})
-            obj["metrics"][metric] = value
-            obj["n_tokens"][metric] = n_tok
-    return [found[r.manifest_sha256] for r in refs if r.manifest_sha256 in found]
-
-
 # ------------------------------------------------------------------------------------ workers
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
@@ -419,4 +408,4 @@ def _round(v: Any) -> Any:
 
 
 __all__ = ["CheckpointRef", "EvalPlan", "plan_eval", "evaluate", "write_eval_rows", "load_model_weights",
-           "find_checkpoints", "parse_steps", "stored_results", "worker_main", "CheckpointError"]
+           "find_checkpoints", "parse_steps", "worker_main", "CheckpointError"]
