@@ -40,6 +40,7 @@ class SpikeGuard:
         self.x = torch.full((2 * self.h,), nan, dtype=torch.float64, device=device)
         self.r = torch.full((self.rule.long_window,), nan, dtype=torch.float64, device=device)
         self.n = torch.zeros((), dtype=torch.int64, device=device)
+        self._quartiles = torch.tensor([0.25, 0.75], dtype=torch.float64, device=device)
 
     def _z(self, value: torch.Tensor) -> torch.Tensor:
         p, h = self.rule, self.h
@@ -52,7 +53,7 @@ class SpikeGuard:
         resid = v - pred
         center = _nanmedian_lin(self.r, p.min_residuals)
         count = (~torch.isnan(self.r)).sum()
-        q = torch.nanquantile(self.r, torch.tensor([0.25, 0.75], dtype=torch.float64, device=self.device))
+        q = torch.nanquantile(self.r, self._quartiles)
         spread = torch.where(count >= p.min_residuals, (q[1] - q[0]) / 2.0, torch.full_like(q[0], float("nan")))
         scale = torch.maximum(torch.maximum(MAD_TO_SIGMA * spread, p.rel_floor * pred.abs()),
                               torch.full_like(spread, p.abs_floor))

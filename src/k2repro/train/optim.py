@@ -94,8 +94,12 @@ class MaskableAdamW(torch.optim.Optimizer):
                 un.append(torch.stack(torch._foreach_norm(upd)))
                 order += [id(p) for p in params]
         if norms_for is not None:
-            where = {k: i for i, k in enumerate(order)}
-            idx = torch.tensor([where[id(p)] for p in norms_for], device=pn[0].device)
+            key = (tuple(order), tuple(id(p) for p in norms_for))
+            if getattr(self, "_norm_idx_key", None) != key:  # built once: an H2D copy
+                where = {k: i for i, k in enumerate(order)}
+                self._norm_idx = torch.tensor([where[id(p)] for p in norms_for], device=pn[0].device)
+                self._norm_idx_key = key
+            idx = self._norm_idx
             p_sq = torch.cat(pn).float().pow(2).index_select(0, idx)
             u_sq = torch.cat(un).float().pow(2).index_select(0, idx)
             return p_sq, u_sq

@@ -35,6 +35,7 @@ from k2repro.distributed.fsdp import apply_fsdp, local
 from k2repro.distributed.init import DistInfo, barrier, broadcast_object, init_distributed, teardown
 from k2repro.errors import BadInputError, CheckpointError, GuardAbort, K2ReproError
 from k2repro.model.flops import flops_per_token
+from k2repro.model.hardware import peak_flops
 from k2repro.model.llama import ModelArgs, Transformer, token_losses
 from k2repro.train import checkpoint as ckpt
 from k2repro.train import faults as F
@@ -112,6 +113,11 @@ class Trainer:
         self.ckpt_base = Path(cfg.ckpt.dir or cfg.audit.store)
         self.ckpt_dir = self.ckpt_base / run_id / "checkpoints"
         self.fpt = flops_per_token(cfg.model, t.seq_len)
+        name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
+        self.peak = peak_flops(name, t.precision)
+        if t.compile:  # compile each block (FSDP units stay intact); recorded in hparams
+            for block in self.model.layers:
+                block.compile()
         self.sink = None
         self.pending = Pending()
         self.skip_steps = set(t.skip_steps)
@@ -219,7 +225,9 @@ class Trainer:
         sample_losses, sample_logz = [], []
         self.model.train()
         for i, chunk in enumerate(chunks):
-            x = torch.from_numpy(chunk).to(dev, non_blocking=True)
+            x = torch.from_numpy(chunk)
+            if dev.type == "cuda":  # pinned, so the copy is asynchronous
+                x = x.pin_memory().to(dev, non_blocking=True)
             last = i == len(chunks) - 1
             if info.distributed:
                 self.model.set_requires_gradient_sync(last)
@@ -240,7 +248,7 @@ class Trainer:
                     else grad_sq[:0])
         n_tok = float(t.seq_len)
         head_sum = torch.stack([(sl * n_tok).sum(), (sl * sl).sum(), lz.sum(),
-                                torch.tensor(float(len(sl)), device=dev)])
+                                torch.full((), float(len(sl)), device=dev)])  # a fill, not a copy
         head_max = torch.stack([sl.max(), -sl.min()])
         prev = self.pending.norms
         sum_parts = [grad_sq, head_sum]
@@ -297,7 +305,11 @@ class Trainer:
         applied = torch.ones((), device=dev) if apply is None else apply.float()
         vec = torch.stack([loss, grad_norm, clipped, hmax[1].neg(), hmax[0], loss_std, logz_mean, applied,
                            flag.float()])
-        self.pending.steps.append((step, lr, t.global_batch_size * t.seq_len, batch_hash(ids), vec))
+        peak_mem = None
+        if dev.type == "cuda":  # allocator statistics: host-side counters, no device sync
+            peak_mem = torch.cuda.max_memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        self.pending.steps.append((step, lr, t.global_batch_size * t.seq_len, batch_hash(ids), vec, peak_mem))
         if cfg.audit.sample_stats:
             mine = np.concatenate(id_chunks) if id_chunks else np.zeros(0, dtype=np.int64)
             self.pending.samples.append((step, mine, sl))
@@ -327,7 +339,7 @@ class Trainer:
         pend = self.pending
         if pend.steps:
             host = torch.stack([s[4] for s in pend.steps]).double().cpu().numpy()
-            for (step, lr, tokens, bh, _), vals in zip(pend.steps, host):
+            for (step, lr, tokens, bh, _, peak_mem), vals in zip(pend.steps, host):
                 dt = times.get(step, float("nan"))
                 r = dict(zip(STEP_FIELDS, (float(v) for v in vals)))
                 r.update(step=step, lr=lr, tokens=tokens, batch_hash=bh, step_time_s=dt,
@@ -335,7 +347,9 @@ class Trainer:
                 r["skipped"] = r.pop("applied") < 0.5
                 r["clipped"] = r["clipped"] > 0.5
                 r["guard_flag"] = r["guard_flag"] > 0.5
-                r["mfu"] = None
+                tps = r["tokens_per_s"]
+                r["mfu"] = (self.fpt * tps / (self.peak * self.info.world_size)) if (self.peak and tps) else None
+                r["peak_mem_bytes"] = peak_mem
                 rows.append(r)
             pend.steps.clear()
         if self.sink is None:
