@@ -1,8 +1,10 @@
 """`k2repro import KIND PATH --name NAME`: bring a run trained elsewhere into the store.
 
 Thin: parse, call the importer (`k2repro.importers`), commit, print the run ids. Each kind is a
-sub-command with its own options; `KINDS` maps a kind to the functions that configure and run
-it, so another kind (the release bundle's `import bundle DIR`) is one more entry.
+sub-command with its own options. `KINDS` maps a parsed source kind to its configure and read
+functions (the parsed runs then go through `commit_runs`); `RUNNERS` maps a kind that is not a
+parse to its configure and run functions: the release bundle's `import bundle DIR` (which moves
+whole run folders) is one entry there, `RUNNERS["bundle"] = (help, configure, run)`.
 Exit 0 (also when the content was imported before: the existing run is reported), 2 for bad
 input (the message names the file and line), and nothing is written then.
 """
@@ -104,6 +106,10 @@ KINDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[
 }
 
 
+#: kind -> (help, configure(parser), run(args) -> exit code): kinds with their own transaction.
+RUNNERS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]] = {}
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Import a run trained elsewhere into the audit store (source import:<kind>), so that "
@@ -111,7 +117,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "line, exit 2, nothing written. The same content imported again is reported, not "
         "duplicated. See docs/importers.md.")
     sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
-    for kind, (help_, conf, _) in KINDS.items():
+    for kind, (help_, conf, _) in {**KINDS, **RUNNERS}.items():
         conf(sub.add_parser(kind, help=help_, description=help_))
 
 
@@ -119,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     from k2repro.audit.store import default_store
     from k2repro.importers.common import NameMap, commit_runs
 
+    if args.kind in RUNNERS:
+        return RUNNERS[args.kind][2](args)
     if args.kind not in KINDS:  # pragma: no cover - argparse's choices guard this
         raise BadInputError(f"unknown import kind {args.kind!r}")
     names = NameMap.build(args.map)
