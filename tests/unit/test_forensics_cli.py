@@ -85,3 +85,15 @@ def test_forensics_does_not_import_torch(store: Path, tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_run_by_unique_prefix_and_extra_scan(store: Path, tmp_path: Path) -> None:
+    r = k2("forensics", "cl", "--store", str(store), "--out", str(tmp_path), "--no-spike-rows", "--no-html",
+           "--scan", "grad_norm", "--json")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert obj["run_id"] == "cli"
+    assert obj["detectors"]["grad_norm:robust_z"]["opens_episodes"] is False
+    assert obj["detectors"]["loss_max:robust_z"]["opens_episodes"] is True
+    bad = k2("forensics", "cli", "--store", str(store), "--scan", "nope")
+    assert bad.returncode == 2 and "not a steps signal" in bad.stderr

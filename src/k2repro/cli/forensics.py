@@ -18,7 +18,7 @@ from k2repro.errors import BadInputError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="run id")
+    parser.add_argument("run", metavar="RUN", help="run id, a unique prefix of one, or a unique run name")
     parser.add_argument("--store", default=os.environ.get("K2REPRO_STORE", "runs"),
                         help="audit store to read (default: $K2REPRO_STORE or runs)")
     parser.add_argument("--out", default="reports",
@@ -32,6 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--signal", default="loss", help="steps column the spikes are found on (default: loss)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="robust z threshold of the episode rule (default 6)")
+    parser.add_argument("--scan", action="append", default=[], metavar="SIGNAL",
+                        help="also run robust_z over this whole steps column (e.g. grad_norm, logz_mean); "
+                        "shown in the detector table")
     parser.add_argument("--detector", action="append", default=[], metavar="KIND:KEY=VAL,...",
                         help="change a side-by-side detector, e.g. robust_z:long_window=256 or "
                         "ewm_ratio:ratio=1.1 (kinds: robust_z, ewm_ratio, mean_ratio, nonfinite)")
@@ -73,7 +76,13 @@ def build_params(args: argparse.Namespace) -> Any:
             raise BadInputError(f"--set {item}: expected SECTION.KEY=VALUE with SECTION one of "
                                 "episodes, precursors, layers, data")
         sections.setdefault(sec, {})[name] = val
-    kw: dict[str, Any] = {"rule": rule, "detectors": tuple(dets.values())}
+    from k2repro.forensics.source import STEP_SIGNALS
+
+    for sig in args.scan:
+        if sig not in STEP_SIGNALS:
+            raise BadInputError(f"--scan {sig}: not a steps signal (one of {', '.join(STEP_SIGNALS)})")
+    scan = tuple(dict.fromkeys((*p.scan_signals, *args.scan)))
+    kw: dict[str, Any] = {"rule": rule, "detectors": tuple(dets.values()), "scan_signals": scan}
     for sec, vals in sections.items():
         try:
             kw[sec] = coerce_params(getattr(p, sec), vals)
@@ -91,7 +100,10 @@ def run(args: argparse.Namespace) -> int:
     store = Path(args.store)
     if not store.is_dir():
         raise BadInputError(f"no store at {store} (pass --store or set K2REPRO_STORE)")
-    res = analyze_run(open_source(store), args.run, params)
+    src = open_source(store)
+    # an exact run id, a unique prefix of one, or a unique run name (the pipeline passes its name)
+    run_id = src.resolve_run_id(args.run) if hasattr(src, "resolve_run_id") else args.run
+    res = analyze_run(src, run_id, params)
     if args.replay:
         from k2repro.forensics.causal import causal_check
 

@@ -55,10 +55,14 @@ class ForensicsParams:
         DetectorSpec("robust_z"), DetectorSpec("ewm_ratio"), DetectorSpec("mean_ratio"),
         DetectorSpec("nonfinite"),
     )
-    # the detectors whose flags make episodes
-    episode_detectors: tuple[str, ...] = ("robust_z", "nonfinite")
-    # other step signals scanned whole with the robust_z rule (for the overview)
-    scan_signals: tuple[str, ...] = ("grad_norm",)
+    # other step signals scanned whole with the robust_z rule; their detectors are named
+    # "<signal>:robust_z"
+    scan_signals: tuple[str, ...] = ("loss_max",)
+    # the detectors whose flags open episodes. loss_max (the worst sample of the step) is
+    # among them because a few bad samples in a batch barely move the mean loss but always
+    # move the max: in a tiny 16-sample run a 25% random-token batch is 3 sigma on the loss
+    # and 12 on loss_max
+    episode_detectors: tuple[str, ...] = ("robust_z", "nonfinite", "loss_max:robust_z")
     episodes: EpisodeParams = EpisodeParams()
     precursors: PrecursorParams = PrecursorParams()
     layers: LayerParams = LayerParams()
@@ -222,11 +226,13 @@ def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = Forens
         v = st.get(sig)
         if sig == p.signal or not _finite_any(v):
             continue
-        d = robust_z(v, p.rule)
+        d = dets[f"{sig}:robust_z"] = robust_z(v, p.rule)
         idx = np.flatnonzero(d.flags)
         res.detectors[f"{sig}:robust_z"] = {"signal": sig, "kind": "robust_z", "n_flagged": int(idx.size),
                                             "flagged_steps": [int(s) for s in steps[idx[:50]]]}
         res.flags[f"{sig}:robust_z"] = d.flags
+    for name, info in res.detectors.items():
+        info["opens_episodes"] = name in p.episode_detectors
     res.timings["detect_s"] = time.perf_counter() - t1
 
     # 2. episodes
@@ -334,7 +340,7 @@ def _detail(sp: Spike, src: RunSource, st: dict[str, np.ndarray], p: ForensicsPa
     sp.precursors = sorted(crossings, key=lambda c: (-c.lead_steps, c.signal))
     sp.lead = lead_signal(crossings)
     if avail.samples:
-        ss = src.samples(ep.onset_step - p.data.lookback, ep.onset_step)
+        ss = src.samples(ep.onset_step - p.data.lookback - p.data.reference_steps, ep.onset_step)
         sp.data = data_attribution(ss, ep.onset_step, ep.baseline, ep.noise, p.data)
         injected = _injected_ids(sp.faults)
         for s in sp.data.samples:
@@ -350,7 +356,7 @@ def _injected_ids(faults: list[dict]) -> dict[int, str]:
         d = f.get("detail") or {}
         for sid in d.get("sample_ids") or []:
             try:
-                out[int(sid)] = f"{d.get('kind', 'fault')} at step {f.get('step')}"
+                out[int(sid)] = f"{d.get('kind', 'fault')} at step {f.get('step')} (text shown: the original sample)"
             except (TypeError, ValueError):
                 continue
     return out

@@ -100,14 +100,14 @@ def layer_attribution(
         wide = ls.pivot_table(index="step", columns="param", values="grad_norm", aggfunc="first")
         wide = wide.sort_index()
         wsteps = wide.index.to_numpy(dtype=np.int64)
-        r = replace(rule, threshold=pre.threshold, direction="up")
+        r = replace(rule, threshold=pre.layer_threshold, direction="up")
         lo_c = int(np.searchsorted(wsteps, onset_step - pre.lookback, side="left"))
         hi_c = int(np.searchsorted(wsteps, max(peak_step, hi), side="right"))
         z = robust_z_rows(wide.to_numpy(dtype=np.float64), lo_c, hi_c, r)
         best: tuple | None = None
         gap = max(pre.max_gap, 2 * out.interval)
         for j, param in enumerate(wide.columns):
-            c = crossing_start(z[:, j], lo_c, wsteps, onset_step, pre.threshold, gap)
+            c = crossing_start(z[:, j], lo_c, wsteps, onset_step, pre.layer_threshold, gap)
             if c is None:
                 continue
             key = (int(wsteps[c]), -float(order.get(param, 0.0) or 0.0))
@@ -143,8 +143,10 @@ def _r(v: Any, nd: int = 4) -> float | None:
 class DataParams:
     """- lookback: besides the onset step, the steps up to this many before it are examined
       (the one whose outliers explain the most excess wins).
-    - outlier_z: a sample is an outlier when (loss - step median) / (1.4826 * MAD of the
-      step's sample losses) >= outlier_z.
+    - outlier_z: a sample is an outlier when (loss - median) / (1.4826 * MAD) >= outlier_z,
+      median and MAD of the per-sample losses of the `reference_steps` steps before the
+      examined ones (a wide, uncontaminated reference: a batch with a quarter of bad samples
+      would inflate its own MAD), or of the step itself when those are missing.
     - share: the verdict is `data` when the outliers account for >= share of the step's
       excess loss over the run's typical loss, and are at most max_outlier_frac of the batch.
     - min_excess_sigma: below this many noise units of excess the step is not elevated and
@@ -153,6 +155,7 @@ class DataParams:
     """
 
     lookback: int = 2
+    reference_steps: int = 16
     outlier_z: float = 3.5
     share: float = 0.5
     max_outlier_frac: float = 0.5
@@ -174,11 +177,15 @@ class DataAttribution:
     samples: list[dict] = field(default_factory=list)
     outlier_ids: list[int] = field(default_factory=list)
     batch_feature_median: dict = field(default_factory=dict)
+    outlier_reference: str = ""
 
 
-def rank_step_samples(ss: Any, typical: float, noise: float, p: DataParams) -> DataAttribution:
+def rank_step_samples(ss: Any, typical: float, noise: float, p: DataParams,
+                      reference: np.ndarray | None = None) -> DataAttribution:
     """Rank one step's samples (`ss`: DataFrame with sample_id, loss and maybe n_tokens, rank)
-    by excess loss and give the verdict."""
+    by excess loss and give the verdict. `reference`: per-sample losses of the steps before
+    the episode; outliers are judged against them (enough of them: at least 4 x the batch),
+    else against the step's own samples."""
     out = DataAttribution(typical_loss=_r(typical, 6))
     df = ss[np.isfinite(ss["loss"].to_numpy(dtype=np.float64))].copy()
     out.step = int(ss["step"].iloc[0]) if len(ss) else None
@@ -193,9 +200,15 @@ def rank_step_samples(ss: Any, typical: float, noise: float, p: DataParams) -> D
         w = np.ones_like(loss)
     w = w / w.sum()
     med = float(np.median(loss))
-    mad = float(np.median(np.abs(loss - med)))
-    sc = max(1.4826 * mad, 1e-12, 1e-6 * abs(med))
-    zs = (loss - med) / sc
+    ref = reference[np.isfinite(reference)] if reference is not None else np.zeros(0)
+    if ref.size >= max(4 * len(df), 16):
+        out.outlier_reference = f"{ref.size} per-sample losses of the steps before the episode"
+    else:
+        ref = loss
+        out.outlier_reference = "the step's own samples"
+    rmed = float(np.median(ref))
+    sc = max(1.4826 * float(np.median(np.abs(ref - rmed))), 1e-12, 1e-6 * abs(rmed))
+    zs = (loss - rmed) / sc
     df["excess_vs_step"] = loss - med
     df["excess_vs_run"] = loss - typical
     df["z"] = zs
@@ -244,15 +257,19 @@ def rank_step_samples(ss: Any, typical: float, noise: float, p: DataParams) -> D
 def data_attribution(
     ss: Any, onset_step: int, typical: float, noise: float, p: DataParams = DataParams()
 ) -> DataAttribution:
-    """Examine the onset step and up to `p.lookback` steps before it; return the onset
-    step's ranking unless an earlier step explains the spike with data."""
+    """Examine the onset step and up to `p.lookback` steps before it (`ss` also holds the
+    `p.reference_steps` steps before those); return the onset step's ranking unless an
+    earlier step explains the spike with data."""
     if ss is None or len(ss) == 0:
         return DataAttribution(reason="no sample_stats rows at or before the onset step")
+    first = onset_step - p.lookback
+    ref = ss.loc[(ss["step"] < first) & (ss["step"] >= first - p.reference_steps), "loss"]
+    ref = ref.to_numpy(dtype=np.float64)
     results = []
-    for s in range(onset_step, onset_step - p.lookback - 1, -1):
+    for s in range(onset_step, first - 1, -1):
         sub = ss[ss["step"] == s]
         if len(sub):
-            results.append(rank_step_samples(sub, typical, noise, p))
+            results.append(rank_step_samples(sub, typical, noise, p, ref))
     if not results:
         return DataAttribution(reason=f"no sample_stats rows for steps {onset_step - p.lookback}..{onset_step}")
     data = [r for r in results if r.verdict == "data"]

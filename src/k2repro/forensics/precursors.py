@@ -20,12 +20,15 @@ from k2repro.forensics.detect import RobustZ, robust_z_rows
 class PrecursorParams:
     """- threshold: each signal's robust-z crossing level (lower than the episode's 6: a
       precursor is a smaller excursion that comes first).
+    - layer_threshold: the same for each tensor's grad norm; as high as the episode rule,
+      because among ~100 tensors a 4-sigma point somewhere is likely by chance.
     - lookback: how many steps before onset a crossing may start.
     - max_gap: flagged points closer than this (in steps; at least two logging intervals)
       belong to one crossing, walked back from the onset.
     """
 
     threshold: float = 4.0
+    layer_threshold: float = 6.0
     lookback: int = 32
     max_gap: int = 4
 
@@ -67,15 +70,18 @@ def first_crossing(
 
 def crossing_start(z: np.ndarray, offset: int, steps: np.ndarray, onset_step: int, threshold: float,
                    gap: int) -> int | None:
-    """Index (z[i] belongs to offset + i) where the excursion into the episode started: the
-    last point over `threshold` at or before onset, walked back through earlier points over
-    it that are at most `gap` steps apart; else the first point over it after onset."""
+    """Index (z[i] belongs to offset + i) where the excursion into the episode started: a
+    chain of points over `threshold`, each at most `gap` steps after the previous, that
+    reaches the onset (its last point at most `gap` steps before it), walked back to its
+    first point; else the first point over the threshold after onset. An earlier blip that
+    does not connect to the episode is not a precursor."""
     cand = np.flatnonzero(np.nan_to_num(z, nan=-np.inf) >= threshold) + offset
     if not cand.size:
         return None
     before = cand[steps[cand] <= onset_step]
-    if not before.size:
-        return int(cand[0])
+    if not before.size or onset_step - steps[before[-1]] > gap:
+        after = cand[steps[cand] > onset_step]
+        return int(after[0]) if after.size else None
     i = before.size - 1
     while i > 0 and steps[before[i]] - steps[before[i - 1]] <= gap:
         i -= 1

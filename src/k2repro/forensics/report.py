@@ -68,6 +68,7 @@ def spike_json(sp: Spike) -> dict[str, Any]:
                      "excess_loss": da.excess, "top_share": da.top_share,
                      "n_outliers": da.n_outliers, "n_samples": da.n_samples,
                      "typical_loss": da.typical_loss, "step_median": da.step_median,
+                     "outlier_reference": da.outlier_reference,
                      "samples": da.samples, "batch_feature_median": da.batch_feature_median}
     return clean(d)
 
