@@ -121,6 +121,8 @@ def test_forensics_finds_the_spike_in_imported_runs(imported, tmp_path):
         assert r.returncode == 0, r.stderr
         spikes = json.loads(r.stdout)["spikes"]
         assert any(s["onset_step"] <= 80 <= s["end_step"] and s["peak_step"] == 80 for s in spikes), (key, spikes)
+        # Megatron's skipped iteration 50 has no loss: a gap, not a spike
+        assert not any(s["onset_step"] <= 50 <= s["end_step"] for s in spikes), (key, spikes)
 
 
 def test_same_content_twice_is_idempotent_and_other_options_refused(imported, sources):
