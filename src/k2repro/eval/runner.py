@@ -135,6 +135,30 @@ def _artifact_sha(ds: Any, name: str) -> str | None:
     return next((a["sha256"] for a in ds.artifacts() if a["artifact"] == name), None)
 
 
+def known_keys(config: dict, node: Any = None, prefix: str = "") -> tuple[dict, list[str]]:
+    """The run's resolved config without the keys that this k2repro's schema no longer has
+    (a run trained by another version), and the dotted names of those dropped. Evaluation
+    needs the model, data and train keys; a removed key cannot change them."""
+    import dataclasses
+
+    from k2repro.config.schema import RunConfig
+
+    node = RunConfig() if node is None else node
+    kept: dict = {}
+    dropped: list[str] = []
+    for key, value in config.items():
+        if not hasattr(node, key):
+            dropped.append(prefix + key)
+            continue
+        child = getattr(node, key)
+        if dataclasses.is_dataclass(child) and isinstance(value, dict):
+            kept[key], sub = known_keys(value, child, f"{prefix}{key}.")
+            dropped += sub
+        else:
+            kept[key] = value
+    return kept, dropped
+
+
 def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -197,7 +221,9 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
             eval_rows += st.execute(EVAL_ROWS_SQL, [run_id]).fetchall()
     if not row.get("config_json"):
         raise BadInputError(f"run {run_id} has no resolved config in {root} (imported runs cannot be evaluated)")
-    config = json.loads(row["config_json"])
+    config, dropped = known_keys(json.loads(row["config_json"]))
+    if dropped:
+        _eprint(f"eval {run_id}: config keys unknown to this k2repro ignored: {', '.join(dropped)}")
     cfg = from_dict(config)
     ddir = Path(data_dir or cfg.data.packed_dir)
     ds_train, ds_val = PackedDataset(ddir, "train"), PackedDataset(ddir, "val")

@@ -223,12 +223,15 @@ def _thin(x: Any, y: Any) -> tuple[Any, Any]:
     return x[:m].reshape(-1, b)[:, 0], np.nanmax(y[:m].reshape(-1, b), axis=1)  # keep spikes visible
 
 
-def _mark_spikes(ax: Any, spikes: list[dict]) -> None:
+def _mark_spikes(ax: Any, spikes: list[dict], label: bool = False) -> None:
+    first = True
     for s in spikes:
         if s["onset_step"] is None:
             continue
         end = s["end_step"] if s["end_step"] is not None else s["onset_step"]
-        ax.axvspan(s["onset_step"], max(end, s["onset_step"] + 1), color=SPIKE_COLOR, alpha=0.25, lw=0)
+        ax.axvspan(s["onset_step"], max(end, s["onset_step"] + 1), color=SPIKE_COLOR, alpha=0.25, lw=0,
+                   label="spike (forensics)" if label and first else None)
+        first = False
 
 
 def _tokens_axis(ax: Any, obj: dict) -> None:
@@ -276,7 +279,7 @@ def over_training_png(data: ReportData, obj: dict) -> bytes | None:
     if "val/loss" in ot["metrics"]:
         ax.plot(steps, [r.get("val/loss") for r in rows], "o-", color="#1f4e79", ms=4, label="val/loss")
     ax.set_ylabel("loss")
-    ax.legend(fontsize=8, loc="upper right")
+    _mark_spikes(ax, obj["spikes"], label=True)
     ax = axes[1, 0]
     for m in [m for m in ot["metrics"] if m.startswith("val/ppl")]:
         ax.plot(steps, [r.get(m) for r in rows], "o-", ms=3, lw=1.4 if m == "val/ppl" else 0.9, label=m)
@@ -298,9 +301,11 @@ def over_training_png(data: ReportData, obj: dict) -> bytes | None:
                      label="mem/matched_prefix")
             ax2.set_ylabel("matched prefix (tokens)", color="#c05a00")
         ax.legend(fontsize=8, loc="upper left")
-    for a in axes[:, 0]:
+    for a in axes[1:, 0]:
         _mark_spikes(a, obj["spikes"])
+    for a in axes[:, 0]:
         a.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8, loc="upper right")
     _tokens_axis(axes[0, 0], obj)
     axes[-1, 0].set_xlabel("step")
     return _png(fig)
