@@ -61,6 +61,7 @@ class AuditWriteError(RuntimeError):
 
 
 _STOP = object()
+_KNOWN = {t: frozenset(S.column_names(t)) for t in S.TABLES}
 
 
 class _Barrier:
@@ -334,7 +335,7 @@ class AuditSink:
             raise RuntimeError("AuditSink is closed")
         if not self._started:
             raise RuntimeError("AuditSink.start() must come before logging")
-        known = S.column_names(table)
+        known = _KNOWN.get(table) or S.column_names(table)  # raises for an unknown table
         unknown = [k for k in rows if k not in known]
         if unknown:
             raise ValueError(f"{table}: unknown column(s) {unknown} (known: {', '.join(known)})")
@@ -417,7 +418,10 @@ class AuditSink:
 
         new = to_arrow(table, cols, self.run_id, self.redactor)
         cur = self._open.get(table)
-        if cur is not None and cur[2] < ROLL_FLUSHES and cur[1].num_rows + new.num_rows <= ROLL_ROWS:
+        # A batch big enough to be a good file on its own (the writer fell behind and merged
+        # many flushes) gets its own segment instead of rewriting the open one.
+        if (cur is not None and cur[2] < ROLL_FLUSHES and new.num_rows * 4 < ROLL_ROWS
+                and cur[1].num_rows + new.num_rows <= ROLL_ROWS):
             name, tbl, writes = cur[0], pa.concat_tables([cur[1], new]), cur[2] + 1
         else:
             name, tbl, writes = f"r{self.rank}-{self._seq:08d}.parquet", new, 1
