@@ -285,7 +285,9 @@ def main() -> None:
         "peak_rss_with_html_mb": round(runs[0].get("peak_rss_with_html_mb", float("nan")), 1),
         "spikes": {"injected": info["spikes"], "found_onsets": med["onsets"], "classes": med["classes"],
                    "data_verdicts": med["verdicts"], "lead_signals": med["leads"],
-                   "all_injected_found": all(found), "n_found": len(med["onsets"])},
+                   "all_injected_found": all(found), "n_found": len(med["onsets"]),
+                   "n_not_injected": sum(not any(abs(o - e) <= 2 for e in info["expected_onsets"])
+                                         for o in med["onsets"])},
         "goal": {"time_s": 10.0, "rss_mb": 2048.0,
                  "met": med["forensics_s"] <= 10.0 and max(r["peak_rss_mb"] for r in runs) <= 2048.0},
         "note": "layer_stats and sample_stats are read only in windows around episodes (row groups pruned "

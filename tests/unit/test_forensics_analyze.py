@@ -185,3 +185,26 @@ def test_unlogged_loss_is_not_a_nan(tmp_path: Path) -> None:
     r = analyze_run(k2repro.open_store(tmp_path), "gaps")
     assert [(sp.episode.onset_step, sp.episode.cls) for sp in r.spikes] == [(201, "transient")]
     assert any("200 rows have no loss" in n for n in r.notes), r.notes
+
+
+def test_loss_max_opens_an_episode_only_with_the_loss_behind_it(tmp_path: Path) -> None:
+    """A bad batch in a small batch: 4 sigma on the loss (below the threshold of 6) but far out
+    on loss_max: found. A loss_max outlier with a flat loss (one noisy sample): not a spike."""
+    import numpy as np
+
+    from k2repro.forensics.synthetic import write_tables
+
+    rng = np.random.default_rng(9)
+    n = 400
+    loss = 4.0 + rng.normal(0, 0.1, n)
+    loss_max = loss + 1.5 + rng.normal(0, 0.1, n)
+    loss[199] += 0.45      # step 200: ~4 sigma on the loss ...
+    loss_max[199] += 4.0   # ... and ~40 on loss_max
+    loss_max[299] += 4.0   # step 300: loss_max alone
+    write_tables(tmp_path, "lm", {"runs": {"run_id": ["lm"]},
+                                  "steps": {"step": np.arange(1, n + 1), "loss": loss, "loss_max": loss_max}})
+    r = analyze_run(k2repro.open_store(tmp_path), "lm")
+    assert r.detectors["robust_z"]["n_flagged"] == 0
+    assert set(r.detectors["loss_max:robust_z"]["flagged_steps"]) == {200, 300}
+    assert [sp.episode.onset_step for sp in r.spikes] == [200]
+    assert r.spikes[0].detectors == ["loss_max:robust_z"]

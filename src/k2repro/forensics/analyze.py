@@ -63,6 +63,11 @@ class ForensicsParams:
     # move the max: in a tiny 16-sample run a 25% random-token batch is 3 sigma on the loss
     # and 12 on loss_max
     episode_detectors: tuple[str, ...] = ("robust_z", "nonfinite", "loss_max:robust_z")
+    # a flag of another signal's detector opens an episode only where the primary signal's
+    # robust z is at least this: the max of a batch has a heavier upper tail than the mean,
+    # and alone flagged 8 noise points in a synthetic million-step log (3 with this bar);
+    # the real bad batches of a tiny 2-rank run were at loss z 3.1-4.2
+    corroborate_z: float = 2.0
     episodes: EpisodeParams = EpisodeParams()
     precursors: PrecursorParams = PrecursorParams()
     layers: LayerParams = LayerParams()
@@ -83,6 +88,7 @@ class ForensicsParams:
             "detectors": [{"name": d.name, "kind": d.kind, **params_dict(d.params)}
                           for d in self.resolved_detectors()],
             "episode_detectors": list(self.episode_detectors),
+            "corroborate_z": self.corroborate_z,
             "scan_signals": list(self.scan_signals),
             "episodes": params_dict(self.episodes),
             "precursors": params_dict(self.precursors),
@@ -242,8 +248,10 @@ def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = Forens
         raise BadInputError(f"episode detectors {list(p.episode_detectors)} are not among "
                             f"the configured detectors {list(dets)}")
     flags = np.zeros(x.size, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        backed = np.nan_to_num(z, nan=-np.inf) >= p.corroborate_z if z is not None else np.zeros(x.size, bool)
     for n in names:
-        flags |= dets[n].flags
+        flags |= dets[n].flags if ":" not in n else (dets[n].flags & backed)
     eps = build_episodes(steps, x, flags, z=z, scale=scale, pred=pred, params=p.episodes,
                          interventions=[e for e in interventions if e.get("kind") in ("rollback", "abort")])
     res.timings["episodes_s"] = time.perf_counter() - t2
