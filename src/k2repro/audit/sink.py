@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from k2repro.audit import schema as S
-from k2repro.audit.redact import Redactor
+from k2repro.audit.redact import REDACTED, Redactor
 from k2repro.audit.runid import check_run_id
 from k2repro.audit.views import HEARTBEAT_DIR
 from k2repro.audit.writer import (
@@ -117,7 +117,7 @@ def parse_hparam(value: str | None, value_type: str) -> Any:
     """Inverse of hparam_rows for one value (exact for floats)."""
     if value is None or value_type == "null":
         return None
-    if value_type == "str":
+    if value_type == "str" or value == REDACTED:  # a redacted number stays the marker
         return value
     if value_type == "bool":
         return value == "true"
