@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import duckdb
     import pandas as pd
 
+#: Times a query is run again when a segment vanished under it (a folder swap).
+VANISHED_RETRIES = 5
 
 
 def default_store() -> Path:
@@ -56,11 +59,24 @@ class Store:
         self.root = root
         self.con = con
         self.sandboxed = sandboxed
+        self.retries = 0  # queries run again because a segment vanished under them
 
     # -- raw access
     def execute(self, query: str, params: list | dict | None = None) -> duckdb.DuckDBPyConnection:
-        """Run a query and return the DuckDB result (fetchall()/fetchdf()/arrow())."""
-        return self.con.execute(query, params) if params is not None else self.con.execute(query)
+        """Run a query and return the DuckDB result (fetchall()/fetchdf()/arrow()). A segment
+        that vanished between DuckDB's listing and its read (`gc`, compaction: see
+        audit/compact.py) fails the query; it is run again and then sees the new files."""
+        import duckdb
+
+        for attempt in range(VANISHED_RETRIES + 1):
+            try:
+                return self.con.execute(query, params) if params is not None else self.con.execute(query)
+            except duckdb.IOException as exc:
+                if attempt == VANISHED_RETRIES or "No such file" not in str(exc):
+                    raise
+                self.retries += 1
+                time.sleep(0.002 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def sql(self, query: str, params: list | dict | None = None) -> pd.DataFrame:
         """Run a query, return a pandas DataFrame (parameters, never string formatting)."""
@@ -166,7 +182,7 @@ class Store:
         self.close()
 
 
-def open_store(path: str | Path | None = None, *, sandbox: bool = False) -> Store:
+def open_store(path: str | Path | None = None, *, sandbox: bool = False, check_version: bool = True) -> Store:
     """Open the store at `path` (default `$K2REPRO_STORE`, else `runs`) for queries.
 
     A missing or empty store answers every view with 0 typed rows. `sandbox=True` (used by
@@ -175,6 +191,10 @@ def open_store(path: str | Path | None = None, *, sandbox: bool = False) -> Stor
     import duckdb
 
     root = Path(path) if path is not None else default_store()
+    if check_version and root.is_dir():  # a newer store, or an older one read wrongly: refuse (audit/migrate.py)
+        from k2repro.audit.migrate import check_store
+
+        check_store(root)
     con = duckdb.connect(":memory:", config={
         "autoinstall_known_extensions": "false", "autoload_known_extensions": "false"})
     con.execute("SET TimeZone = 'UTC'")

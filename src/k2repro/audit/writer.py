@@ -273,6 +273,13 @@ def ensure_store(root: str | Path) -> Path:
     root = Path(root)
     if store_meta_current(root):
         return root
+    try:  # never restamp a newer store with this (older) schema: audit/migrate.py
+        newer = int((root / STUB_DIR / "VERSION").read_text().split()[0]) > S.SCHEMA_VERSION
+    except (OSError, ValueError, IndexError):
+        newer = False
+    if newer:
+        raise BadInputError(f"store {root} was written by a newer k2repro (schema version above "
+                            f"{S.SCHEMA_VERSION}): upgrade k2repro to write to it")
     stub_root = root / STUB_DIR
     for t in S.TABLES:
         d = stub_root / t

@@ -110,6 +110,22 @@ KINDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[
 RUNNERS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]] = {}
 
 
+def _conf_bundle(p: argparse.ArgumentParser) -> None:
+    from k2repro.cli.verify_bundle import configure_import
+
+    configure_import(p)
+
+
+def _run_bundle(args: argparse.Namespace) -> int:
+    from k2repro.cli.verify_bundle import run_import
+
+    return run_import(args)
+
+
+RUNNERS["bundle"] = ("a release bundle written by `k2repro export` (verified, then added with its "
+                     "checkpoints and data so that replay works)", _conf_bundle, _run_bundle)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Import a run trained elsewhere into the audit store (source import:<kind>), so that "
