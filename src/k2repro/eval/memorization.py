@@ -78,9 +78,10 @@ def greedy_match(model: torch.nn.Module, windows: np.ndarray, k: int, device: to
 
 
 def memorization_metrics(matched: np.ndarray, k: int) -> list[tuple[str, float, int]]:
-    """(metric, value, n_tokens) rows; n_tokens = continuation tokens compared."""
+    """(metric, value, n_tokens) rows; n_tokens = continuation tokens compared. No rows for an
+    empty sample (`--mem-samples 0`)."""
     n = len(matched)
     if n == 0:
-        return [("mem/exact_match", float("nan"), 0), ("mem/matched_prefix", float("nan"), 0)]
+        return []
     return [("mem/exact_match", float(np.mean(matched == k)), n * k),
             ("mem/matched_prefix", float(np.mean(matched)), n * k)]

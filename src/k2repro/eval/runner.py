@@ -373,14 +373,10 @@ def evaluate(plan: EvalPlan, info: Any, progress: Callable[[str], None] | None =
         results.append(res)
         if progress and info.is_main:
             m = res["metrics"]
+            mem = "".join(f" {k} {m[k]:.3f}" for k in ("mem/exact_match", "mem/matched_prefix") if k in m)
             progress(f"eval {plan.run_id} step {ck.step} ({i}/{total}): val/loss {m['val/loss']:.4f} "
-                     f"val/ppl {m['val/ppl']:.3f} mem/exact_match {_f(m['mem/exact_match'])} "
-                     f"mem/matched_prefix {_f(m['mem/matched_prefix'])} [{dt:.1f}s]")
+                     f"val/ppl {m['val/ppl']:.3f}{mem} [{dt:.1f}s]")
     return results
-
-
-def _f(v: float) -> str:
-    return "nan" if v != v else f"{v:.3f}"
 
 
 # ------------------------------------------------------------------------------------ workers
