@@ -180,11 +180,15 @@ def child_scan(store: str) -> dict:
         "sum(update_norm), sum(update_ratio), sum(grad_max_abs) FROM read_parquet(?)",
         [str(run / "layer_stats" / "*.parquet")]).fetchone()
     t_ls = time.perf_counter() - t
+    t1 = time.perf_counter()
+    con.execute("SELECT sum(grad_norm) FROM read_parquet(?)", [str(run / "layer_stats" / "*.parquet")]).fetchone()
+    t_one = time.perf_counter() - t1
     t2 = time.perf_counter()
     st = con.execute("SELECT count(*), sum(loss), sum(grad_norm), sum(lr), sum(logz_mean) FROM read_parquet(?)",
                      [str(run / "steps" / "*.parquet")]).fetchone()
     t_st = time.perf_counter() - t2
     return {"scan_s": t_ls + t_st, "scan_layer_stats_s": t_ls, "scan_steps_s": t_st,
+            "scan_one_column_s": t_one,
             "layer_rows": ls[0], "steps_rows": st[0], "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -272,6 +276,7 @@ def main() -> None:
                                      "layer_parquet_bytes", "generate_s")},
         "baseline_scan_s": round(base["scan_s"], 3),
         "baseline_scan_layer_stats_s": round(base["scan_layer_stats_s"], 3),
+        "scan_layer_stats_one_column_s": round(base["scan_one_column_s"], 3),
         "baseline_peak_rss_mb": round(base["peak_rss_mb"], 1),
         "forensics_s": round(med["forensics_s"], 3),
         "forensics_runs_s": [round(r["forensics_s"], 3) for r in runs],

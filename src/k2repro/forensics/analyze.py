@@ -205,7 +205,9 @@ def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = Forens
 
     x = st.get(p.signal)
     if x is None or not _finite_any(x):
-        res.impossible.append(f"detection: the run has no finite {p.signal} values")
+        n_bad = 0 if x is None else int(x.size)
+        res.impossible.append(f"detection: the run has no finite {p.signal} values"
+                              + (f" ({n_bad} logged, all non-finite: diverged from the start)" if n_bad else ""))
         res.impossible.extend(_Availability(src, st, p).lines)
         res.timings["total_s"] = time.perf_counter() - t0
         return res
@@ -364,7 +366,7 @@ def _injected_ids(faults: list[dict]) -> dict[int, str]:
         d = f.get("detail") or {}
         for sid in d.get("sample_ids") or []:
             try:
-                out[int(sid)] = f"{d.get('kind', 'fault')} at step {f.get('step')} (text shown: the original sample)"
+                out[int(sid)] = f"{d.get('kind', 'fault')} at step {f.get('step')}"
             except (TypeError, ValueError):
                 continue
     return out

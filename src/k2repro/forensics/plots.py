@@ -134,7 +134,7 @@ def heatmap_png(sp: Any) -> bytes | None:
     n = len(la.heat_params)
     height = 0.9 + 0.17 * n
     fig, ax = plt.subplots(figsize=(8, height))
-    fig.subplots_adjust(left=0.33, right=0.88, top=1 - 0.15 / height, bottom=0.55 / height)
+    fig.subplots_adjust(left=0.33, right=0.84, top=1 - 0.15 / height, bottom=0.55 / height)
     lim = max(0.5, float(np.nanmax(np.abs(h))))
     steps = la.heat_steps
     im = ax.imshow(h, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest",
@@ -143,6 +143,6 @@ def heatmap_png(sp: Any) -> bytes | None:
     ax.set_yticklabels([p if len(p) <= 40 else "..." + p[-37:] for p in la.heat_params], fontsize=6)
     ax.axvline(sp.episode.onset_step, color="k", lw=0.8, ls="--")
     ax.set_xlabel("step")
-    cax = fig.add_axes((0.9, 0.55 / height, 0.015, 1 - 0.7 / height))
-    fig.colorbar(im, cax=cax, label="log10(grad norm / before)")
+    cax = fig.add_axes((0.86, 0.55 / height, 0.015, 1 - 0.7 / height))
+    fig.colorbar(im, cax=cax, label="log10 grad norm / before")
     return _png(fig)

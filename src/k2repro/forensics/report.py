@@ -343,7 +343,9 @@ def _spike_html(i: int, sp: Spike, s: dict, plots: bool) -> str:
                         flags = ", ".join(smp.get("flags") or [])
                         row.append(f'<span class="mono">{ftxt}</span>' + (f"<br><b>{_e(flags)}</b>" if flags else ""))
                     elif c == "text":
-                        row.append(f'<div class="txt">{_e(v)}</div>' if v else "")
+                        orig = ('<p class="note">the original sample; the fault replaced it in training</p>'
+                                if v and smp.get("injected") else "")
+                        row.append(f'{orig}<div class="txt">{_e(v)}</div>' if v else "")
                     else:
                         row.append(_e(v or ""))
                 rows.append(row)
