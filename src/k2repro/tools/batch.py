@@ -96,7 +96,7 @@ def batch_lookup(store: Store, ref: str, step: int, packed_dir: str | Path | Non
     recomputed: list[int] | None = None
     deferred: list[int] = []
     if ds is not None and {"train.seed", "train.global_batch_size", "train.max_steps"} <= hp.keys():
-        deferred = deferred_at(store, rid, step)
+        deferred = deferred_at(store, rid)
         recomputed = recompute_ids(hp, len(ds), step, deferred)
     elif ds is not None:
         notes.append("the run recorded no train.seed/global_batch_size/max_steps: ids cannot be recomputed")

@@ -66,8 +66,7 @@ def first_step(steps: np.ndarray, mask: np.ndarray) -> int | None:
 
 
 def last_per_step(df: pd.DataFrame, keys: tuple[str, ...] = ("step",)) -> pd.DataFrame:
-    """One row per key: the last one recorded (a run that rolled back in process records the
-    re-run steps again; the later rows are the ones its history kept)."""
+    """One row per key: should a run have recorded a step twice, its later row counts."""
     return df.drop_duplicates(subset=list(keys), keep="last")
 
 

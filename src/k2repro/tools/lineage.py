@@ -39,36 +39,24 @@ def chain(store: Store, run_id: str) -> list[dict[str, Any]]:
     return out[::-1]
 
 
-def rollback_events(store: Store, run_id: str) -> list[tuple[int, list[int]]]:
-    """(step, deferred data positions) of every guard rollback of this run, in time order."""
-    rows = store.execute(
-        "SELECT step, detail FROM events WHERE run_id = ? AND kind = 'rollback' ORDER BY time",
-        [run_id]).fetchall()
-    out = []
-    for step, detail in rows:
-        try:
-            deferred = json.loads(detail or "{}").get("deferred")
-        except (json.JSONDecodeError, AttributeError):
-            deferred = None
-        if step is not None and deferred is not None:
-            out.append((int(step), [int(x) for x in deferred]))
-    return out
+def deferred_at(store: Store, run_id: str) -> list[int]:
+    """The deferred data positions in force for this run's steps.
 
-
-def deferred_at(store: Store, run_id: str, step: int) -> list[int]:
-    """The deferred data positions in force when `step` of this run trained.
-
-    A rollback event's `step` is the step the run went back to: the steps after it draw their
-    data with the new deferral list. Ancestors count up to the step their child resumed from.
+    A run's deferral list is fixed when it starts: the list in the checkpoint it resumed from
+    (inherited from its ancestors) joined with its own `train.defer_positions` (a guard
+    rollback starts a child run whose config records the whole list). So the union of
+    `train.defer_positions` along the chain of parents is the list its steps drew data with.
     """
-    runs = chain(store, run_id)
-    current: list[int] = []
-    for i, r in enumerate(runs):
-        limit = runs[i + 1]["resumed_from_step"] if i + 1 < len(runs) else None
-        for ev_step, deferred in rollback_events(store, r["run_id"]):
-            if ev_step < step and (limit is None or ev_step <= int(limit)):
-                current = deferred
-    return current
+    out: set[int] = set()
+    for r in chain(store, run_id):
+        row = store.execute("SELECT value FROM hparams WHERE run_id = ? AND key = 'train.defer_positions'",
+                            [r["run_id"]]).fetchone()
+        if row and row[0]:
+            try:
+                out.update(int(x) for x in json.loads(row[0]))
+            except (json.JSONDecodeError, TypeError, ValueError):
+                continue
+    return sorted(out)
 
 
 def run_dir(store: Store, run_id: str) -> Path | None:

@@ -148,8 +148,8 @@ def _start_candidates(store: Store, row: dict, cfg: dict, from_step: int) -> lis
             hint = json.loads(ev[0]).get("checkpoint")
         if int(k) <= from_step - 1:
             cands.append((int(k), parent, hint))
-    elif not lineage.rollback_events(store, rid):
-        cands.append((0, None, None))
+    else:
+        cands.append((0, None, None))  # a fresh run: the initial state (its deferrals are in its config)
     return cands
 
 
@@ -190,7 +190,6 @@ def plan_replay(store: Store, ref: str, from_step: int, to_step: int, tolerance:
                             f"{from_step}..{to_step}{why}")
     if to_step > typed.train.max_steps:
         raise BadInputError(f"--to-step {to_step} is beyond the run's train.max_steps={typed.train.max_steps}")
-    rollbacks = [s for s, _ in lineage.rollback_events(store, rid)]
 
     # the starting state: newest usable one before A
     cands = sorted(_start_candidates(store, row, cfg, from_step), key=lambda c: c[0], reverse=True)
@@ -207,17 +206,9 @@ def plan_replay(store: Store, ref: str, from_step: int, to_step: int, tolerance:
         start, ckpt_path, ckpt_run = step, path, crun
         break
     if start is None:
-        if row.get("resumed_from_step") is not None:
-            why = f"it resumed from step {row['resumed_from_step']}, and its own checkpoints before {from_step} are gone"
-        elif rollbacks:
-            why = "it deferred data in a guard rollback, so the initial state does not lead to its steps"
-        else:
-            why = "none is left"
-        raise BadInputError(f"no usable checkpoint of run '{rid}' before step {from_step}: {why}")
-    crossing = [s for s in rollbacks if start <= s < to_step]
-    if crossing:
-        raise BadInputError(f"run '{rid}' rolled back to step {crossing[0]} (guard) inside the replayed range "
-                            f"{start + 1}..{to_step}: replay a range on one side of it")
+        raise BadInputError(f"no usable checkpoint of run '{rid}' before step {from_step}: it resumed from step "
+                            f"{row['resumed_from_step']} of run '{row.get('parent_run_id')}', whose checkpoint "
+                            f"is gone, and its own checkpoints before step {from_step} are gone too")
 
     if ckpt_path is not None:
         from k2repro.train.checkpoint import verify_checkpoint
