@@ -26,7 +26,7 @@ def main() -> int:
         print("make run needs a git checkout (DVC tracks the pipeline in git)", file=sys.stderr)
         return 2
     t0 = time.time()
-    print("== dvc repro (stages: prepare, dedup, tokenize, pack, train, forensics, metrics)", flush=True)
+    print("== dvc repro (stages: prepare, dedup, tokenize, pack, train, eval, forensics, metrics)", flush=True)
     rc = subprocess.call([str(venv_bin / "dvc"), "repro", *sys.argv[1:]], cwd=REPO, env=env)
     if rc != 0:
         print(f"dvc repro failed (exit {rc})", file=sys.stderr)
@@ -37,7 +37,8 @@ def main() -> int:
         m = json.loads(metrics.read_text())
         print(json.dumps(m, indent=2))
         run_id = m.get("train", {}).get("run_id", "")
-        print(f"\nforensics report: reports/pipeline/forensics/{run_id}/forensics.html")
+        print(f"\nrun report:       reports/pipeline/report/{run_id}/report.html")
+        print(f"forensics report: reports/pipeline/forensics/{run_id}/forensics.html")
     print("audit store:      runs/pipeline/train  (try: .venv/bin/k2repro runs --store runs/pipeline/train)")
     print("metrics:          reports/metrics.json (dvc metrics show), loss curve: dvc plots show")
     print("The demo config injects one known bad batch (faults.bad_batch_steps in conf/faults/demo.yaml);"

@@ -86,14 +86,14 @@ def repo(tmp_path_factory) -> Path:
 
 def test_pipeline_end_to_end(repo: Path, tmp_path: Path) -> None:
     first = sh(repo, "dvc", "repro")
-    assert ran(first.stdout) == {"prepare", "dedup", "tokenize", "pack", "train", "forensics", "metrics"}, first.stdout
+    assert ran(first.stdout) == {"prepare", "dedup", "tokenize", "pack", "train", "eval", "forensics", "metrics"}, first.stdout
     second = sh(repo, "dvc", "repro")
     assert ran(second.stdout) == set(), second.stdout
 
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "first repro")
     exp = sh(repo, "dvc", "exp", "run", "-S", "optim.lr=0.002")
-    assert ran(exp.stdout) == {"train", "forensics", "metrics"}, exp.stdout
+    assert ran(exp.stdout) == {"train", "eval", "forensics", "metrics"}, exp.stdout
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["optim"]["lr"] == 0.002 and params["data"]["max_docs"] == 150
 
