@@ -323,9 +323,10 @@ def main() -> int:
         if "steps_per_s" not in r:
             print(f"| {name} | skipped: {r['skipped']} | | | | | |")
             continue
+        speedup = f"{r['ours_speedup']:.1f}" if "ours_speedup" in r else "(ours)"
         print(f"| {name} {r.get('version') or ''} | {r['steps']} | {r['steps_per_s']:,.0f} | "
               f"{r['seconds_for_20k']:.2f}{' (scaled)' if r['scaled'] else ''} | {r['bytes'] / 1e6:.2f} | "
-              f"{r['bytes_per_step']:.0f} | {r.get('ours_speedup', 0):.1f} |")
+              f"{r['bytes_per_step']:.0f} | {speedup} |")
     print(json.dumps(goals))
     return 0
 
