@@ -239,10 +239,12 @@ def plan_replay(store: Store, ref: str, from_step: int, to_step: int, tolerance:
                       data_checked=checked, notes=notes)
 
 
-def launch_config(plan: ReplayPlan, out_store: Path, checkpoints: bool = True) -> dict[str, Any]:
+def launch_config(plan: ReplayPlan, out_store: Path, checkpoints: bool = True,
+                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The replay's config: the run's own, resumed from the plan's state, stopping at B,
     writing to `out_store`. Process faults (SIGKILL) inside the range are cleared: they stop
-    a process, they do not change its numbers."""
+    a process, they do not change its numbers. `overrides` (dotted key -> value) are applied
+    last: a counterfactual replay (forensics' causal check) changes what it tests."""
     cfg = json.loads(json.dumps(plan.config))
     set_key(cfg, "train.resume", str(plan.checkpoint.resolve()) if plan.checkpoint else "")
     set_key(cfg, "train.stop_at_step", plan.to_step)
@@ -257,16 +259,18 @@ def launch_config(plan: ReplayPlan, out_store: Path, checkpoints: bool = True) -
     kill = int(get_key(cfg, "faults.kill_step", 0) or 0)
     if plan.start_step < kill <= plan.to_step:
         set_key(cfg, "faults.kill_step", 0)
+    for k, v in (overrides or {}).items():
+        set_key(cfg, k, v)
     return cfg
 
 
 def train_replay(plan: ReplayPlan, out_store: Path, checkpoints: bool = True,
-                 progress: Progress | None = None) -> tuple[str, float]:
+                 progress: Progress | None = None, overrides: dict[str, Any] | None = None) -> tuple[str, float]:
     """Train the plan's range as a new run; returns (replay run id, wall seconds)."""
     import yaml
 
     say = progress or (lambda _m: None)
-    cfg = launch_config(plan, out_store, checkpoints)
+    cfg = launch_config(plan, out_store, checkpoints, overrides)
     env = dict(os.environ, K2REPRO_SOURCE="replay", K2REPRO_PARENT_RUN_ID=plan.run_id, PYTHONUNBUFFERED="1")
     if plan.threads and plan.nproc == 1:
         env["OMP_NUM_THREADS"] = plan.threads  # the thread count can change CPU reduction order
@@ -312,9 +316,11 @@ def compare_replay(store: Store, plan: ReplayPlan, out: Store, replay_id: str) -
 
 def replay(store_path: str | Path | None, ref: str, from_step: int, to_step: int, tolerance: float = 0.0,
            allow_reshard: bool = False, nproc: int | None = None, out_store: str | Path | None = None,
-           checkpoints: bool = True, progress: Progress | None = None) -> dict[str, Any]:
+           checkpoints: bool = True, progress: Progress | None = None,
+           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plan, verify, train, compare. Returns the report (`--json`'s object); its `exit_code`
-    is 0 when every step matched within the tolerance, 1 when not."""
+    is 0 when every step matched within the tolerance, 1 when not. `overrides` (dotted config
+    keys) make a counterfactual replay; the report then lists them."""
     from k2repro.audit.store import default_store, open_store
 
     root = Path(store_path) if store_path is not None else default_store()
@@ -325,7 +331,7 @@ def replay(store_path: str | Path | None, ref: str, from_step: int, to_step: int
         for n in plan.notes:
             (progress or (lambda _m: None))(f"note: {n}")
         dest = Path(out_store) if out_store is not None else root
-        replay_id, wall = train_replay(plan, dest, checkpoints, progress)
+        replay_id, wall = train_replay(plan, dest, checkpoints, progress, overrides)
         if progress:
             progress(f"comparing steps {from_step}..{to_step}")
         with open_store(dest) as out:
@@ -337,6 +343,7 @@ def replay(store_path: str | Path | None, ref: str, from_step: int, to_step: int
         "checkpoint_run_id": plan.checkpoint_run_id,
         "rerun_not_compared": plan.not_compared, "world_size": plan.world_size, "replay_world_size": plan.nproc,
         "data_verified": plan.data_checked, "notes": plan.notes, "train_wall_s": wall,
+        "overrides": dict(overrides or {}),
         **cmp.to_dict(),
     }
     report["exit_code"] = 0 if cmp.within_tolerance and cmp.steps_compared > 0 else 1
