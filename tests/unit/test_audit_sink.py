@@ -194,15 +194,3 @@ def test_open_segment_rolls_over(tmp_path, monkeypatch):
     with open_store(tmp_path) as st:
         assert st.steps("run-g")["step"].tolist() == list(range(1, 11))
 
-
-def test_audit_start_for_any_loop(tmp_path):
-    import k2repro.audit
-
-    with k2repro.audit.start(tmp_path, name="any-loop", config={"lr": 0.1, "api_key": "zzzzzzzz"}) as sink:
-        sink.log_metrics({"step": [1, 2], "name": ["loss", "loss"], "value": [2.0, 1.5]})
-    with open_store(tmp_path) as st:
-        run = st.runs().iloc[0]
-        assert run["name"] == "any-loop" and run["status"] == "completed" and len(run["config_hash"]) == 16
-        assert st.hparams(run["run_id"]) == {"lr": 0.1, "api_key": "***REDACTED***"}
-        assert st.env(run["run_id"])["launcher"] == "python"
-        assert st.execute("SELECT value FROM metrics ORDER BY step").fetchall() == [(2.0,), (1.5,)]
