@@ -138,6 +138,21 @@ def test_json_has_the_spikes_columns_and_is_strict(reports) -> None:
     assert to_json(reports["res"]["rep"])["spikes"] == obj["spikes"]
 
 
+def test_urls_in_sample_text_do_not_become_urls_in_the_html(reports) -> None:
+    from k2repro.forensics.report import to_html
+
+    res = reports["res"]["rep"]
+    sp = [s for s in res.spikes if s.data and s.data.verdict == "data"][0]
+    saved = sp.data.samples[0].get("text")
+    sp.data.samples[0]["text"] = "see https://example.org/x and http://example.com"
+    try:
+        html = to_html(res, plots=False)
+    finally:
+        sp.data.samples[0]["text"] = saved
+    assert "example.org/x" in html
+    assert not re.search(r"https?://", html)
+
+
 def test_loss_only_report_lists_impossible_analyses(reports) -> None:
     obj = json.loads(reports["paths"]["imp"]["json"].read_text(encoding="utf-8"))
     assert len(obj["spikes"]) == 1

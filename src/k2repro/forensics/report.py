@@ -225,7 +225,9 @@ img{max-width:100%;height:auto;display:block;margin:.4em 0}
 
 
 def _e(v: Any) -> str:
-    return html.escape(_fmt(v) if not isinstance(v, str) else v, quote=True)
+    # "://" as "&#58;//": a URL inside sample text renders the same but is never a link, and
+    # the file contains no literal external URL
+    return html.escape(_fmt(v) if not isinstance(v, str) else v, quote=True).replace("://", "&#58;//")
 
 
 def _img(png: bytes | None, alt: str) -> str:
