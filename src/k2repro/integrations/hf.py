@@ -47,6 +47,7 @@ class K2ReproCallback(TrainerCallback):
         self.flush_every, self.extra_config, self.data_manifest = flush_every, config, data_manifest
         self.run_id_arg, self.secrets = run_id, secrets
         self.run: AuditRun | None = None
+        self.run_id: str | None = None  # the latest run this callback started
         self._last_logged = 0
         self._t_logged = time.perf_counter()
         self._tokens_seen = 0
@@ -78,6 +79,7 @@ class K2ReproCallback(TrainerCallback):
                              "sample_stats": "the Trainer reduces the loss over the batch before any callback "
                                              "sees it (override compute_loss and call run.log_samples)",
                              "steps.batch_hash": "the Trainer's callbacks never see the batch's sample ids"})
+        self.run_id = self.run.run_id
         if parent is not None:
             self.run.log_event("resume", step=resumed, parent_run_id=parent)
         self._last_logged = int(state.global_step)

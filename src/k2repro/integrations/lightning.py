@@ -55,6 +55,7 @@ class K2ReproCallback(Callback):
         self.flush_every, self.extra_config, self.data_manifest = flush_every, config, data_manifest
         self.run_id_arg, self.count_tokens, self.secrets = run_id, count_tokens, secrets
         self.run: AuditRun | None = None
+        self.run_id: str | None = None  # the latest run this callback started
         self._resume: dict | None = None
         self._reset()
 
@@ -97,6 +98,8 @@ class K2ReproCallback(Callback):
                          hash_exclude=["trainer.default_root_dir"],
                          facts={"audit.adapter": "lightning", "lightning.version": lightning.__version__},
                          absent={"steps.batch_hash": "Lightning's callbacks never see the batch's sample ids"})
+        self.run_id = self.run.run_id
+        self._resume = None
         if resume.get("parent"):
             self.run.log_event("resume", step=resume.get("step"), parent_run_id=resume["parent"])
         self._reset()

@@ -1,0 +1,122 @@
+"""k2repro.audit.start under FSDP2 (and DDP) with two real gloo ranks (torchrun): one run id
+for both ranks, global tables written once, rank-local samples from each, and per-parameter
+statistics equal to those of the same model trained on one process on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+
+from k2repro.audit.store import open_store
+
+SCRIPT = textwrap.dedent('''
+    import sys
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import fully_shard
+    import k2repro.audit
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 4))
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    with k2repro.audit.start(sys.argv[1], name="fsdp", config={"world_size": 2}) as run:
+        for step in (1, 2, 3):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
+            mine = slice(4 * rank, 4 * rank + 4)
+            losses = F.cross_entropy(model(x[mine]), y[mine], reduction="none")
+            losses.mean().backward()
+            run.log_layer_stats(step, model, opt)
+            opt.step()
+            opt.zero_grad()
+            run.log_step(step, loss=losses.mean().detach())
+            run.log_samples(step, torch.arange(4) + 4 * rank + 8 * step, losses.detach())
+        if rank == 0:
+            print("run_id=" + run.run_id, flush=True)
+
+    # The same with DDP: plain replicated tensors count once (rank 0), not once per rank.
+    torch.manual_seed(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 4)))
+    opt = torch.optim.AdamW(ddp.parameters(), lr=0.05)
+    with k2repro.audit.start(sys.argv[1], name="ddp") as run:
+        for step in (1, 2, 3):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
+            mine = slice(4 * rank, 4 * rank + 4)
+            F.cross_entropy(ddp(x[mine]), y[mine]).backward()
+            run.log_layer_stats(step, ddp, opt)
+            opt.step()
+            opt.zero_grad()
+            run.log_step(step, loss=1.0)
+        if rank == 0:
+            print("ddp_run_id=" + run.run_id, flush=True)
+    dist.destroy_process_group()
+''')
+
+
+def _reference() -> dict[int, dict[str, list[float]]]:
+    """The same model and data on one process, unsharded, whole batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    out = {}
+    for step in (1, 2, 3):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        opt.step()
+        opt.zero_grad()
+        out[step] = {
+            "grad_norm": [float(g.norm()) for g in grads],
+            "grad_max_abs": [float(g.abs().max()) for g in grads],
+            "param_norm": [float(b.norm()) for b in before],
+            "update_norm": [float((p.detach() - b).norm()) for p, b in zip(model.parameters(), before)],
+        }
+    return out
+
+
+def test_fsdp2_two_ranks_match_the_unsharded_model(tmp_path) -> None:
+    script = tmp_path / "fsdp_loop.py"
+    script.write_text(SCRIPT)
+    store = tmp_path / "store"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script), str(store)], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rid = p.stdout.split("run_id=")[1].split()[0]
+    ddp_rid = p.stdout.split("ddp_run_id=")[1].split()[0]
+    ref = _reference()
+    names = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    with open_store(store) as st:
+        assert sorted(st.runs()["run_id"]) == sorted([rid, ddp_rid])  # both ranks under rank 0's ids
+        run = st.run(rid)
+        assert run["status"] == "completed" and run["world_size"] == 2 and run["launcher"] == "torchrun"
+        assert sorted(set(st.sql("SELECT rank FROM env WHERE run_id = ?", [rid])["rank"])) == [0, 1]
+        assert st.steps(rid)["step"].tolist() == [1, 2, 3]  # written once, by rank 0
+        ss = st.sample_stats(rid)
+        assert len(ss) == 24 and sorted(set(ss["rank"])) == [0, 1]
+        ls = st.layer_stats(rid)
+        assert len(ls) == 12 and set(ls["numel"]) == {60, 10, 40, 4}  # global sizes, not shards
+        for step in (1, 2, 3):
+            got = ls[ls["step"] == step].set_index("param").loc[names]
+            for col in ("grad_norm", "grad_max_abs", "param_norm", "update_norm"):
+                np.testing.assert_allclose(got[col].to_numpy(), ref[step][col], rtol=2e-5, err_msg=f"{col} {step}")
+        ls = st.layer_stats(ddp_rid)
+        for step in (1, 2, 3):
+            got = ls[ls["step"] == step].set_index("param").loc[[f"module.{n}" for n in names]]
+            for col in ("grad_norm", "grad_max_abs", "param_norm", "update_norm"):
+                np.testing.assert_allclose(got[col].to_numpy(), ref[step][col], rtol=2e-5, err_msg=f"ddp {col} {step}")
