@@ -70,10 +70,11 @@ WHERE j->>'run_id' IS NOT NULL"""
 
 
 def runs_view_sql(local_host: str | None = None) -> str:
-    """Status rules (docs/audit-store.md): any rank's end marker says failed -> failed; rank 0's
-    end marker -> its status; else a rank without an end marker whose heartbeat is stale (or,
-    when `local_host` is given, whose process on this host is gone) -> crashed; no heartbeat
-    at all -> crashed; else running."""
+    """Status rules (docs/audit-store.md): a rank without an end marker whose heartbeat is stale
+    (or, when `local_host` is given, whose process on this host is gone) -> crashed, even when
+    other ranks then failed (a hard kill is the root cause: the survivors' errors are its echo);
+    else any rank's end marker says failed -> failed; rank 0's end marker -> its status; no
+    heartbeat at all -> crashed; else running."""
     lost = f"epoch(now()) - epoch(h.last_beat) > 3 * coalesce(h.heartbeat_s, 2.0) + {STALE_SLACK_S}"
     if local_host is not None:
         lost += f" OR (h.host = {sql_literal(local_host)} AND NOT k2_pid_alive(h.pid, h.pid_start))"
@@ -95,9 +96,10 @@ beats AS (
   FROM heartbeats h LEFT JOIN run_end e ON e.run_id = h.run_id AND e.rank = h.rank
   GROUP BY h.run_id)
 SELECT r.run_id, r.name,
-       CASE WHEN ends.any_failed THEN 'failed'
+       CASE WHEN beats.any_lost THEN 'crashed'
+            WHEN ends.any_failed THEN 'failed'
             WHEN ends.rank0_status IS NOT NULL THEN ends.rank0_status
-            WHEN beats.run_id IS NULL OR beats.any_lost THEN 'crashed'
+            WHEN beats.run_id IS NULL THEN 'crashed'
             ELSE 'running' END AS status,
        r.started_at, ends.ended_at, r.parent_run_id, r.resumed_from_step, r.source, r.config_hash,
        r.git_commit, r.git_dirty, r.world_size, {rest_sql}, ends.error, beats.last_heartbeat

@@ -47,6 +47,11 @@ STEP_FIELDS = ("loss", "grad_norm", "clipped", "loss_min", "loss_max", "loss_std
                "guard_flag")
 
 
+def _present(value: str | None) -> str | None:
+    """Facts use the marker "absent" (outside a git checkout, no GPU); columns use NULL."""
+    return None if value in (None, "", "absent") else value
+
+
 def new_run_id(name: str) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40] or "run"
@@ -174,7 +179,8 @@ class Trainer:
             "resumed_from_step": self.start_step if (self.parent_run_id and (cfg.train.resume or resume_path))
             else None,
             "source": os.environ.get("K2REPRO_SOURCE", "train"), "config_hash": config_hash(cfg),
-            "git_commit": env.get("git.commit"), "git_dirty": env.get("git.dirty") == "True",
+            "git_commit": _present(env.get("git.commit")),
+            "git_dirty": None if _present(env.get("git.dirty")) is None else env.get("git.dirty") in ("True", "true"),
             "world_size": info.world_size, "started_at": datetime.now(timezone.utc),
             "config_json": json.dumps(resolved, sort_keys=True, default=str),
             "argv": json.dumps(sys.argv),
