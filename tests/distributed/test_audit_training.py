@@ -206,3 +206,11 @@ def test_planted_secrets_reach_no_table(packed_dir: Path, tmp_path: Path) -> Non
                 hits = s.sql(f'SELECT count(*) FROM {table} WHERE CAST("{col}" AS VARCHAR) LIKE ?',
                              [f"%{SECRET}%"]).iloc[0, 0]
                 assert hits == 0, f"secret found in {table}.{col}"
+    reports = tmp_path / "reports"
+    for cmd in (["forensics", rid, "--out", str(reports)], ["report", rid, "--out", str(reports)]):
+        r = k2(*cmd, "--store", str(store))
+        assert r.returncode == 0, r.stderr[-2000:]
+    files = [p for p in reports.rglob("*") if p.is_file()]
+    assert files, "reports were written"
+    for p in files:
+        assert SECRET.encode() not in p.read_bytes(), f"secret in {p}"
