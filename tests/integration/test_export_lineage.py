@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -106,3 +107,17 @@ def test_imported_chain_reads_the_same_lineage(chain_bundle, tmp_path) -> None: 
         assert s.execute("SELECT count(*) FROM runs WHERE status = 'completed'").fetchone()[0] == 2
     logical = pq.read_table(chain_bundle["bundle"] / "logical/steps.parquet").to_pydict()
     assert rows == list(zip(logical["step"], logical["run_id"], logical["loss"]))
+
+
+def test_gc_removes_an_import_whole(chain_bundle, tmp_path) -> None:  # noqa: ANN001
+    from k2repro.tools.bundle import import_bundle
+    from k2repro.tools.gc import apply_gc, plan_gc
+
+    store = tmp_path / "store"
+    folder = Path(import_bundle(chain_bundle["bundle"], store)["folder"])
+    only_child = plan_gc(store, ["C"])
+    assert only_child.paths() == [str(folder / "C")]  # P stays, and with it the import's data
+    plan = plan_gc(store, ["P", "C"])
+    assert plan.paths() == [str(folder)]
+    apply_gc(plan)
+    assert not folder.exists() and not list(store.glob("bundle-*"))

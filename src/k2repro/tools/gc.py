@@ -140,12 +140,36 @@ def plan_gc(store_root: str | Path, run_ids: list[str] | None = None, name: str 
             "started_at": started.isoformat() if started else None,
             "paths": [str(p) for p in paths], "bytes": sum(_du(p) for p in paths)})
     removed = {r["run_id"] for r in plan.remove}
+    _whole_imports(plan, removed)
     for r in plan.remove:
         left = [c for c in children.get(r["run_id"], []) if c not in removed]
         if left:
             plan.notes.append(f"run {r['run_id']} is the parent of {', '.join(left)}: their replays from "
                               f"its checkpoints will no longer find them")
     return plan
+
+
+def _whole_imports(plan: GcPlan, removed: set[str]) -> None:
+    """A bundle import (`<store>/bundle-*/` with `_import.json`) whose every launch goes is
+    removed whole, its shipped data included; otherwise only the launches' folders go."""
+    containers: dict[Path, list[dict[str, Any]]] = {}
+    for r in plan.remove:
+        for p in r["paths"]:
+            parent = Path(p).parent
+            if (parent / "_import.json").is_file():
+                containers.setdefault(parent, []).append(r)
+    for c, entries in containers.items():
+        try:
+            runs = json.loads((c / "_import.json").read_text()).get("runs", [])
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not runs or not set(runs) <= removed:
+            continue
+        inner = {str(c / rid) for rid in runs}
+        for r in entries:
+            r["paths"] = [p for p in r["paths"] if p not in inner]
+        entries[-1]["paths"].append(str(c))
+        entries[-1]["bytes"] = entries[-1]["bytes"] + _du(c / "data") + _du(c / "_import.json")
 
 
 def _inside(a: Path, b: Path) -> bool:
