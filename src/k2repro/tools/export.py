@@ -264,10 +264,12 @@ def data_order(store: Store, chain: list[dict[str, Any]], steps: pa.Table | None
     owner = dict(zip(st["step"], st["run_id"]))
     hashes = dict(zip(st["step"], st["batch_hash"]))
     cols: dict[str, list] = {"step": [], "run_id": [], "data_position": [], "batch_pos": [], "sample_id": []}
-    if n_samples:
+    need = ("seed", "global_batch_size", "max_steps")
+    cfgs = {r["run_id"]: json.loads(r["config_json"] or "{}").get("train") or {} for r in chain}
+    if n_samples and all(all(k in c for k in need) for c in cfgs.values()):
         samplers: dict[str, tuple[Any, list[int]]] = {}
         for r in chain:
-            t = (json.loads(r["config_json"] or "{}").get("train") or {})
+            t = cfgs[r["run_id"]]
             s = StepSampler(int(t["seed"]), n_samples, int(t["global_batch_size"]), int(t["max_steps"]))
             s.deferred = lineage.deferred_at(store, r["run_id"])
             samplers[r["run_id"]] = (s, s.deferred)
@@ -625,9 +627,11 @@ def render_model_card(info: dict[str, Any], cfg: dict[str, Any], env: dict[str, 
               f"{o.get('min_lr')}), weight decay {o.get('weight_decay')}, gradient clipping {o.get('clip_grad')}.",
               "- The resolved config is `config.yaml`" + (" (the first launch's; every launch's in `configs/`)"
                                                           if len(chain) > 1 else "") + ".",
-              f"- Environment (rank 0): torch {e0.get('torch', e0.get('torch.version', '?'))}, python "
-              f"{e0.get('python', e0.get('python.version', '?'))}, host CPU {e0.get('cpu.model', '?')}; every "
-              f"rank's facts in `env.json`.",
+              f"- Environment (rank 0): torch {e0.get('torch.version', '?')}, python {e0.get('python', '?')}, "
+              f"CPU {e0.get('cpu.model', '?')}"
+              + (f", {e0.get('gpu.count')} x {e0['gpu.name']} (driver {e0.get('gpu.driver')}, CUDA "
+                 f"{e0.get('torch.cuda')})" if e0.get("gpu.name") else ", no GPU")
+              + "; every rank's facts in `env.json`.",
               ""]
     if data.get("shipped"):
         lines += [f"- Data: the packed training data ships in `data/packed/` ({data['n_samples']} samples, "
