@@ -630,7 +630,7 @@ def render_model_card(info: dict[str, Any], cfg: dict[str, Any], env: dict[str, 
               f"- Environment (rank 0): torch {e0.get('torch.version', '?')}, python {e0.get('python', '?')}, "
               f"CPU {e0.get('cpu.model', '?')}"
               + (f", {e0.get('gpu.count')} x {e0['gpu.name']} (driver {e0.get('gpu.driver')}, CUDA "
-                 f"{e0.get('torch.cuda')})" if e0.get("gpu.name") else ", no GPU")
+                 f"{e0.get('torch.cuda')})" if e0.get("gpu.name") not in (None, "", "absent") else ", no GPU")
               + "; every rank's facts in `env.json`.",
               ""]
     if data.get("shipped"):
