@@ -227,11 +227,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_hash(cfg: RunConfig) -> str:
     """sha256 of the canonical JSON of the resolved config, minus keys that do not change the
-    computation (names, tags, paths of the store and checkpoints, resume/dry-run switches)."""
+    computation (names, tags, paths of the store, checkpoints and data, resume/dry-run switches)."""
     d = to_dict(cfg)
     d.pop("run", None)
     d["audit"] = {k: v for k, v in d["audit"].items() if k not in ("store",)}
     d["ckpt"] = {k: v for k, v in d["ckpt"].items() if k not in ("dir",)}
+    # where the data lives is not what it is: the data manifest's sha256 says that
+    d["data"] = {k: v for k, v in d["data"].items() if k not in ("source", "work_dir", "packed_dir")}
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("resume", "dry_run", "stop_at_step")}
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
