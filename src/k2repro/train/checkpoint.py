@@ -66,40 +66,47 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     t0 = time.perf_counter()
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    if _is_dist():
-        dist.barrier()
-    msd, osd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # world size 1: DCP warns that it saves in one process
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
-    mine = sorted(
-        f.name for f in tmp.iterdir()
-        if f.name == f"rank{rank}.pt" or f.name.startswith(f"__{rank}_") or (rank == 0 and f.name == ".metadata")
-    )
-    hashes = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in mine}
-    if _is_dist():
-        gathered: list = [None] * world_size
-        dist.all_gather_object(gathered, hashes)
-    else:
-        gathered = [hashes]
-    files: dict = {}
-    for g in gathered:
-        files.update(g)
-    manifest = {"format": FORMAT, "step": meta["step"], "world_size": world_size, "files": files, **meta}
-    if rank == 0:
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if before_rename is not None:
-            before_rename()
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    if _is_dist():
-        dist.barrier()
+    try:
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        if _is_dist():
+            dist.barrier()
+        msd, osd = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():  # world size 1: DCP warns that it saves in one process
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
+        mine = sorted(
+            f.name for f in tmp.iterdir()
+            if f.name == f"rank{rank}.pt" or f.name.startswith(f"__{rank}_") or (rank == 0 and f.name == ".metadata")
+        )
+        hashes = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in mine}
+        if _is_dist():
+            gathered: list = [None] * world_size
+            dist.all_gather_object(gathered, hashes)
+        else:
+            gathered = [hashes]
+        files: dict = {}
+        for g in gathered:
+            files.update(g)
+        manifest = {"format": FORMAT, "step": meta["step"], "world_size": world_size, "files": files, **meta}
+        if rank == 0:
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            if before_rename is not None:
+                before_rename()
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        if _is_dist():
+            dist.barrier()
+    except BaseException:
+        # A failed save (a full disk, a lost peer) leaves no half-written folder behind and gives
+        # its space back, so the run can still record why it failed. (SIGKILL runs no handler:
+        # the `.tmp` name keeps such leftovers out of list_checkpoints.)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     total = sum(int(v["bytes"]) for v in files.values())
     return {
         "step": int(meta["step"]), "path": str(path),
