@@ -99,6 +99,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
+        elif before_rename is not None:  # other ranks: their files written, before the final barrier
+            before_rename()
         if _is_dist():
             dist.barrier()
     except BaseException:
