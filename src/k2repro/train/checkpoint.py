@@ -129,7 +129,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # ValueError: bad JSON, or bytes that are not UTF-8
         raise CheckpointError(f"checkpoint manifest {mpath} is corrupt") from None
     for name, info in sorted(files.items()):
         f = path / name
