@@ -131,6 +131,8 @@ class PackedDataset:
             self.manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as exc:
             raise BadInputError(f"data: {mpath} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        except UnicodeDecodeError:
+            raise BadInputError(f"data: {mpath} is corrupt (not UTF-8 text)") from None
         if split not in self.manifest.get("splits", {}):
             raise BadInputError(f"data: split '{split}' not in {mpath}")
         self.split = split
@@ -184,6 +186,8 @@ class PackedDataset:
         for a in self.artifacts():
             p = self.dir / a["path"]
             if not p.exists():
+                if Path(a["path"]).parent == Path("."):  # this folder's own output: it must be here
+                    raise BadInputError(f"data: artefact {p} is missing (listed in {self.dir / MANIFEST})")
                 continue  # artefacts of earlier stages live elsewhere
             if sha256_file(p) != a["sha256"]:
                 raise BadInputError(f"data: artefact {p} changed (sha256 differs from {self.dir / MANIFEST})")
