@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from k2repro.errors import CheckpointError, VerificationFailed
+from k2repro.errors import BadInputError, CheckpointError, VerificationFailed
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -14,6 +15,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not Path(args.path).is_dir():  # nothing to verify: bad input (exit 2), as verify-bundle does
+        raise BadInputError(f"{args.path} is not a folder (expected a checkpoint such as …/checkpoints/step_00000010)")
     from k2repro.train.checkpoint import verify_checkpoint
 
     try:
