@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import k2, tiny_overrides
-from tests.integration.test_replay import k2_without_torch, run_id_of
+from tests.integration.test_replay import k2_all, k2_without_torch, run_id_of
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,10 @@ def runs(packed_dir: Path, tmp_path_factory) -> dict:  # noqa: ANN001
         "lr": ({"optim.lr": 0.002}, "store"),
         "spike": ({"faults.lr_spike_steps": [25]}, "store"),
     }
-    for name, (extra, store) in cases.items():
-        # cwd outside the git checkout: git facts are the same for every launch
-        r = k2("train", *tiny_overrides(packed_dir, out[store], **{"train.max_steps": 30, **extra}), cwd=root)
+    # independent launches, at once; cwd outside the git checkout: git facts are the same for each
+    procs = k2_all([["train", *tiny_overrides(packed_dir, out[store], **{"train.max_steps": 30, **extra})]
+                    for extra, store in cases.values()], cwd=root)
+    for name, r in zip(cases, procs):
         assert r.returncode == 0, r.stderr[-2000:]
         out[name] = run_id_of(r)
     return out

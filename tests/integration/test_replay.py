@@ -1,8 +1,8 @@
 """`k2repro replay` with real launches (gloo, 2 ranks): steps 11..30 of a run with checkpoints
 at 10, 20, 30 replay bit for bit from the checkpoint of step 10, steps 1..5 from the initial
 state; a tampered checkpoint, changed data, an unknown run and a missing starting state are
-refused (exit 2, named) before anything trains; a 2 -> 1 rank replay is close, not bit-exact
-(exit 1 at tolerance 1e-9).
+refused (exit 2, named) before anything trains; a 2 -> 1 rank replay of steps 13..20 is close,
+not bit-exact (exit 1 at tolerance 1e-9).
 
 One fleet of runs, built once per session (`fleet()`), serves this module and
 tests/integration/test_batch.py: a 2-rank launch costs ~10-15 s here.
@@ -11,10 +11,12 @@ tests/integration/test_batch.py: a 2-rank launch costs ~10-15 s here.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +65,29 @@ def k2_without_torch(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
+def k2_all(commands: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Run independent CLI commands at once (as `k2` does one): start-up and rendezvous
+    waits overlap, so a fleet costs less wall time on few cores."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]  # never a full pipe
+    procs = [subprocess.Popen([sys.executable, "-m", "k2repro", *c], cwd=cwd, env=env, text=True,
+                              stdout=o, stderr=e) for c, (o, e) in zip(commands, files)]
+    out = []
+    for c, p, (o, e) in zip(commands, procs, files):
+        p.wait(timeout=600)
+        o.seek(0)
+        e.seek(0)
+        out.append(subprocess.CompletedProcess(c, p.returncode, o.read(), e.read()))
+        o.close()
+        e.close()
+    return out
+
+
 def fleet(tmp_path_factory) -> dict:  # noqa: ANN001
-    """P: a 2-rank run of 30 steps with checkpoints at 10, 20, 30 on a text corpus;
-    R: `k2repro replay P --from-step 11 --to-step 30` (its JSON report and process)."""
+    """P: a 2-rank run of 30 steps with checkpoints at 10, 20, 30 on a text corpus; then, at
+    once, `k2repro replay P` of steps 11..30 (R), of steps 1..5 (R5), and of steps 11..20 at
+    one rank with --allow-reshard --tolerance 1e-9 into another store (RS: from the checkpoint
+    of step 10, so 11 and 12 are re-run but not compared)."""
     if _FLEET:
         return _FLEET
     root = tmp_path_factory.mktemp("replay")
@@ -76,8 +98,15 @@ def fleet(tmp_path_factory) -> dict:  # noqa: ANN001
                                                       "audit.flush_every": 5, "train.max_steps": 30}), cwd=root)
     assert r.returncode == 0, r.stderr[-2000:]
     pid = run_id_of(r)
-    rep = k2("replay", pid, "--from-step", "11", "--to-step", "30", "--store", str(store), "--json", cwd=root)
-    _FLEET.update(root=root, packed=packed, store=store, P=pid, R_proc=rep)
+    base = ["replay", pid, "--store", str(store), "--json"]
+    rep, rep5, reshard = k2_all([
+        [*base, "--from-step", "11", "--to-step", "30"],
+        [*base, "--from-step", "1", "--to-step", "5"],
+        [*base, "--from-step", "13", "--to-step", "20", "--nproc", "1", "--allow-reshard", "--tolerance", "1e-9",
+         "--out-store", str(root / "one_rank")],
+    ], cwd=root)
+    _FLEET.update(root=root, packed=packed, store=store, P=pid, R_proc=rep, R5_proc=rep5, RS_proc=reshard,
+                  one_rank=root / "one_rank")
     return _FLEET
 
 
@@ -135,8 +164,7 @@ def test_replay_of_steps_11_to_30_is_bit_exact(fl: dict) -> None:
 
 
 def test_replay_of_steps_1_to_5_from_the_initial_state(fl: dict) -> None:
-    proc = k2("replay", fl["P"], "--from-step", "1", "--to-step", "5", "--store", str(fl["store"]), "--json",
-              cwd=fl["root"])
+    proc = fl["R5_proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = _report(proc)
     assert rep["start_step"] == 0 and rep["checkpoint"] is None
@@ -203,7 +231,7 @@ def test_missing_starting_state_is_refused(fl: dict) -> None:
     assert any("step 10" in n and "gone" in n for n in plan.notes)
 
 
-def test_reshard_needs_permission_and_is_close_not_bitwise(fl: dict, tmp_path: Path) -> None:
+def test_reshard_needs_permission_and_is_close_not_bitwise(fl: dict) -> None:
     from k2repro.audit.store import open_store
     from k2repro.errors import BadInputError
     from k2repro.tools.replay import compare_replay, plan_replay
@@ -213,19 +241,18 @@ def test_reshard_needs_permission_and_is_close_not_bitwise(fl: dict, tmp_path: P
             plan_replay(s, fl["P"], 11, 20, nproc=1)
         with pytest.raises(BadInputError, match="--tolerance"):
             plan_replay(s, fl["P"], 11, 20, nproc=1, allow_reshard=True)
-    out = tmp_path / "one_rank"
-    proc = k2("replay", fl["P"], "--from-step", "11", "--to-step", "20", "--store", str(fl["store"]),
-              "--nproc", "1", "--allow-reshard", "--tolerance", "1e-9", "--out-store", str(out), "--json",
-              cwd=fl["root"])
+    out = fl["one_rank"]
+    proc = fl["RS_proc"]
     assert proc.returncode == 1, proc.stderr[-3000:]  # the reduction order changed
     rep = _report(proc)
     assert rep["bit_exact"] is False and rep["replay_world_size"] == 1
-    assert rep["first_divergence_step"] is not None and 11 <= rep["first_divergence_step"] <= 20
+    assert rep["start_step"] == 10 and rep["rerun_not_compared"] == [11, 12] and rep["steps_compared"] == 8
+    assert rep["first_divergence_step"] is not None and 13 <= rep["first_divergence_step"] <= 20
     assert rep["first_divergence_signal"] != "batch_hash"  # same data at any world size
-    assert rep["signals"]["batch_hash"]["bitwise_equal"] == 10
+    assert rep["signals"]["batch_hash"]["bitwise_equal"] == 8
     assert "NOT REPRODUCED" not in proc.stdout  # --json prints only the object
     with open_store(fl["store"]) as s, open_store(out) as o:
-        plan = plan_replay(s, fl["P"], 11, 20, tolerance=1e-3, allow_reshard=True, nproc=1)
+        plan = plan_replay(s, fl["P"], 13, 20, tolerance=1e-3, allow_reshard=True, nproc=1)
         close = compare_replay(s, plan, o, rep["replay_run_id"])
     assert close.within_tolerance and not close.bit_exact
     assert 0 < close.max_rel_diff < 1e-3

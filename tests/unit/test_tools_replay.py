@@ -66,3 +66,20 @@ def test_verify_data_names_what_changed(tmp_path: Path) -> None:
         (packed / "train.bin").unlink()
         with pytest.raises(BadInputError, match="packed/train.bin of run 'r1' is missing"):
             verify_data(s, "r1", str(packed))
+
+
+def test_text_report_names_the_divergence() -> None:
+    from k2repro.cli.replay import render_text
+
+    rep = {"run_id": "a", "replay_run_id": "b", "from_step": 21, "to_step": 30, "start_step": 20,
+           "checkpoint": "ck/step_00000020", "replay_world_size": 2, "world_size": 2, "steps_compared": 10,
+           "rerun_not_compared": [], "bit_exact": False, "tolerance": 0.0, "within_tolerance": False,
+           "first_divergence_step": 26, "first_divergence_signal": "loss", "first_bitwise_divergence_step": 26,
+           "first_bitwise_divergence_signal": "loss", "missing_steps": [], "max_abs_diff": 0.5,
+           "max_rel_diff": 0.1, "exit_code": 1}
+    text = render_text(rep)
+    assert "first divergence: step 26 (loss)" in text and text.endswith("NOT REPRODUCED")
+    assert "checkpoint of step 20 (ck/step_00000020)" in text
+    ok = render_text({**rep, "bit_exact": True, "within_tolerance": True, "first_divergence_step": None,
+                      "first_bitwise_divergence_step": None, "exit_code": 0})
+    assert "bit-exact:    yes" in ok and ok.endswith("REPRODUCED") and "NOT" not in ok
