@@ -31,5 +31,8 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/run_all.py
 
+faults: setup
+	$(BIN)/python scripts/fault_campaign.py
+
 clean:
 	rm -rf runs reports/pipeline data/work
