@@ -334,7 +334,7 @@ class AuditRun:
         with torch.no_grad():
             weights = _weights(params, dev)
             grad_sq = _stack(torch._foreach_norm(grads, 2, dtype=torch.float32), dev).pow(2)
-            gmax = _stack(torch._foreach_norm(grads, float("inf"), dtype=torch.float32), dev)
+            gmax = _max_abs(grads, dev)
             has_update = False
             snapshot = None
             if before is not None:
@@ -398,6 +398,8 @@ class AuditRun:
         self._since_flush = 0
         steps, metrics, samples, layers = self._steps, self._metrics, self._samples, self._layers
         self._steps, self._metrics, self._samples, self._layers = [], [], [], []
+        if self.rank != 0:  # global tables: rank 0 writes them, the others fetch nothing
+            steps, metrics, layers = [], [], []
         host = _Host()
         for _, _, cols in steps:
             for k, v in cols.items():
@@ -406,7 +408,7 @@ class AuditRun:
         sample_vals = [(s[0], host.add(s[1]), host.add(s[2]), host.add(s[3])) for s in samples]
         layer_mats = [host.add(m[3]) for m in layers]
         host.fetch()
-        if steps and self.rank == 0:
+        if steps:
             per_step = _losses_by_step(sample_vals, host, self._carry) if self.world_size == 1 else {}
             self.sink.log_steps(_step_columns(steps, host, per_step))
             top = max(st[0] for st in steps)  # samples logged before their step's row wait for it
@@ -417,7 +419,7 @@ class AuditRun:
                                    "time": [m[1] for m in metrics], "rank": [self.rank] * len(metrics)})
         if sample_vals:
             self.sink.log_samples(_sample_columns(sample_vals, host, self.rank))
-        if layers and self.rank == 0:
+        if layers:
             cols: dict[str, list] = {"step": [], "param": [], "numel": [], **{c: [] for c in _LAYER_COLS}}
             for (step, names, numel, _, has_update), ref in zip(layers, layer_mats):
                 mat = host.get(ref)
@@ -603,16 +605,34 @@ def grad_norm(model_or_params: Any) -> Any:
     return total.sqrt()
 
 
+def _max_abs(ts: list, dev: Any) -> Any:
+    """max |x| per tensor, stacked (fp32). The fused inf-norm is the fast path on accelerators;
+    on CPU it is about 8x slower than abs + max (2.5 ms against 0.35 ms for 1M values here)."""
+    import torch
+
+    if dev.type == "cpu" and all(t.numel() for t in ts):
+        return _stack(torch._foreach_max(torch._foreach_abs(ts)), dev).float()
+    return _stack(torch._foreach_norm(ts, float("inf"), dtype=torch.float32), dev)
+
+
+_WEIGHTS: dict[tuple, Any] = {}  # (ids of the parameters, device, rank, world) -> weights
+
+
 def _weights(params: list, dev: Any) -> Any:
     """1 where this rank's local values count towards a global sum, else 0: a DTensor's shards
     count once (ranks at coordinate 0 of every non-Shard mesh dimension); a plain tensor under a
-    process group is taken as replicated (DDP) and counted on rank 0 only."""
+    process group is taken as replicated (DDP) and counted on rank 0 only. Cached per parameter
+    list: building it is a host-to-device copy, which must not happen every step."""
     import torch
 
     d = _dist()
     if d is None or d.get_world_size() == 1:
-        return torch.ones(len(params), device=dev)
+        return torch.ones(len(params), device=dev)  # a fill kernel, no copy
     rank = d.get_rank()
+    key = (tuple(id(p) for p in params), str(dev), rank, d.get_world_size())
+    hit = _WEIGHTS.get(key)
+    if hit is not None:
+        return hit
     out = []
     for p in params:
         mesh = getattr(p, "device_mesh", None)
@@ -625,7 +645,10 @@ def _weights(params: list, dev: Any) -> Any:
             continue
         ok = all(c == 0 for c, pl in zip(coord, p.placements) if not pl.is_shard())
         out.append(1.0 if ok else 0.0)
-    return torch.tensor(out, device=dev)
+    if len(_WEIGHTS) >= 8:
+        _WEIGHTS.clear()
+    _WEIGHTS[key] = w = torch.tensor(out).to(dev, non_blocking=True)
+    return w
 
 
 def _align_before(before: Any, names: list[str], params: list) -> list:

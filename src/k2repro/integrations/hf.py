@@ -106,7 +106,7 @@ class K2ReproCallback(TrainerCallback):
             self.run.log_step(step, loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
                               tokens=tokens, step_time_s=(now - self._t_logged) / n, **extra)
             self._last_logged, self._t_logged, self._tokens_seen = step, now, seen
-        elif numeric:  # evaluation and the end-of-training summary
+        elif numeric and self.run.rank == 0:  # evaluation and the end-of-training summary
             self.run.sink.log_metrics({"step": [step] * len(numeric), "name": list(numeric),
                                        "value": [float(v) for v in numeric.values()],
                                        "rank": [self.run.rank] * len(numeric)})

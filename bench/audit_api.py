@@ -1,0 +1,102 @@
+"""Overhead of `k2repro.audit.start` on a plain PyTorch loop: the same loop (k2repro's Llama-style
+model, AdamW, clipping) without the audit, with `log_step` every step, and with `log_step` +
+`log_layer_stats` every step (per-parameter norms and the exact update: a parameter snapshot
+and an optimizer step hook). One process, CPU, one thread; ABBA-interleaved pairs (A B C /
+C B A); per step over steps 11..N (flushes included): the wall time, and the process CPU time
+(all threads: the sink's writer thread included), which other tenants of a shared machine
+disturb much less than the wall time. Median ratios against the loop without audit and their 95%
+bootstrap intervals, to reports/bench/audit_api.json.
+
+    .venv/bin/python bench/audit_api.py [--pairs 5] [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import k2repro.audit  # noqa: E402
+from bench._common import bootstrap_ci, write  # noqa: E402
+from k2repro.model.llama import ModelArgs, Transformer, count_params, token_losses  # noqa: E402
+
+MODEL = ModelArgs(n_layers=4, d_model=128, n_heads=4, n_kv_heads=4, ffn_dim=352, vocab_size=512, max_seq_len=128)
+BATCH, SEQ = 8, 64
+
+
+def loop(steps: int, mode: str, store: Path) -> tuple[float, float]:
+    """(wall, process CPU) seconds per step over steps 11..steps."""
+    torch.manual_seed(0)
+    model = Transformer(MODEL)
+    model.init_weights(torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = torch.randint(0, MODEL.vocab_size, (256, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    run = k2repro.audit.start(store, name=f"bench-{mode}", config={"mode": mode}) if mode != "off" else None
+    times = []
+    t_prev = time.perf_counter()
+    for step in range(1, steps + 1):
+        if step == 11:
+            cpu0 = time.process_time()
+        x = data[torch.randint(0, len(data), (BATCH,))]
+        loss_tok, _ = token_losses(model(x[:, :-1]), x[:, 1:])
+        loss = loss_tok.mean()
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if mode == "full":
+            run.log_layer_stats(step, model, opt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if run is not None:
+            run.log_step(step, loss=loss.detach(), lr=1e-3, grad_norm=gn, tokens=BATCH * SEQ)
+        now = time.perf_counter()
+        times.append(now - t_prev)
+        t_prev = now
+    cpu = (time.process_time() - cpu0) / (steps - 10)
+    if run is not None:
+        run.close()
+    return statistics.fmean(times[10:]), cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=200)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    modes = ("off", "log_step", "full")
+    res: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        loop(20, "full", Path(tmp) / "warmup")  # imports, allocator, first-call costs
+        for i in range(args.pairs):
+            for mode in modes if i % 2 == 0 else tuple(reversed(modes)):
+                wall, c = loop(args.steps, mode, Path(tmp) / f"s{i}")
+                res[mode].append(wall)
+                cpu[mode].append(c)
+                print(f"pair {i} {mode}: {wall * 1e3:.2f} ms/step wall, {c * 1e3:.2f} ms/step CPU", flush=True)
+    out = {"what": "per-step wall and process CPU time (steps 11..N) of a plain PyTorch loop audited through "
+                   "k2repro.audit.start / the same loop without audit; CPU, 1 torch thread, one process",
+           "model": {**MODEL.__dict__, "n_params": count_params(Transformer(MODEL)),
+                     "n_param_tensors": len(list(Transformer(MODEL).parameters())), "batch": BATCH, "seq": SEQ},
+           "pairs": args.pairs, "steps": args.steps, "step_time_s": res, "step_cpu_s": cpu,
+           "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "torch": torch.__version__}
+    for mode in ("log_step", "full"):
+        out[mode] = {}
+        for label, series in (("wall", res), ("cpu", cpu)):
+            ratios = [a / b for a, b in zip(series[mode], series["off"])]
+            lo, hi = bootstrap_ci(ratios)
+            out[mode][label] = {"ratios": ratios, "median_ratio": statistics.median(ratios), "ci95": [lo, hi]}
+    write("audit_api", out)
+
+
+if __name__ == "__main__":
+    main()
