@@ -248,7 +248,8 @@ def build(directory: Path) -> str:
             lines.append(f"| {label} | {r['figure']} | {r['ours']} | {r['baseline']} | {r['ratio']} | "
                          f"{r['goal']} | {_f(r['met']) if r['met'] is not None else '—'} |")
         cmd = d.get("command")
-        notes.append(f"- `{p.name}`: {d.get('what', '')} Load while it ran: {load_text(d)}."
+        what = str(d.get("what", "")).rstrip(".")
+        notes.append(f"- `{p.name}`: {what + '. ' if what else ''}Load while it ran: {load_text(d)}."
                      + (f" Command: `{cmd}`." if cmd else ""))
     lines += ["", "Machines: " + "; ".join(f"{m} ({', '.join(n)})" for m, n in machines.items()) + ".", ""]
     if run_all:

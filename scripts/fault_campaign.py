@@ -686,10 +686,12 @@ def corrupt_section(work: Path, packed: Path, fixture_store: Path, run_id: str, 
              [c for c in cases if c["damage"] == "truncate" and c["file"] == "manifest.json"][:1]:
         v = k2(["verify-checkpoint", c["dir"]], timeout=300)
         cases.append({**c, "how": "k2repro verify-checkpoint", "rc": v.rc, "detected": v.rc != 0,
+                      "clean_error": v.rc == 1 and "Traceback" not in v.stderr,
                       "named": c["file"] in v.stderr, "message": first_line(v.stderr)})
         r = k2(["train", *tiny_overrides(packed, base / "resume-store", **{"train.resume": c["dir"],
                                                                            "train.max_steps": 20})], timeout=300)
         cases.append({**c, "how": "k2repro train train.resume=<damaged>", "rc": r.rc, "detected": r.rc == 2,
+                      "clean_error": r.rc == 2 and "Traceback" not in r.stderr,
                       "named": c["file"] in r.stderr, "message": first_line(r.stderr),
                       "traceback": "Traceback" in r.stderr,
                       "nothing_written": not (base / "resume-store").exists()
@@ -742,13 +744,15 @@ def corrupt_section(work: Path, packed: Path, fixture_store: Path, run_id: str, 
         st = Path(c["dir"]).parent / "store"
         r = k2(["train", *tiny_overrides(Path(c["dir"]), st, **{"train.max_steps": 3})], timeout=300)
         cases.append({**c, "how": "k2repro train on the damaged data", "rc": r.rc, "detected": r.rc == 2,
+                      "clean_error": r.rc == 2 and "Traceback" not in r.stderr,
                       "named": c["file"] in r.stderr, "message": first_line(r.stderr),
                       "traceback": "Traceback" in r.stderr})
     log(f"corrupt: data: {sum(c['detected'] for c in cases[n1:])}/{len(cases) - n1} detected")
     for c in cases:
         c.pop("dir", None)
     return {"cases": cases, "detected": sum(c["detected"] for c in cases),
-            "named": sum(c["named"] for c in cases), "total": len(cases)}
+            "named": sum(c["named"] for c in cases), "clean": sum(bool(c.get("clean_error")) for c in cases),
+            "total": len(cases)}
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -1075,9 +1079,17 @@ def load_section(work: Path, packed: Path, steps: int) -> dict:
 # ----------------------------------------------------------------------------------- report
 def fixture_run(work: Path, packed: Path, kills: dict | None) -> tuple[Path, str]:
     """A store holding one finished run with checkpoints (the kill reference when there is one)."""
-    if kills:
-        return work / "kills" / "store", kills["reference_run"]
     store = work / "fixture" / "store"
+    if kills:  # the reference run alone, with its last two checkpoints (each case copies the store)
+        from k2repro.audit.writer import ensure_store
+
+        rid = kills["reference_run"]
+        src = work / "kills" / "store" / rid
+        keep = {p.name for p in sorted((src / "checkpoints").glob("step_*"))[-2:]}
+        shutil.copytree(src, store / rid, ignore=lambda d, names: [
+            n for n in names if n.startswith(("step_", ".step_")) and n not in keep])
+        ensure_store(store)
+        return store, rid
     L = k2(["train", *tiny_overrides(packed, store, **{"train.max_steps": 16, "ckpt.interval": 8,
                                                        "audit.flush_every": 4, "run.name": "fixture"})])
     if L.rc != 0 or not L.run_id:
@@ -1177,13 +1189,13 @@ def render_md(res: dict) -> str:
         lines += ["", "## Full disk", "",
                   "A 6 MB tmpfs holds the store and the checkpoints; a filler file leaves a little space, so the "
                   "audit sink's segments (first row) or the second checkpoint (second row) hit ENOSPC.", "",
-                  "| scenario | rc | message | status | steps intact | checkpoints valid / invalid | resume after "
-                  "freeing space | ok |", "|---|---|---|---|---|---|---|---|"]
+                  "| scenario | rc | last line of stderr | traceback | status | steps intact | checkpoints valid / "
+                  "invalid | resume after freeing space | ok |", "|---|---|---|---|---|---|---|---|---|"]
         for name, r in disk.items():
             if "skipped" in r:
-                lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | |")
+                lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | |")
                 continue
-            lines.append(f"| {name} | {r['rc']} | `{r['message'][:160]}` | {r.get('status')} | "
+            lines.append(f"| {name} | {r['rc']} | `{r['message'][:160]}` | {r.get('traceback')} | {r.get('status')} | "
                          f"{r.get('steps_intact')} ({r.get('steps_recorded')} steps) | "
                          f"{len(r.get('checkpoints_valid', []))} / {len(r.get('checkpoints_invalid', []))} | "
                          f"{r.get('resume_after_freeing_rc', '-')} | {'yes' if r['ok'] else '**NO**'} |")
@@ -1191,8 +1203,10 @@ def render_md(res: dict) -> str:
     if cor:
         lines += ["", "## Corruption", "",
                   f"{cor['detected']} of {cor['total']} damaged artefacts detected, {cor['named']} with the file "
-                  "named.", "", "| artefact | file | damage | checked by | detected | file named | message |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"named, {cor.get('clean', 0)} with a clean error (a k2repro error, one line, no traceback; a "
+                  "bare library exception counts as detected but not clean).", "",
+                  "| artefact | file | damage | checked by | detected | file named | clean error | message |",
+                  "|---|---|---|---|---|---|---|---|"]
         for c in cor["cases"]:
             msg = c["message"].replace("|", "\\|")[:170]
             extra = ""
@@ -1202,7 +1216,7 @@ def render_md(res: dict) -> str:
                 extra += f"; `k2repro sql` rc {c['cli_rc']}{' with a traceback' if c['cli_traceback'] else ''}"
             lines.append(f"| {c['artefact']} | {c['file']} | {c['damage']} | {c['how']} | "
                          f"{'yes' if c['detected'] else '**no**'} | {'yes' if c['named'] else 'no'} | "
-                         f"`{msg}`{extra} |")
+                         f"{'yes' if c.get('clean_error') else 'no'} | `{msg}`{extra} |")
     inp = res.get("inputs")
     if inp:
         lines += ["", "## Bad inputs", "",
@@ -1260,7 +1274,8 @@ def summarize(res: dict) -> dict:
                                    for n, r in disk.items())
     cor = res.get("corrupt")
     if cor:
-        s["corruption"] = f"{cor['detected']}/{cor['total']} detected, {cor['named']} naming the file"
+        s["corruption"] = (f"{cor['detected']}/{cor['total']} detected, {cor['named']} naming the file, "
+                           f"{cor.get('clean', 0)} with a clean one-line error")
     inp = res.get("inputs")
     if inp:
         s["bad inputs"] = f"{inp['ok']}/{inp['total']} clean (expected exit code, no traceback, nothing written)"
