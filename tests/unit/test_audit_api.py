@@ -41,7 +41,7 @@ def _backward(model: torch.nn.Module, step: int) -> torch.Tensor:
 
 
 def test_import_stays_light() -> None:
-    code = ("import sys, k2repro, k2repro.audit; f = k2repro.audit.start; "
+    code = ("import sys, k2repro, k2repro.audit, k2repro.audit.api, k2repro.cli.main; f = k2repro.audit.start; "
             "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'pyarrow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
