@@ -107,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
     if args.replay:
         from k2repro.forensics.causal import causal_check
 
+        res.notes = [n for n in res.notes if not n.startswith("causal check")]
         for sp in res.spikes:
-            causal_check(store, res, sp)
+            c = causal_check(store, res, sp, progress=lambda m: print(f"[replay] {m}", file=sys.stderr, flush=True))
+            res.notes.append(f"causal check, spike at {sp.episode.onset_step}: {c['verdict']}: {c['reason']}")
     paths = write_reports(res, args.out, html_report=not args.no_html)
     if not args.no_spike_rows:
         paths["spikes"] = write_spike_rows(res, args.out_store or args.store)

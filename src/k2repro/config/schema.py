@@ -80,6 +80,9 @@ class TrainConfig:
     # data positions moved behind the rest of the stream (written by guard rollbacks, so that a
     # rolled-back run's config replays it exactly)
     defer_positions: list[int] = field(default_factory=list)
+    # counterfactual replays (forensics --replay): at these steps, these samples weigh nothing
+    mask_steps: list[int] = field(default_factory=list)
+    mask_sample_ids: list[int] = field(default_factory=list)
     dry_run: bool = False
     log_every: int = 10
     compile: bool = False

@@ -70,6 +70,8 @@ def spike_json(sp: Spike) -> dict[str, Any]:
                      "typical_loss": da.typical_loss, "step_median": da.step_median,
                      "outlier_reference": da.outlier_reference,
                      "samples": da.samples, "batch_feature_median": da.batch_feature_median}
+    if getattr(sp, "causal", None) is not None:
+        d["causal"] = sp.causal
     return clean(d)
 
 

@@ -227,8 +227,10 @@ class Trainer:
         t, f = cfg.train, cfg.faults
         dev = info.device
         ids, chunks, id_chunks = self._local_batches(step)
-        denom = float(t.global_batch_size * t.seq_len) / info.world_size
-        sample_losses, sample_logz = [], []
+        masked = set(t.mask_sample_ids) if step in t.mask_steps else set()
+        n_masked = sum(1 for i in ids if int(i) in masked)  # host data: same on every rank
+        denom = float((t.global_batch_size - n_masked) * t.seq_len) / info.world_size
+        sample_losses, sample_logz, weights = [], [], []
         self.model.train()
         for i, chunk in enumerate(chunks):
             x = torch.from_numpy(chunk)
@@ -241,6 +243,10 @@ class Trainer:
             loss_tok, lse = token_losses(logits, x[:, 1:])
             if f.nan_step and step == f.nan_step and info.rank == 0 and i == 0:
                 loss_tok = loss_tok * F.nan_tensor(loss_tok[:1, :1])
+            if masked:  # a counterfactual: these samples contribute no loss and no gradient
+                w = torch.tensor([0.0 if int(sid) in masked else 1.0 for sid in id_chunks[i]], device=dev)
+                loss_tok = loss_tok * w[:, None]
+                weights.append(w)
             (loss_tok.sum() / denom).backward()
             sample_losses.append(loss_tok.detach().mean(dim=1))
             sample_logz.append(lse.detach().mean(dim=1))
@@ -253,9 +259,16 @@ class Trainer:
         grad_max = (torch.stack(torch._foreach_norm(grads, float("inf"))).float() if want_layers
                     else grad_sq[:0])
         n_tok = float(t.seq_len)
-        head_sum = torch.stack([(sl * n_tok).sum(), (sl * sl).sum(), lz.sum(),
-                                torch.full((), float(len(sl)), device=dev)])  # a fill, not a copy
-        head_max = torch.stack([sl.max(), -sl.min()])
+        if masked:
+            wt = torch.cat(weights)
+            keep = wt > 0
+            head_sum = torch.stack([(sl * n_tok).sum(), (sl * sl).sum(), (lz * wt).sum(), wt.sum()])
+            big = torch.full_like(sl, float("inf"))
+            head_max = torch.stack([torch.where(keep, sl, -big).max(), -torch.where(keep, sl, big).min()])
+        else:
+            head_sum = torch.stack([(sl * n_tok).sum(), (sl * sl).sum(), lz.sum(),
+                                    torch.full((), float(len(sl)), device=dev)])  # a fill, not a copy
+            head_max = torch.stack([sl.max(), -sl.min()])
         prev = self.pending.norms
         sum_parts = [grad_sq, head_sum]
         if prev is not None:
