@@ -49,3 +49,12 @@ def test_json_escaped_secret_and_nested_objects():
 def test_longest_secret_wins():
     r = Redactor(["abcdef", "abcdefghij"])
     assert r.scrub("xx abcdefghij yy") == f"xx {REDACTED} yy"
+
+
+def test_model_vocabulary_is_not_a_secret() -> None:
+    from k2repro.audit.redact import is_secret_name
+
+    for name in ("bos_token_id", "model.pad_token_id", "num_key_value_heads", "token_type_ids"):
+        assert not is_secret_name(name), name
+    for name in ("HF_TOKEN", "run.tags.api_key", "key_value_token", "AWS_SECRET_ACCESS_KEY"):
+        assert is_secret_name(name), name

@@ -43,9 +43,21 @@ def name_parts(name: str) -> list[str]:
     return [p.upper() for p in _SPLIT.split(_CAMEL.sub(r"\1_\2", name)) if p]
 
 
+# KEY / TOKEN followed by one of these is model vocabulary, not a credential: bos_token_id,
+# pad_token_id, num_key_value_heads, token_type_ids.
+_BENIGN_AFTER = frozenset({"ID", "IDS", "VALUE", "VALUES", "TYPE", "TYPES", "COUNT", "LEN", "LENGTH",
+                           "INDEX", "EMBEDDING", "EMBEDDINGS", "DIM", "SIZE", "PROJ", "NORM"})
+
+
 def is_secret_name(name: str) -> bool:
     """True when any word part of the (dotted) name marks a credential."""
-    return any(p in _SECRET_PARTS or p.endswith(_SECRET_SUFFIXES) for p in name_parts(name))
+    parts = name_parts(name)
+    for i, p in enumerate(parts):
+        if p in ("KEY", "TOKEN") and i + 1 < len(parts) and parts[i + 1] in _BENIGN_AFTER:
+            continue
+        if p in _SECRET_PARTS or p.endswith(_SECRET_SUFFIXES):
+            return True
+    return False
 
 
 class Redactor:

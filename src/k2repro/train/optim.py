@@ -38,7 +38,7 @@ class MaskableAdamW(torch.optim.Optimizer):
              norms_for: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One update. `apply` is a 0-d bool tensor (None: apply). With `norms_for` (the
         parameters in the caller's order), returns (param_sq, update_sq): local sums of squares
-        of each parameter after the step and of the update applied, stacked in that order."""
+        of each parameter before the step and of the update applied, stacked in that order."""
         assert closure is None
         pn: list[torch.Tensor] = []
         un: list[torch.Tensor] = []
@@ -79,6 +79,8 @@ class MaskableAdamW(torch.optim.Optimizer):
             torch._foreach_mul_(upd, -lr / bc1)
             if wd:
                 torch._foreach_add_(upd, torch._foreach_mul(ws, -lr * wd))
+            if norms_for is not None:  # the parameter's norm before this update (schema)
+                pn.append(torch.stack(torch._foreach_norm(ws)))
             if inplace:
                 torch._foreach_add_(ws, upd)
                 torch._foreach_add_(steps, 1.0)
@@ -90,7 +92,6 @@ class MaskableAdamW(torch.optim.Optimizer):
                     vs[i].copy_(torch.where(apply, new_v[i], vs[i]))
                     steps[i].copy_(torch.where(apply, steps[i] + 1, steps[i]))
             if norms_for is not None:
-                pn.append(torch.stack(torch._foreach_norm(ws)))
                 un.append(torch.stack(torch._foreach_norm(upd)))
                 order += [id(p) for p in params]
         if norms_for is not None:
