@@ -103,11 +103,24 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             before_rename()
         if _is_dist():
             dist.barrier()
-    except BaseException:
+    except BaseException as exc:
         # A failed save (a full disk, a lost peer) leaves no half-written folder behind and gives
         # its space back, so the run can still record why it failed. (SIGKILL runs no handler:
         # the `.tmp` name keeps such leftovers out of list_checkpoints.)
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = None
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        # torch.save reports a full disk as "unexpected pos ..." (PyTorch's zip writer): say it
+        note = (f"writing checkpoint {path} failed" + ("" if free is None else
+                f" with {free:,} bytes free on its filesystem{' (the disk is full)' if free < 1 << 20 else ''}"))
+        if not isinstance(exc, Exception):  # DCP's CheckpointException is a BaseException, which
+            raise RuntimeError(f"{note}: {type(exc).__name__}") from exc  # `except Exception` misses
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"k2repro: {note}")
         raise
     total = sum(int(v["bytes"]) for v in files.values())
     return {
