@@ -228,7 +228,11 @@ def write_segment(table_dir: Path, name: str, tbl: pa.Table, on_write: WriteHook
     table_dir.mkdir(parents=True, exist_ok=True)
     final = table_dir / name
     tmp = table_dir / f".{name}.tmp"
-    pq.write_table(tbl, tmp, compression=COMPRESSION)
+    try:
+        pq.write_table(tbl, tmp, compression=COMPRESSION)
+    except BaseException:  # a full disk: give the space back, so that the end marker still fits
+        tmp.unlink(missing_ok=True)
+        raise
     if fsync:
         fd = os.open(tmp, os.O_RDONLY)
         try:
