@@ -293,12 +293,15 @@ class KillPlan:
         records at least one flush before it dies; None when the run is too close to its end."""
         lo = start + self.flush_every + 2
         hi = min(self.steps, lo + 2 * self.flush_every + 2)
-        if lo > hi:
+        if lo > self.steps - self.flush_every:  # too close to the end: the chain's final resume
             return None
         phase = PHASES[int(rng.integers(len(PHASES)))]
         rank = int(rng.integers(self.nproc))
         every = {"flush": self.flush_every, "checkpoint": self.ckpt_every}.get(phase, 1)
-        cands = [k for k in range(lo, hi + 1) if k % every == 0]
+        # not a checkpoint kill at the last step: a rank > 0 killed there leaves the final
+        # checkpoint whole, and a resume from it has no step left to compare
+        last = hi - 1 if phase == "checkpoint" and hi == self.steps else hi
+        cands = [k for k in range(lo, last + 1) if k % every == 0]
         if not cands:
             phase, cands = "step", list(range(lo, hi + 1))
         return {"step": int(cands[int(rng.integers(len(cands)))]), "phase": phase, "rank": rank}
@@ -593,7 +596,7 @@ def disk_section(work: Path, packed: Path) -> dict:
                    timeout=600)
             res = {"rc": L.rc, "seconds": round(L.seconds, 1), "run_id": L.run_id, "filled_bytes": filled,
                    "message": first_line(L.stderr), "traceback": "Traceback" in L.stderr}
-            res["mentions_no_space"] = "No space left" in L.stderr or "ENOSPC" in L.stderr or "Errno 28" in L.stderr
+            res["mentions_no_space"] = any(t in L.stderr for t in ("No space left", "ENOSPC", "Errno 28", "disk is full"))
             if L.run_id:
                 try:
                     with k2repro.open_store(store) as s:
