@@ -78,7 +78,7 @@ def dry_run(cfg) -> int:  # noqa: ANN001
 
 def run_raw(argv: list[str]) -> int:
     from k2repro.config.load import load_config, load_params_file
-    from k2repro.train.trainer import new_run_id
+    from k2repro.train.ids import new_run_id
 
     name, overrides, params = _split(argv)
     cfg = load_params_file(params, overrides) if params else load_config(overrides, name)

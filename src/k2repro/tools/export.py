@@ -338,7 +338,7 @@ def to_safetensors(dcp_dir: Path, out: Path, meta: dict[str, str]) -> dict[str, 
 def export_checkpoints(store: Store, chain: list[dict[str, Any]], logical_ckpts: pa.Table | None,
                        dest: Path, kind: str, n: int, say: Progress) -> tuple[list[dict[str, Any]], list[str]]:
     from k2repro.data.packed import sha256_file
-    from k2repro.train.checkpoint import verify_checkpoint
+    from k2repro.train.manifest import verify_checkpoint
 
     notes: list[str] = []
     if logical_ckpts is None or kind == "none":

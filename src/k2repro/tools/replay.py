@@ -167,6 +167,9 @@ def plan_replay(store: Store, ref: str, from_step: int, to_step: int, tolerance:
     source = row.get("source") or "train"
     if source.startswith("import"):
         raise BadInputError(f"run '{rid}' was imported ({source}): it has no config or checkpoints to replay from")
+    if source.startswith("api"):
+        raise BadInputError(f"run '{rid}' was recorded by another training loop through k2repro.audit ({source}): "
+                            "k2repro can compare and explain it but not re-run it")
     if not row.get("config_json"):
         raise BadInputError(f"run '{rid}' recorded no config: nothing to replay")
     if from_step < 1 or to_step < from_step:
@@ -211,7 +214,7 @@ def plan_replay(store: Store, ref: str, from_step: int, to_step: int, tolerance:
                             f"is gone, and its own checkpoints before step {from_step} are gone too")
 
     if ckpt_path is not None:
-        from k2repro.train.checkpoint import verify_checkpoint
+        from k2repro.train.manifest import verify_checkpoint
 
         manifest = verify_checkpoint(ckpt_path)
         if int(manifest.get("step", -1)) != start:

@@ -25,10 +25,7 @@ import torch
 import torch.distributed as dist
 
 from k2repro.data.packed import sha256_file
-from k2repro.errors import CheckpointError
-
-FORMAT = "k2repro-ckpt-v1"
-MANIFEST = "manifest.json"
+from k2repro.train.manifest import FORMAT, MANIFEST, list_checkpoints, verify_checkpoint  # noqa: F401
 
 
 def step_dirname(step: int) -> str:
@@ -130,29 +127,6 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     }
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict:
-    """Check that every file of the manifest is there with its sha256; raise CheckpointError
-    naming the first file that is missing or changed. Returns the manifest."""
-    path = Path(path)
-    mpath = path / MANIFEST
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not mpath.exists():
-        raise CheckpointError(f"checkpoint {path} has no {MANIFEST} (incomplete or not a k2repro checkpoint)")
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError):  # ValueError: bad JSON, or bytes that are not UTF-8
-        raise CheckpointError(f"checkpoint manifest {mpath} is corrupt") from None
-    for name, info in sorted(files.items()):
-        f = path / name
-        if not f.exists():
-            raise CheckpointError(f"checkpoint file {f} is missing")
-        if f.stat().st_size != int(info["bytes"]) or sha256_file(f) != info["sha256"]:
-            raise CheckpointError(f"checkpoint file {f} is corrupt (sha256 differs from the manifest)")
-    return manifest
-
-
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     rank: int, world_size: int) -> tuple[dict, dict]:
     """Verify, then load model + optimizer (resharding as needed) and this rank's state.
@@ -171,20 +145,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     saved_ws = int(manifest["world_size"])
     rank_state = torch.load(Path(path) / f"rank{rank % saved_ws}.pt", weights_only=False)
     return manifest, rank_state
-
-
-def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (final names only) in a run's checkpoint folder, oldest first."""
-    if not directory.is_dir():
-        return []
-    out = []
-    for d in directory.iterdir():
-        if d.is_dir() and d.name.startswith("step_") and (d / MANIFEST).exists():
-            try:
-                out.append((int(d.name[5:]), d))
-            except ValueError:
-                continue
-    return sorted(out)
 
 
 def prune(directory: Path, keep_last: int) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -40,6 +39,7 @@ from k2repro.model.llama import ModelArgs, Transformer, token_losses
 from k2repro.train import checkpoint as ckpt
 from k2repro.train import faults as F
 from k2repro.train.guard import SpikeGuard
+from k2repro.train.ids import new_run_id
 from k2repro.train.optim import build_optimizer, lr_at
 
 PURPOSE_INIT = 3
@@ -50,12 +50,6 @@ STEP_FIELDS = ("loss", "grad_norm", "clipped", "loss_min", "loss_max", "loss_std
 def _present(value: str | None) -> str | None:
     """Facts use the marker "absent" (outside a git checkout, no GPU); columns use NULL."""
     return None if value in (None, "", "absent") else value
-
-
-def new_run_id(name: str) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40] or "run"
-    return f"{safe}-{stamp}-{secrets.token_hex(3)}"
 
 
 def init_generator(seed: int) -> torch.Generator:
@@ -173,7 +167,8 @@ class Trainer:
             resolved["train"]["resume"] = resume_path
             resolved["train"]["defer_positions"] = list(self.sampler.deferred)
         # A replay (or any tool that launches training on behalf of a run) names its parent.
-        self.parent_run_id = os.environ.get("K2REPRO_PARENT_RUN_ID") or self.parent_run_id
+        if resume_path is None:  # a rollback's child names its real parent, whoever launched us
+            self.parent_run_id = os.environ.get("K2REPRO_PARENT_RUN_ID") or self.parent_run_id
         run = {
             "name": cfg.run.name, "parent_run_id": self.parent_run_id,
             "resumed_from_step": self.start_step if (self.parent_run_id and (cfg.train.resume or resume_path))
@@ -331,7 +326,7 @@ class Trainer:
         self.pending.steps.append((step, lr, t.global_batch_size * t.seq_len, batch_hash(ids), vec, peak_mem))
         if cfg.audit.sample_stats:
             mine = np.concatenate(id_chunks) if id_chunks else np.zeros(0, dtype=np.int64)
-            self.pending.samples.append((step, mine, sl))
+            self.pending.samples.append((step, mine, sl, info.rank * len(mine)))
 
     def _emit_layers(self, step: int, g_sq: torch.Tensor, g_max: torch.Tensor, p_sq: torch.Tensor,
                      u_sq: torch.Tensor) -> None:
@@ -383,9 +378,11 @@ class Trainer:
             losses = torch.cat([s[2] for s in pend.samples]).double().cpu().numpy()
             steps = np.concatenate([np.full(len(s[1]), s[0]) for s in pend.samples])
             ids = np.concatenate([s[1] for s in pend.samples])
+            pos = np.concatenate([np.arange(len(s[1])) + s[3] for s in pend.samples])
             self.sink.log_samples({
                 "step": steps.tolist(), "rank": [self.info.rank] * len(ids), "sample_id": ids.tolist(),
-                "loss": losses.tolist(), "n_tokens": [self.cfg.train.seq_len] * len(ids)})
+                "batch_pos": pos.tolist(), "loss": losses.tolist(),
+                "n_tokens": [self.cfg.train.seq_len] * len(ids)})
             pend.samples.clear()
         if pend.layers and self.info.is_main:
             mats = torch.stack([m for _, m in pend.layers]).double().cpu().numpy()
