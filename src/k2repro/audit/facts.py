@@ -140,6 +140,24 @@ def _nvidia_driver() -> str:
     return ABSENT
 
 
+SMI_FIELDS = ("ecc.mode.current", "clocks.sm", "clocks.max.sm", "clocks.mem", "power.limit",
+              "pcie.link.gen.current", "persistence_mode")
+
+
+def nvidia_smi_facts(index: int = 0) -> dict[str, str]:
+    """ECC mode, clocks, power limit and link of one GPU, straight from the driver (nvidia-smi);
+    empty where there is no such tool."""
+    try:
+        res = subprocess.run(["nvidia-smi", f"--id={index}", f"--query-gpu={','.join(SMI_FIELDS)}",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if res.returncode != 0 or not res.stdout.strip():
+        return {}
+    values = [v.strip() for v in res.stdout.strip().splitlines()[0].split(",")]
+    return {f"gpu.{k}": v for k, v in zip(SMI_FIELDS, values)}
+
+
 def torch_facts() -> dict[str, str]:
     """torch version, accelerator and determinism switches (absent without torch)."""
     try:
@@ -174,6 +192,7 @@ def torch_facts() -> dict[str, str]:
         "gpu.driver": _nvidia_driver(),
         "cudnn.version": str(torch.backends.cudnn.version() or ABSENT),
     })
+    out.update(nvidia_smi_facts(torch.cuda.current_device()))
     try:
         v = torch.cuda.nccl.version()
         out["nccl.version"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
