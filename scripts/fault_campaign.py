@@ -573,16 +573,16 @@ def disk_section(work: Path, packed: Path) -> dict:
     from k2repro.train.checkpoint import verify_checkpoint
 
     out: dict = {}
-    scenarios = {
+    sink = {"ckpt.interval": 0, "audit.flush_every": 2, "audit.layer_stats_every": 1, "train.max_steps": 400}
+    ckpt = {"ckpt.interval": 5, "audit.flush_every": 5, "train.max_steps": 400}
+    scenarios = {  # a few amounts of free space each: where the disk fills up decides what fits after
         # the sink's segments fill the disk (no checkpoints; layer stats every step)
-        "audit_sink": {"extra": {"ckpt.interval": 0, "audit.flush_every": 2, "audit.layer_stats_every": 1,
-                                 "train.max_steps": 400}, "leave_kb": 96},
+        **{f"audit_sink, {kb} KB free": {"extra": sink, "leave_kb": kb} for kb in (64, 96, 160)},
         # the second checkpoint does not fit (each is ~0.7 MB at this size)
-        "checkpointer": {"extra": {"ckpt.interval": 5, "audit.flush_every": 5, "train.max_steps": 400},
-                         "leave_kb": 1100},
+        **{f"checkpointer, {kb} KB free": {"extra": ckpt, "leave_kb": kb} for kb in (900, 1100)},
     }
     for name, sc in scenarios.items():
-        mnt = work / "disk" / name
+        mnt = work / "disk" / re.sub(r"\W+", "_", name)
         with small_filesystem(mnt, 6 * 1024) as mounted:
             if not mounted:
                 out[name] = {"skipped": "cannot mount a tmpfs here (needs root); see docs/reliability.md"}
@@ -592,10 +592,10 @@ def disk_section(work: Path, packed: Path) -> dict:
             ensure_store(store)
             filled = _fill(mnt, sc["leave_kb"] * 1024)
             log(f"disk: {name}: {sc['leave_kb']} KB left free on a 6 MB tmpfs; training into it")
-            L = k2(["train", *tiny_overrides(packed, store, **{"run.name": f"disk-{name}", **sc["extra"]})],
+            L = k2(["train", *tiny_overrides(packed, store, **{"run.name": "disk", **sc["extra"]})],
                    timeout=600)
             res = {"rc": L.rc, "seconds": round(L.seconds, 1), "run_id": L.run_id, "filled_bytes": filled,
-                   "message": first_line(L.stderr), "traceback": "Traceback" in L.stderr}
+                   "message": first_line(L.stderr, 500), "traceback": "Traceback" in L.stderr}
             res["mentions_no_space"] = any(t in L.stderr for t in ("No space left", "ENOSPC", "Errno 28", "disk is full"))
             if L.run_id:
                 try:
@@ -624,7 +624,7 @@ def disk_section(work: Path, packed: Path) -> dict:
                 if good:  # earlier data intact: free the disk and resume from the last good checkpoint
                     (mnt / "filler.bin").unlink()
                     R = k2(["train", *tiny_overrides(packed, store, **{
-                        "run.name": f"disk-{name}-resume", **sc["extra"], "train.max_steps": int(good[-1][5:]) + 5,
+                        "run.name": "disk-resume", **sc["extra"], "train.max_steps": int(good[-1][5:]) + 5,
                         "train.resume": L.run_id})], timeout=600)
                     res["resume_after_freeing_rc"] = R.rc
             res["marked_failed"] = res.get("status") == "failed"
@@ -748,7 +748,8 @@ def corrupt_section(work: Path, packed: Path, fixture_store: Path, run_id: str, 
         r = k2(["train", *tiny_overrides(Path(c["dir"]), st, **{"train.max_steps": 3})], timeout=300)
         cases.append({**c, "how": "k2repro train on the damaged data", "rc": r.rc, "detected": r.rc == 2,
                       "clean_error": r.rc == 2 and "Traceback" not in r.stderr,
-                      "named": c["file"] in r.stderr, "message": first_line(r.stderr),
+                      "named": c["file"] in r.stderr,
+                      "message": first_line(r.stderr) or f"exit {r.rc}: trained to the end without an error",
                       "traceback": "Traceback" in r.stderr})
     log(f"corrupt: data: {sum(c['detected'] for c in cases[n1:])}/{len(cases) - n1} detected")
     for c in cases:
@@ -1191,14 +1192,16 @@ def render_md(res: dict) -> str:
     if disk:
         lines += ["", "## Full disk", "",
                   "A 6 MB tmpfs holds the store and the checkpoints; a filler file leaves a little space, so the "
-                  "audit sink's segments (first row) or the second checkpoint (second row) hit ENOSPC.", "",
+                  "audit sink's segments (no checkpoints, layer stats every step) or the second checkpoint hit "
+                  "ENOSPC. Each scenario runs with a few amounts of free space: where the disk fills up decides "
+                  "what still fits after the error.", "",
                   "| scenario | rc | last line of stderr | traceback | status | steps intact | checkpoints valid / "
                   "invalid | resume after freeing space | ok |", "|---|---|---|---|---|---|---|---|---|"]
         for name, r in disk.items():
             if "skipped" in r:
                 lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | |")
                 continue
-            lines.append(f"| {name} | {r['rc']} | `{r['message'][:160]}` | {r.get('traceback')} | {r.get('status')} | "
+            lines.append(f"| {name} | {r['rc']} | `{r['message'][:400]}` | {r.get('traceback')} | {r.get('status')} | "
                          f"{r.get('steps_intact')} ({r.get('steps_recorded')} steps) | "
                          f"{len(r.get('checkpoints_valid', []))} / {len(r.get('checkpoints_invalid', []))} | "
                          f"{r.get('resume_after_freeing_rc', '-')} | {'yes' if r['ok'] else '**NO**'} |")
@@ -1273,7 +1276,8 @@ def summarize(res: dict) -> dict:
         s["all kills"] = f"**{ok}/{total}** survived with nothing lost"
     disk = res.get("disk")
     if disk:
-        s["full disk"] = ", ".join(f"{n}: {'ok' if r.get('ok') else ('skipped' if 'skipped' in r else 'FAILED')}"
+        s["full disk"] = "; ".join(f"{n}: {'ok' if r.get('ok') else ('skipped' if 'skipped' in r else 'FAILED')}"
+                                   f"{'' if r.get('ok') or 'skipped' in r else ' (' + str(r.get('status')) + ')'}"
                                    for n, r in disk.items())
     cor = res.get("corrupt")
     if cor:
