@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "reports" / "bench"
+OUT = Path(os.environ.get("K2REPRO_BENCH_OUT") or REPO / "reports" / "bench")  # run_all.py --out
 
 
 def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
