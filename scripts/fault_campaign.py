@@ -1300,7 +1300,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, default=2, help="ranks of the killed runs")
     ap.add_argument("--steps", type=int, default=64, help="steps of the killed runs")
     ap.add_argument("--bad-inputs", type=int, default=None, help="run only this many bad inputs (seeded pick)")
-    ap.add_argument("--load-steps", type=int, default=300)
+    ap.add_argument("--load-steps", type=int, default=800)
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--out", default=str(REPO / "reports"), help="folder for reliability.md and reliability.json")
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, removed at the end)")
