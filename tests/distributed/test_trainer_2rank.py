@@ -133,3 +133,14 @@ def test_bad_config_exits_2_before_any_worker(tmp_path: Path) -> None:
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "optim.lr" in lines[0], r.stderr
     assert "torch.distributed" not in r.stderr and not store.exists()
+
+
+def test_changed_training_data_is_refused(packed_dir: Path, tmp_path: Path) -> None:
+    """The trainer re-hashes the packed data before step 1: the recorded sha256 is what it trains on."""
+    bad = tmp_path / "packed"
+    shutil.copytree(packed_dir, bad)
+    data = bytearray((bad / "train.bin").read_bytes())
+    data[100] ^= 0x01
+    (bad / "train.bin").write_bytes(bytes(data))
+    r = k2("train", *tiny_overrides(bad, tmp_path / "s", **{"train.max_steps": 2}))
+    assert r.returncode == 2 and "train.bin" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -9,6 +9,7 @@ import torch, pandas or pyarrow: `k2repro sql` and `k2repro runs` stay fast.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -52,6 +53,12 @@ def _pid_alive(pid: int | None, pid_start: float | None) -> bool | None:
         return True  # exists but not ours to inspect
 
 
+# DuckDB messages of a segment read that raced a writer, or of a damaged segment
+_TRANSIENT = ("No such file", "Invalid data", "don't know what type", "Could not read enough bytes",
+              "TProtocolException", "No magic bytes", "too small to be a Parquet file", "Invalid Input Error: File")
+_SEGMENT = re.compile(r"'([^']+\.parquet)'")
+
+
 class Store:
     """An open audit store. `con` is a DuckDB connection holding the views."""
 
@@ -63,19 +70,30 @@ class Store:
 
     # -- raw access
     def execute(self, query: str, params: list | dict | None = None) -> duckdb.DuckDBPyConnection:
-        """Run a query and return the DuckDB result (fetchall()/fetchdf()/arrow()). A segment
-        that vanished between DuckDB's listing and its read (`gc`, compaction: see
-        audit/compact.py) fails the query; it is run again and then sees the new files."""
+        """Run a query and return the DuckDB result (fetchall()/fetchdf()/arrow()).
+
+        Two races are retried: a segment that vanished between DuckDB's listing and its read
+        (`gc`, compaction: see audit/compact.py), and a segment that a sink replaced by a longer
+        version between DuckDB reading its footer and scanning it (the open segment is rewritten
+        under its name: the new file is whole, the read mixed two versions). A segment that stays
+        unreadable (truncated, not Parquet) is reported as bad input naming the file."""
         import duckdb
 
         for attempt in range(VANISHED_RETRIES + 1):
             try:
                 return self.con.execute(query, params) if params is not None else self.con.execute(query)
-            except duckdb.IOException as exc:
-                if attempt == VANISHED_RETRIES or "No such file" not in str(exc):
+            except duckdb.Error as exc:
+                msg = str(exc)
+                if not any(t in msg for t in _TRANSIENT):
                     raise
-                self.retries += 1
-                time.sleep(0.002 * (attempt + 1))
+                if attempt < VANISHED_RETRIES:
+                    self.retries += 1
+                    time.sleep(0.005 * (attempt + 1))
+                    continue
+                m = _SEGMENT.search(msg)
+                where = f"segment {m.group(1)}" if m else "a segment"
+                raise BadInputError(f"store {self.root}: {where} is unreadable "
+                                    f"({msg.splitlines()[0][:200]})") from None
         raise AssertionError("unreachable")
 
     def sql(self, query: str, params: list | dict | None = None) -> pd.DataFrame:
@@ -218,11 +236,12 @@ def open_store(path: str | Path | None = None, *, sandbox: bool = False, check_v
             have[t] = con.execute(f"SELECT count(*) FROM glob({sql_literal(pattern)})").fetchone()[0] > 0
     else:
         have = {}
+    store = Store(root, con, sandbox)
     for stmt in all_view_sql(prefix, have, explicit=current, local_host=socket.gethostname()):
-        con.execute(stmt)
+        store.execute(stmt)  # binding a view reads segment footers: same races, same errors
     if sandbox:
         allowed = [str(root.resolve()) + os.sep] if exists else []
         con.execute(f"SET allowed_directories = [{', '.join(sql_literal(a) for a in allowed)}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
-    return Store(root, con, sandbox)
+    return store

@@ -49,6 +49,9 @@ class DataConfig:
     dedup_rows: int = 0
     max_docs: int = 0
     split_seed: int = 1234
+    # training re-hashes the packed files against their manifest before step 1 (rank 0), so the
+    # recorded sha256 is that of the bytes trained on; turn off for very large data
+    verify: bool = True
 
 
 @dataclass

@@ -87,6 +87,8 @@ class Trainer:
         self.det = set_determinism(t.deterministic)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.data = PackedDataset(cfg.data.packed_dir, "train")
+        if cfg.data.verify and info.is_main:
+            self.data.verify()  # names a changed artefact: exit 2 before any step
         if self.data.seq_len < t.seq_len:
             raise BadInputError(
                 f"config key 'train.seq_len': {t.seq_len} exceeds the packed window "
