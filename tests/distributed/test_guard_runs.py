@@ -109,3 +109,13 @@ def test_guard_abort_exits_3(packed_dir: Path, tmp_path: Path) -> None:
         assert st.run(rid)["status"] == "failed"
         assert len(st.events(rid, "spike")) >= 1
         assert "GuardAbort" in " ".join(st.events(rid, "error")["detail"])
+
+
+def test_guard_log_records_the_spike_without_touching_training(packed_dir: Path, tmp_path: Path) -> None:
+    store = tmp_path / "lg"
+    rid, proc = _train(packed_dir, store, **{"faults.bad_batch_steps": [BAD]})  # guard.action=log
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with k2repro.open_store(store) as st:
+        spikes = st.events(rid, "spike")
+        assert list(spikes["step"]) == [BAD]
+        assert not st.steps(rid)["skipped"].any()

@@ -122,8 +122,11 @@ class Trainer:
         self.sink = None
         self.pending = Pending()
         self.skip_steps = set(t.skip_steps)
-        # The guard watches every step when it can act or when there is a store to log to.
-        self.guard = SpikeGuard(cfg.guard, info.device) if (cfg.guard.action != "log" or cfg.audit.enabled) else None
+        # A guard that acts (skip/rollback/abort) decides on the device every step. One that only
+        # logs needs no per-step work: its flags come from the same rule on the host, once per
+        # flush, over the flushed values (`_log_flags`), so logging spikes costs nothing in the step.
+        self.guard = SpikeGuard(cfg.guard, info.device) if cfg.guard.action != "log" else None
+        self.log_history: list[float] = []
         self.rollbacks = 0
         self.resumed_from: str | None = None
 
@@ -422,17 +425,34 @@ class Trainer:
             ckpt.prune(self.ckpt_dir, cfg.ckpt.keep_last)
 
     # ---- guard --------------------------------------------------------------------------------
+    def _log_flags(self, rows: list[dict]) -> None:
+        """guard.action=log: the guard's rule on the host, over the flushed values."""
+        import math
+
+        from k2repro.forensics.detect import RobustZ, robust_z_flag
+
+        g = self.cfg.guard
+        rule = RobustZ(short_window=g.short_window, long_window=g.long_window, threshold=g.threshold,
+                       min_history=g.min_history)
+        keep = rule.history_needed + 1
+        for r in rows:
+            value = r["loss"] if g.signal == "loss" else r["grad_norm"]
+            self.log_history = (self.log_history + [value])[-keep:]
+            nonfinite = not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]))
+            r["guard_flag"] = bool(r["guard_flag"] or nonfinite or robust_z_flag(self.log_history, rule))
+
     def _log_guard_events(self, rows: list[dict]) -> None:
-        if self.guard is None:
-            return
+        g = self.cfg.guard
+        if g.action == "log":
+            self._log_flags(rows)
         for r in rows:
             if r["guard_flag"]:
                 self.sink.log_event("spike", step=r["step"], severity="warning", detail={
-                    "detector": "robust_z", "signal": self.guard.signal, "action": self.guard.action,
+                    "detector": "robust_z", "signal": g.signal, "action": g.action,
                     "loss": r["loss"], "grad_norm": r["grad_norm"]})
-                if r["skipped"] and self.guard.action != "log":
+                if r["skipped"] and g.action != "log":
                     self.sink.log_event("skip", step=r["step"], severity="warning",
-                                        detail={"reason": "spike guard", "action": self.guard.action})
+                                        detail={"reason": "spike guard", "action": g.action})
 
     def guard_act(self, rows: list[dict]) -> int | None:
         """Act on the first flagged step of a flush. Returns the step to continue after (a
