@@ -13,15 +13,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import lightning  # noqa: E402,F401
 import numpy as np
 import pytest
+import transformers  # noqa: E402,F401  (the dev extra installs it: no silent skip)
 
 from k2repro.audit.api import ABSENT_EVENT
 from k2repro.audit.store import open_store
 from tests.conftest import REPO, tiny_overrides
-
-pytest.importorskip("transformers")
-pytest.importorskip("lightning")
 
 HF_SCRIPT = textwrap.dedent('''
     import json, sys
