@@ -150,10 +150,14 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
 
-def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(logits: torch.Tensor, targets: torch.Tensor,
+                 with_logz: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token cross-entropy (fused kernel, differentiable) and log-partition log Z (a
-    statistic only: computed without autograd so it costs no backward pass)."""
+    statistic only: computed without autograd so it costs no backward pass; None when not
+    asked for)."""
     loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
+    if not with_logz:
+        return loss, None
     with torch.no_grad():
         lse = torch.logsumexp(logits.detach(), dim=-1)
     return loss, lse

@@ -240,7 +240,7 @@ class Trainer:
             if info.distributed:
                 self.model.set_requires_gradient_sync(last)
             logits = self.model(x[:, :-1])
-            loss_tok, lse = token_losses(logits, x[:, 1:])
+            loss_tok, lse = token_losses(logits, x[:, 1:], with_logz=self.sink is not None)
             if f.nan_step and step == f.nan_step and info.rank == 0 and i == 0:
                 loss_tok = loss_tok * F.nan_tensor(loss_tok[:1, :1])
             if masked:  # a counterfactual: these samples contribute no loss and no gradient
@@ -249,10 +249,11 @@ class Trainer:
                 weights.append(w)
             (loss_tok.sum() / denom).backward()
             sample_losses.append(loss_tok.detach().mean(dim=1))
-            sample_logz.append(lse.detach().mean(dim=1))
+            if lse is not None:  # log Z is an audit statistic: skipped when nothing records it
+                sample_logz.append(lse.mean(dim=1))
         F.maybe_kill(f, step, info.rank, "step")
         sl = torch.cat(sample_losses).float()
-        lz = torch.cat(sample_logz).float()
+        lz = torch.cat(sample_logz).float() if sample_logz else torch.zeros_like(sl)
         grads = [local(p.grad) if p.grad is not None else torch.zeros(1, device=dev) for p in self.params]
         grad_sq = torch.stack(torch._foreach_norm(grads)).float().pow(2)
         # max |grad| is a layer statistic only: skip its pass on other steps
