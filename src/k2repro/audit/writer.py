@@ -116,8 +116,7 @@ def _to_array(values: Any, type_: pa.DataType, where: str) -> pa.Array:
             # pa.array(..., type=int64) truncates 2.5 to 2 silently; a safe cast refuses it.
             return pa.array(values).cast(type_)
         return pa.array(values, type=type_)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError,
-            OverflowError):
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):  # any Arrow refusal: fall back
         pass
     try:
         return _fallback(list(values), type_)
