@@ -18,6 +18,7 @@ from k2repro.forensics.detect import (
     parse_spec,
     robust_z,
     robust_z_flag,
+    robust_z_flag_rows,
     robust_z_last,
     robust_z_parts,
     robust_z_rows,
@@ -84,6 +85,26 @@ def test_one_point_reference_equals_the_vectorised_rule(trend: bool) -> None:
     assert [robust_z_flag(x[: i + 1], rule) for i in (150, 200)] == [False, True]
     # history beyond history_needed does not matter
     assert robust_z_last(x[:260], rule) == robust_z_last(x[260 - rule.history_needed - 1: 260], rule)
+
+
+def test_flag_rows_fed_in_flushes_equal_the_per_point_guard() -> None:
+    """guard.action=log scores each flush in one call over a history cut to history_needed
+    points: the flags must be those of the one-point rule applied at every step."""
+    rng = np.random.default_rng(11)
+    n = 400
+    x = 3 + 7 * np.exp(-np.arange(n) / 50) + rng.normal(0, 0.03, n)
+    x[[90, 200, 201, 333]] += [0.8, 1.0, 0.9, 0.7]
+    rule = RobustZ()
+    ref = np.array([robust_z_flag(x[: i + 1], rule) for i in range(n)])
+    hist: list[float] = []
+    got: list[bool] = []
+    for lo in range(0, n, 10):
+        chunk = list(x[lo:lo + 10])
+        full = hist + chunk
+        got += list(robust_z_flag_rows(full, len(hist), rule))
+        hist = full[-rule.history_needed:]
+    assert ref.sum() >= 3
+    assert np.array_equal(ref, np.array(got))
 
 
 @pytest.mark.parametrize("trend", [True, False])

@@ -158,8 +158,8 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor,
     loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
     if not with_logz:
         return loss, None
-    with torch.no_grad():
-        lse = torch.logsumexp(logits.detach(), dim=-1)
+    with torch.no_grad():  # CE = log Z - logit[target], so log Z is one gather away (no 2nd vocab pass)
+        lse = loss.detach().float() + logits.detach().gather(-1, targets[..., None]).squeeze(-1).float()
     return loss, lse
 
 

@@ -427,20 +427,26 @@ class Trainer:
 
     # ---- guard --------------------------------------------------------------------------------
     def _log_flags(self, rows: list[dict]) -> None:
-        """guard.action=log: the guard's rule on the host, over the flushed values."""
+        """guard.action=log: the guard's rule on the host, over the flushed values. One
+        vectorised pass scores the whole flush (a per-row loop of medians cost ~4 ms a row,
+        which the next step paid in full)."""
         import math
 
-        from k2repro.forensics.detect import RobustZ, robust_z_flag
+        from k2repro.forensics.detect import RobustZ, robust_z_flag_rows
 
         g = self.cfg.guard
         rule = RobustZ(short_window=g.short_window, long_window=g.long_window, threshold=g.threshold,
                        min_history=g.min_history)
-        keep = rule.history_needed + 1
-        for r in rows:
-            value = r["loss"] if g.signal == "loss" else r["grad_norm"]
-            self.log_history = (self.log_history + [value])[-keep:]
+        values = [r["loss"] if g.signal == "loss" else r["grad_norm"] for r in rows]
+        hist = self.log_history + values
+        start = len(self.log_history)
+        # A kept history is never shorter than history_needed >= min_history once truncated,
+        # so row indices below min_history only occur while it still starts at step 1.
+        flags = robust_z_flag_rows(hist, start, rule)
+        self.log_history = hist[-rule.history_needed:]
+        for r, flag in zip(rows, flags):
             nonfinite = not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]))
-            r["guard_flag"] = bool(r["guard_flag"] or nonfinite or robust_z_flag(self.log_history, rule))
+            r["guard_flag"] = bool(r["guard_flag"] or nonfinite or flag)
 
     def _log_guard_events(self, rows: list[dict]) -> None:
         g = self.cfg.guard
