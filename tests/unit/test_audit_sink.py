@@ -130,6 +130,56 @@ def test_backpressure_blocks_then_records_a_warning(tmp_path):
         assert st.run("run-e")["status"] == "completed"
 
 
+def test_merged_flushes_keep_numpy_and_list_columns_exact(tmp_path):
+    """A writer that falls behind merges queued flushes: numpy columns (what the trainer hands
+    over) and plain lists, a column some flushes lack, all land exactly, in order."""
+    import threading
+
+    import numpy as np
+
+    hold = threading.Event()
+    hold.set()
+
+    def slow(table, path):  # the writer waits here until the test has queued more flushes
+        hold.wait(10)
+
+    sink = AuditSink(tmp_path, "run-m", on_write=slow)
+    _start(sink)
+    hold.clear()
+    merged = []
+    real_merge = sink._merge
+    sink._merge = lambda items: merged.append(len(items)) or real_merge(items)
+
+    def flush(step, ids, loss, n_tokens=None, as_numpy=True):
+        cols = {"step": [step] * len(ids), "sample_id": ids, "loss": loss}
+        if n_tokens is not None:
+            cols["n_tokens"] = n_tokens
+        sink.log_samples({k: np.array(v) for k, v in cols.items()} if as_numpy else cols)
+        sink.flush()
+
+    # each group: the first flush keeps the (slow) writer busy while the next two queue up
+    flush(1, [1], [0.5])
+    flush(2, [2, 3], [1.5, 2.5])
+    flush(3, [4], [3.5])
+    hold.set()
+    sink.flush(wait=True)
+    hold.clear()
+    flush(4, [5], [4.5], as_numpy=False)
+    flush(5, [6], [5.5], n_tokens=[64], as_numpy=False)
+    flush(6, [7, 8], [6.5, 7.5])
+    hold.set()
+    sink.close()
+    assert sum(merged) >= 6 and max(merged) >= 2, merged
+    with open_store(tmp_path) as st:
+        df = st.sql("SELECT step, sample_id, loss, n_tokens FROM sample_stats WHERE run_id = 'run-m' "
+                    "ORDER BY sample_id")
+    assert df["sample_id"].tolist() == list(range(1, 9))
+    assert df["step"].tolist() == [1, 2, 2, 3, 4, 5, 6, 6]
+    assert df["loss"].tolist() == [0.5 + i for i in range(8)]
+    assert df["n_tokens"].isna().tolist() == [True] * 5 + [False] + [True] * 2
+    assert df["n_tokens"].tolist()[5] == 64
+
+
 def test_writer_failure_surfaces_instead_of_blocking(tmp_path):
     def boom(table, path):
         if table == "steps":

@@ -438,20 +438,29 @@ class AuditSink:
         for item in items:
             for table, batches in item.items():
                 per_table.setdefault(table, []).extend(batches)
-        out: dict[str, dict[str, list]] = {}
+        import numpy as np
+
+        out: dict[str, dict[str, Any]] = {}
         for table, batches in per_table.items():
-            if len(batches) == 1:
-                out[table] = {k: list(v) for k, v in batches[0].items()}
+            if len(batches) == 1:  # numpy columns stay arrays: Arrow takes them without a loop
+                out[table] = dict(batches[0])
                 continue
             names: list[str] = []
             for b in batches:
                 names.extend(k for k in b if k not in names)
-            merged: dict[str, list] = {k: [] for k in names}
-            for b in batches:
-                n = len(next(iter(b.values()), []))
-                for k in names:
-                    v = b.get(k)
-                    merged[k].extend(v if v is not None else [None] * n)
+            merged: dict[str, Any] = {}
+            for k in names:
+                parts = [b.get(k) for b in batches]
+                if all(isinstance(v, np.ndarray) for v in parts):
+                    merged[k] = np.concatenate(parts)
+                    continue
+                col: list = []
+                for b, v in zip(batches, parts):
+                    if v is None:
+                        col.extend([None] * len(next(iter(b.values()), [])))
+                    else:
+                        col.extend(v.tolist() if isinstance(v, np.ndarray) else v)
+                merged[k] = col
             out[table] = merged
         return out
 

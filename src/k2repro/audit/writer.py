@@ -33,7 +33,13 @@ STUB_DIR = f"{META_DIR}/schema"
 DUCKDB_FILE = "k2repro.duckdb"
 RUN_MARKER = "_run.json"
 STUB_NAME = "_empty.parquet"
-COMPRESSION = "zstd"
+COMPRESSION = "zstd"  # stubs, compaction and export: written once, kept long
+#: Live segments are rewritten every flush while a run trains, by a thread that shares the
+#: cores with training: snappy, dictionaries for strings only and min/max statistics only on
+#: the columns queries filter on halve the cost of a small segment against zstd with
+#: everything, at about the same size (`audit compact` rewrites them with zstd).
+LIVE_COMPRESSION = "snappy"
+STAT_COLUMNS = ("run_id", "step", "rank", "sample_id", "param", "kind", "key")
 
 #: Called by the writer after a segment's temp file is complete and before it is renamed:
 #: (table, temp path). Fault injection uses it to die at the worst moment.
@@ -227,8 +233,13 @@ def write_segment(table_dir: Path, name: str, tbl: pa.Table, on_write: WriteHook
     table_dir.mkdir(parents=True, exist_ok=True)
     final = table_dir / name
     tmp = table_dir / f".{name}.tmp"
+    import pyarrow as pa
+
+    names = tbl.schema.names
     try:
-        pq.write_table(tbl, tmp, compression=COMPRESSION)
+        pq.write_table(tbl, tmp, compression=LIVE_COMPRESSION,
+                       write_statistics=[c for c in STAT_COLUMNS if c in names],
+                       use_dictionary=[f.name for f in tbl.schema if pa.types.is_string(f.type)])
     except BaseException:  # a full disk: give the space back, so that the end marker still fits
         tmp.unlink(missing_ok=True)
         raise

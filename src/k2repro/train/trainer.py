@@ -74,7 +74,7 @@ class Pending:
 
     steps: list = field(default_factory=list)  # (step, lr, tokens, dt, ids_hash, skipped_host, vec)
     samples: list = field(default_factory=list)  # (step, ids, loss tensor, n_tokens)
-    layers: list = field(default_factory=list)  # (step, tensor (P, 5))
+    layers: list = field(default_factory=list)  # (step, tensor (P, 4): grad^2, param^2, update^2, max |grad|)
     norms: tuple | None = None  # (step, grad_sq, grad_max, param_sq, update_sq) awaiting reduction
 
 
@@ -336,9 +336,8 @@ class Trainer:
 
     def _emit_layers(self, step: int, g_sq: torch.Tensor, g_max: torch.Tensor, p_sq: torch.Tensor,
                      u_sq: torch.Tensor) -> None:
-        gn, pn, un = g_sq.sqrt(), p_sq.sqrt(), u_sq.sqrt()
-        ratio = un / pn.clamp(min=1e-30)
-        self.pending.layers.append((step, torch.stack([gn, pn, un, ratio, g_max], dim=1)))
+        # squares as reduced; roots and ratios are taken on the host at flush (one op per step here)
+        self.pending.layers.append((step, torch.stack([g_sq, p_sq, u_sq, g_max], dim=1)))
 
     def reduce_leftover_norms(self) -> None:
         """The last layer-stats step has no next step to carry its norms: reduce them now."""
@@ -385,22 +384,18 @@ class Trainer:
             steps = np.concatenate([np.full(len(s[1]), s[0]) for s in pend.samples])
             ids = np.concatenate([s[1] for s in pend.samples])
             pos = np.concatenate([np.arange(len(s[1])) + s[3] for s in pend.samples])
-            self.sink.log_samples({
-                "step": steps.tolist(), "rank": [self.info.rank] * len(ids), "sample_id": ids.tolist(),
-                "batch_pos": pos.tolist(), "loss": losses.tolist(),
-                "n_tokens": [self.cfg.train.seq_len] * len(ids)})
+            self.sink.log_samples({  # numpy columns: the writer hands them to Arrow as they are
+                "step": steps, "rank": np.full(len(ids), self.info.rank), "sample_id": ids,
+                "batch_pos": pos, "loss": losses, "n_tokens": np.full(len(ids), self.cfg.train.seq_len)})
             pend.samples.clear()
         if pend.layers and self.info.is_main:
-            mats = torch.stack([m for _, m in pend.layers]).double().cpu().numpy()
+            sq = torch.stack([m for _, m in pend.layers]).double().cpu().numpy().reshape(-1, 4)
             n = len(self.param_names)
-            cols = {"step": [], "param": [], "grad_norm": [], "param_norm": [], "update_norm": [],
-                    "update_ratio": [], "grad_max_abs": []}
-            for (step, _), mat in zip(pend.layers, mats):
-                cols["step"] += [step] * n
-                cols["param"] += self.param_names
-                for j, key in enumerate(("grad_norm", "param_norm", "update_norm", "update_ratio", "grad_max_abs")):
-                    cols[key] += mat[:, j].tolist()
-            self.sink.log_layer_stats(cols)
+            gn, pn, un = np.sqrt(sq[:, 0]), np.sqrt(sq[:, 1]), np.sqrt(sq[:, 2])
+            self.sink.log_layer_stats({
+                "step": np.repeat(np.array([s for s, _ in pend.layers], dtype=np.int64), n),
+                "param": self.param_names * len(pend.layers), "grad_norm": gn, "param_norm": pn,
+                "update_norm": un, "update_ratio": un / np.maximum(pn, 1e-30), "grad_max_abs": sq[:, 3].copy()})
         pend.layers.clear()
         self.sink.flush()
         return rows
