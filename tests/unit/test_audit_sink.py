@@ -10,6 +10,7 @@ import time
 import pyarrow as pa
 import pytest
 
+from k2repro.audit import sink as sink_mod
 from k2repro.audit.sink import AuditSink, AuditWriteError, hparam_rows, parse_hparam
 from k2repro.audit.store import open_store
 from k2repro.audit.writer import append_table, write_run_tables
@@ -197,6 +198,48 @@ def test_writer_failure_surfaces_instead_of_blocking(tmp_path):
     with open_store(tmp_path) as st:
         run = st.run("run-f")
         assert run["status"] == "failed" and "audit writer failed" in run["error"]
+
+
+def _du(root) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize("headroom_kb", [4, 64])
+def test_a_full_disk_still_leaves_room_for_the_end_marker(tmp_path, headroom_kb):
+    """A disk quota over the store (every byte counts, the reserve file too): the writer dies of
+    ENOSPC mid-run, and the run still reads `failed` with the reason, because deleting the
+    reserve makes room for the end marker. Without the reserve the marker did not fit and
+    the run read `crashed` (found by scripts/fault_campaign.py on a 6 MB tmpfs)."""
+    import errno
+
+    quota = {"bytes": None}
+
+    def disk(table, tmp):  # called with the finished temp file, before its rename
+        if quota["bytes"] is not None and _du(tmp_path) > quota["bytes"]:
+            tmp.unlink()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    sink = AuditSink(tmp_path, "run-d", on_write=disk)
+    _start(sink)
+    assert (sink.run_dir / ".reserve-r0").stat().st_size == sink_mod.RESERVE_BYTES
+    quota["bytes"] = _du(tmp_path) + headroom_kb * 1024  # the disk fills a few flushes in
+    with pytest.raises(AuditWriteError, match="No space left"):
+        for s0 in range(0, 100_000, 50):
+            sink.log_layer_stats({"step": [s0 + i for i in range(50) for _ in range(40)],
+                                  "param": [f"layers.{j}.w" for _ in range(50) for j in range(40)],
+                                  "grad_norm": [float(s0 + i) for i in range(2000)]})
+            sink.flush(wait=True)
+    quota["bytes"] = _du(tmp_path)  # and the disk stays full: not a byte free (without the reserve)
+    with pytest.raises(AuditWriteError):
+        sink.close("failed", "Traceback: OSError: [Errno 28] No space left on device")
+    assert not (sink.run_dir / ".reserve-r0").exists()
+    assert _du(tmp_path) <= quota["bytes"], "the end marker fitted in the reserve's room"
+    with open_store(tmp_path) as st:
+        run = st.run("run-d")
+        assert run["status"] == "failed"
+        assert "No space left" in run["error"]
+        layer = st.sql("SELECT step, count(*) c FROM layer_stats WHERE run_id = 'run-d' GROUP BY step")
+    assert (layer["c"] == 40).all(), "flushed rows intact"
 
 
 def test_write_run_tables_is_atomic_and_complete(tmp_path):

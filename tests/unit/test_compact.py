@@ -48,6 +48,16 @@ def test_merge_per_writer_keeps_rows_and_large_files(tmp_path) -> None:  # noqa:
     assert not list(d.parent.glob(".*"))
 
 
+def test_a_killed_runs_full_disk_reserves_go(tmp_path) -> None:  # noqa: ANN001
+    run = tmp_path / "run"
+    _seg(run / "steps", "r0-00000000.parquet", [1, 2])
+    for r in (0, 1):
+        (run / f".reserve-r{r}").write_bytes(os.urandom(100))
+    out = C.compact_run(run)
+    assert out["reserves_removed"] == 2 and not list(run.glob(".reserve-*"))
+    assert _rows(run / "steps") == [(1, 1 / 3), (2, 2 / 3)]
+
+
 def test_checkpoint_folders_survive_the_swap(tmp_path) -> None:  # noqa: ANN001
     d = tmp_path / "run" / "checkpoints"
     for i in range(3):

@@ -201,8 +201,12 @@ def compact_run(run_dir: Path, small_bytes: int = SMALL_BYTES, offline: bool = F
         before += n0
         after += len(_segments(tdir))
         tables.append(tdir.name)
+    # A run that ended without close() (SIGKILL) left its ranks' full-disk reserves behind.
+    reserves = sorted(run_dir.glob(".reserve-r*"))
+    for f in reserves:
+        f.unlink(missing_ok=True)
     return {"run_dir": str(run_dir), "tables": tables, "segments_before": before, "segments_after": after,
-            "skipped_busy": busy}
+            "skipped_busy": busy, "reserves_removed": len(reserves)}
 
 
 def require_exchange(root: Path, offline: bool) -> None:

@@ -50,6 +50,12 @@ from k2repro.audit.writer import (
 )
 from k2repro.errors import BadInputError
 
+#: Bytes each rank keeps in a reserve file (`<run>/.reserve-r<rank>`) from start to close: when
+#: a full disk kills the writer, deleting it makes room for the end marker and the error, so
+#: the run reads `failed` with its reason instead of `crashed` without one. An end marker is
+#: about 2 KB; small enough that a nearly full disk still grants every rank its reserve.
+RESERVE_BYTES = 32 * 1024
+
 #: A rank's open segment of a table is rewritten (as a superset) until it holds this many
 #: writes or rows; then a new segment starts.
 ROLL_FLUSHES = 32
@@ -169,6 +175,7 @@ class AuditSink:
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
         self._hb_path = self._run_dir / HEARTBEAT_DIR / f"r{self.rank}.json"
+        self._reserve_path = self._run_dir / f".reserve-r{self.rank}"
         self.segments_written = 0
         self.backpressure_s = 0.0
 
@@ -194,7 +201,33 @@ class AuditSink:
             if (self._run_dir / RUN_MARKER).exists():
                 raise BadInputError(f"run {self.run_id} already exists in {self.store_root}")
         self._run_dir.mkdir(parents=True, exist_ok=True)
+        self._make_reserve()  # first: a disk that fills during the writes below still has it
         self._seq = self._next_free_seq()
+        try:
+            self._write_identity(run, hparams, env, data_manifest, git_diff)
+        except BaseException as exc:  # a full disk already: still end the run as failed, if possible
+            self._release_reserve()
+            self._open = {}
+            try:
+                self._write_now("run_end", {
+                    "rank": [self.rank], "status": ["failed"], "ended_at": [utcnow()],
+                    "error": [self.redactor.scrub(f"audit start failed: {exc!r}")],
+                    "pid": [os.getpid()], "host": [socket.gethostname()]})
+            except Exception:
+                pass
+            raise
+        self._started = True
+        self._writer = threading.Thread(target=self._writer_loop, name=f"k2repro-audit-writer-r{self.rank}",
+                                        daemon=True)
+        self._writer.start()
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name=f"k2repro-audit-hb-r{self.rank}",
+                                           daemon=True)
+        self._hb_thread.start()
+        _LIVE.add(self)
+
+    def _write_identity(self, run: dict, hparams: dict[str, Any], env: dict[str, str],
+                        data_manifest: list[dict], git_diff: str | None) -> None:
+        """The synchronous part of start(): heartbeat file, run marker and identity tables."""
         self._write_heartbeat_file()
         if self.rank == 0:
             write_run_marker(self._run_dir, self.run_id)
@@ -214,14 +247,6 @@ class AuditSink:
             self._write_now("events", self._columns(events))
         env_rows = {"rank": [self.rank] * len(env), "key": list(env), "value": [str(v) for v in env.values()]}
         self._write_now("env", env_rows)
-        self._started = True
-        self._writer = threading.Thread(target=self._writer_loop, name=f"k2repro-audit-writer-r{self.rank}",
-                                        daemon=True)
-        self._writer.start()
-        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name=f"k2repro-audit-hb-r{self.rank}",
-                                           daemon=True)
-        self._hb_thread.start()
-        _LIVE.add(self)
 
     def log_steps(self, rows: dict[str, list]) -> None:
         """A columnar batch of `steps` rows (rank 0)."""
@@ -298,22 +323,30 @@ class AuditSink:
             self._queue.put(_STOP)
             self._writer.join()
         failure = self._error
-        if failure is not None:
-            status = "failed"
-            error = (error + "\n" if error else "") + f"audit writer failed: {failure!r}"
-            try:  # the writer is gone: whatever is still buffered goes out now
-                for table, batches in self._merge([self._buffers]).items():
-                    self._write_now(table, batches)
-            except Exception:
-                pass
-        self._write_now("run_end", {
-            "rank": [self.rank], "status": [status], "ended_at": [utcnow()],
-            "error": [self.redactor.scrub(error) if error else None],
-            "pid": [os.getpid()], "host": [socket.gethostname()]})
-        self._hb_stop.set()
-        if self._hb_thread is not None:
-            self._hb_thread.join(timeout=5)
-        self._touch_heartbeat()
+        self._release_reserve()  # room for the end marker, even on a full disk
+        end = {"rank": [self.rank], "status": [status], "ended_at": [utcnow()],
+               "error": [self.redactor.scrub(error) if error else None],
+               "pid": [os.getpid()], "host": [socket.gethostname()]}
+        try:
+            if failure is None:
+                self._write_now("run_end", end)
+            else:
+                error = (error + "\n" if error else "") + f"audit writer failed: {failure!r}"
+                end["status"], end["error"] = ["failed"], [self.redactor.scrub(error)]
+                # Fresh, small segments from here (no rewrite of a large open one), the end
+                # marker first: it alone makes the run read `failed` with its error.
+                self._open = {}
+                self._write_now("run_end", end)
+                try:  # the writer is gone: whatever is still buffered goes out now, if it fits
+                    for table, batches in self._merge([self._buffers]).items():
+                        self._write_now(table, batches)
+                except Exception:
+                    pass
+        finally:
+            self._hb_stop.set()
+            if self._hb_thread is not None:
+                self._hb_thread.join(timeout=5)
+            self._touch_heartbeat()
         if failure is not None:
             raise AuditWriteError(f"audit writer failed: {failure!r}") from failure
 
@@ -495,6 +528,21 @@ class AuditSink:
                 self._write_now(table, cols)
         except BaseException as exc:  # surfaced to the training thread on its next call
             self._error = exc
+
+    def _make_reserve(self) -> None:
+        """Real bytes (random, so no compressing or deduplicating file system keeps them
+        sparse). A disk too full for them already just gets no reserve."""
+        try:
+            with open(self._reserve_path, "wb") as fh:
+                fh.write(os.urandom(RESERVE_BYTES))
+        except OSError:
+            self._reserve_path.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> None:
+        try:
+            self._reserve_path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def _write_heartbeat_file(self) -> None:
         self._hb_path.parent.mkdir(parents=True, exist_ok=True)
