@@ -91,6 +91,14 @@ def test_statistics_are_consistent(full_run: dict) -> None:
         gn = s.sql("""SELECT step, sqrt(sum(grad_norm * grad_norm)) AS g FROM layer_stats
                       WHERE run_id = ? GROUP BY step ORDER BY step""", [rid])
         st = s.steps(rid)
+        pos = s.sql("""SELECT step, list(batch_pos ORDER BY batch_pos) AS p, list(rank ORDER BY batch_pos) AS r
+                       FROM sample_stats WHERE run_id = ? GROUP BY step""", [rid])
+        ls = s.sql("SELECT param_norm, update_norm, update_ratio FROM layer_stats WHERE run_id = ?", [rid])
+    # every sample has its place in the global batch, each rank its contiguous half
+    assert all(list(p) == list(range(8)) for p in pos["p"]) and len(pos) == 50
+    assert all(list(r) == [0] * 4 + [1] * 4 for r in pos["r"])
+    np.testing.assert_allclose(ls["update_ratio"], ls["update_norm"] / ls["param_norm"], rtol=1e-12)
+    assert (ls["update_norm"] > 0).all() and (ls["param_norm"] > 0).all()
     np.testing.assert_allclose(chk["loss"], chk["sample_loss"], rtol=1e-6)
     np.testing.assert_allclose(st["loss_min"], chk["lmin"], rtol=1e-6)
     np.testing.assert_allclose(st["loss_max"], chk["lmax"], rtol=1e-6)

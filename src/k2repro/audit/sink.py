@@ -178,6 +178,7 @@ class AuditSink:
         self._reserve_path = self._run_dir / f".reserve-r{self.rank}"
         self.segments_written = 0
         self.backpressure_s = 0.0
+        self.writer_cpu_s = 0.0  # CPU time of the writer thread's conversions and writes
 
     # ------------------------------------------------------------------ public API
 
@@ -523,11 +524,13 @@ class AuditSink:
     def _write_pending(self, pending: list[dict]) -> None:
         if not pending or self._error is not None:
             return  # after a failure, queued data is dropped so producers never block
+        t0 = time.thread_time()
         try:
             for table, cols in self._merge(pending).items():
                 self._write_now(table, cols)
         except BaseException as exc:  # surfaced to the training thread on its next call
             self._error = exc
+        self.writer_cpu_s += time.thread_time() - t0
 
     def _make_reserve(self) -> None:
         """Real bytes (random, so no compressing or deduplicating file system keeps them

@@ -129,6 +129,8 @@ class Trainer:
         self.log_history: list[float] = []
         self.rollbacks = 0
         self.resumed_from: str | None = None
+        self.flush_s = 0.0  # wall time of the loop in flush(): what the audit costs on this thread
+        self.writer_cpu_s = 0.0  # of sinks already closed (a rollback closes one)
 
     # ---- resume -------------------------------------------------------------------------------
     def resolve_resume(self, target: str) -> Path:
@@ -487,6 +489,7 @@ class Trainer:
             self.sink.log_event("rollback", step=k, severity="warning", detail={
                 "to_step": c, "checkpoint": str(path), "deferred": window, "child_run_id": new_id})
             self.sink.close("completed")
+            self.writer_cpu_s += self.sink.writer_cpu_s
             self.sink = None
         self.pending = Pending()
         manifest, state = ckpt.load_checkpoint(path, self.model, self.opt, self.info.rank, self.info.world_size)
@@ -533,7 +536,9 @@ class Trainer:
             if step % flush_every == 0 or step == last:
                 if step == last:
                     self.reduce_leftover_norms()
+                t_flush = time.perf_counter()
                 rows = self.flush(times)
+                self.flush_s += time.perf_counter() - t_flush
                 times.clear()
                 F.maybe_kill(cfg.faults, step, info.rank, "flush")
                 history.extend(rows)
@@ -588,11 +593,17 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> tuple[int, str, l
         trainer.start_audit()
         history = trainer.fit()
         barrier(info)
-        timings = os.environ.get("K2REPRO_TIMINGS_FILE")  # benchmarks: rank 0's step wall times
-        if timings and info.is_main:
-            Path(timings).write_text(json.dumps([[r["step"], r["step_time_s"]] for r in history]))
         if trainer.sink is not None:
             trainer.sink.close("completed")
+            trainer.writer_cpu_s += trainer.sink.writer_cpu_s
+        timings = os.environ.get("K2REPRO_TIMINGS_FILE")  # benchmarks: rank 0's step wall times
+        if timings:
+            if info.is_main:
+                Path(timings).write_text(json.dumps([[r["step"], r["step_time_s"]] for r in history]))
+            # and every rank's own audit work (bench/audit_overhead.py): loop-thread flush wall
+            # time and the writer thread's CPU time, over the whole run
+            Path(f"{timings}.r{info.rank}.json").write_text(json.dumps({
+                "steps": len(history), "flush_s": trainer.flush_s, "writer_cpu_s": trainer.writer_cpu_s}))
         return 0, rid, history
     except GuardAbort as exc:
         if trainer is not None and trainer.sink is not None:
