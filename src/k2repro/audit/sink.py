@@ -210,10 +210,7 @@ class AuditSink:
             self._release_reserve()
             self._open = {}
             try:
-                self._write_now("run_end", {
-                    "rank": [self.rank], "status": ["failed"], "ended_at": [utcnow()],
-                    "error": [self.redactor.scrub(f"audit start failed: {exc!r}")],
-                    "pid": [os.getpid()], "host": [socket.gethostname()]})
+                self._write_now("run_end", self._end_row("failed", f"audit start failed: {exc!r}"))
             except Exception:
                 pass
             raise
@@ -325,19 +322,15 @@ class AuditSink:
             self._writer.join()
         failure = self._error
         self._release_reserve()  # room for the end marker, even on a full disk
-        end = {"rank": [self.rank], "status": [status], "ended_at": [utcnow()],
-               "error": [self.redactor.scrub(error) if error else None],
-               "pid": [os.getpid()], "host": [socket.gethostname()]}
         try:
             if failure is None:
-                self._write_now("run_end", end)
+                self._write_now("run_end", self._end_row(status, error))
             else:
                 error = (error + "\n" if error else "") + f"audit writer failed: {failure!r}"
-                end["status"], end["error"] = ["failed"], [self.redactor.scrub(error)]
                 # Fresh, small segments from here (no rewrite of a large open one), the end
                 # marker first: it alone makes the run read `failed` with its error.
                 self._open = {}
-                self._write_now("run_end", end)
+                self._write_now("run_end", self._end_row("failed", error))
                 try:  # the writer is gone: whatever is still buffered goes out now, if it fits
                     for table, batches in self._merge([self._buffers]).items():
                         self._write_now(table, batches)
@@ -531,6 +524,12 @@ class AuditSink:
         except BaseException as exc:  # surfaced to the training thread on its next call
             self._error = exc
         self.writer_cpu_s += time.thread_time() - t0
+
+    def _end_row(self, status: str, error: str | None) -> dict[str, list]:
+        """This rank's end marker (`run_end`): what the derived run status reads."""
+        return {"rank": [self.rank], "status": [status], "ended_at": [utcnow()],
+                "error": [self.redactor.scrub(error) if error else None],
+                "pid": [os.getpid()], "host": [socket.gethostname()]}
 
     def _make_reserve(self) -> None:
         """Real bytes (random, so no compressing or deduplicating file system keeps them
