@@ -173,7 +173,7 @@ def _merge_into(new_dir: Path, table_dir: Path, small_bytes: int) -> list[str]:
         tbl = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(meta)
         name = new_segment_name(files[0].name)
         tmp = new_dir / f".{name}.tmp"
-        pq.write_table(tbl, tmp, compression=COMPRESSION)
+        pq.write_table(tbl, tmp, compression=COMPRESSION, write_page_checksum=True)
         os.replace(tmp, new_dir / name)
         merged.update(f.name for f in files)
     kept = [f.name for f in _segments(table_dir) if f.name not in merged]

@@ -237,7 +237,7 @@ def write_segment(table_dir: Path, name: str, tbl: pa.Table, on_write: WriteHook
 
     names = tbl.schema.names
     try:
-        pq.write_table(tbl, tmp, compression=LIVE_COMPRESSION,
+        pq.write_table(tbl, tmp, compression=LIVE_COMPRESSION, write_page_checksum=True,  # verify-store
                        write_statistics=[c for c in STAT_COLUMNS if c in names],
                        use_dictionary=[f.name for f in tbl.schema if pa.types.is_string(f.type)])
     except BaseException:  # a full disk: give the space back, so that the end marker still fits

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "bundle a run for release"),
     "verify-bundle": ("verify_bundle", "check a release bundle's checksums"),
     "gc": ("gc", "remove runs from a store, compact segments"),
+    "verify-store": ("verify_store", "read every segment whole (page checksums) and find deleted ones"),
 }
 
 
