@@ -731,7 +731,17 @@ def corrupt_section(work: Path, packed: Path, fixture_store: Path, run_id: str, 
                           "silently_changed": changed, "message": first_line(msg),
                           "cli_rc": cli.rc, "cli_traceback": "Traceback" in cli.stderr,
                           "cli_message": first_line(cli.stderr or cli.stdout)})
-    log(f"corrupt: store segments: {sum(c['detected'] for c in cases[n0:])}/{len(cases) - n0} detected")
+            v = k2(["verify-store", "--store", str(root), "--run", run_id], timeout=120)
+            cases.append({"artefact": f"store segment ({table})", "file": victim.name, "damage": kind, "what": what,
+                          "how": "k2repro verify-store", "rc": v.rc, "detected": v.rc == 1,
+                          "clean_error": v.rc == 1 and "Traceback" not in v.stderr
+                          and len(v.stderr.strip().splitlines()) == 1,
+                          "named": v.rc == 1 and victim.name in v.stdout + v.stderr,
+                          "message": first_line(v.stderr) or f"exit {v.rc}: {first_line(v.stdout)}"})
+    seg_cases = cases[n0:]
+    for how in ("open_store + query", "k2repro verify-store"):
+        mine = [c for c in seg_cases if c["how"] == how]
+        log(f"corrupt: store segments, {how}: {sum(c['detected'] for c in mine)}/{len(mine)} detected")
     # data artefacts (the packed corpus): verify() and a training launch
     n1 = len(cases)
     for fname in ("train.bin", "train.docs.parquet", "manifest.json"):

@@ -73,6 +73,22 @@ def test_a_deleted_segment_is_named(store: Path) -> None:
     assert text.returncode == 1 and f"segment {segs[0].name} is missing" in text.stdout
 
 
+def test_a_deleted_newest_segment_is_named_and_a_killed_rank_is_not_claimed(store: Path) -> None:
+    """close() records the rank's last segment number in its heartbeat file, so deleting the
+    newest segment (here the end marker) is found; without that record (a rank killed before
+    close) verify-store says what it could not check instead of calling it fine."""
+    newest = max((store / "run-v").glob("*/r0-*.parquet"), key=lambda p: p.name)
+    assert newest.parent.name == "run_end"
+    newest.unlink()
+    rc, out, _ = _verify(store)
+    assert rc == 1 and out["runs"][0]["problems"] == [
+        f"rank 0: segment {newest.name} is missing (its numbers run to 7 with this one absent)"]
+    hb = store / "run-v" / "_heartbeat" / "r0.json"
+    hb.write_text(json.dumps({k: v for k, v in json.loads(hb.read_text()).items() if k != "last_seq"}))
+    rc, out, _ = _verify(store)
+    assert rc == 0 and out["runs"][0]["unchecked"] and "newest segment" in out["runs"][0]["unchecked"][0]
+
+
 def test_bad_input_exits_2(store: Path, tmp_path: Path) -> None:
     for args in (["--store", str(tmp_path / "nothing")], ["--store", str(store), "--run", "no-such-run"]):
         r = k2("verify-store", *args)

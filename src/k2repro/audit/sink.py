@@ -340,7 +340,10 @@ class AuditSink:
             self._hb_stop.set()
             if self._hb_thread is not None:
                 self._hb_thread.join(timeout=5)
-            self._touch_heartbeat()
+            try:  # the last segment number this rank used: `verify-store` then sees a deleted newest one
+                self._write_heartbeat_file(last_seq=self._seq - 1)
+            except OSError:
+                self._touch_heartbeat()
         if failure is not None:
             raise AuditWriteError(f"audit writer failed: {failure!r}") from failure
 
@@ -546,12 +549,16 @@ class AuditSink:
         except OSError:
             pass
 
-    def _write_heartbeat_file(self) -> None:
+    def _write_heartbeat_file(self, last_seq: int | None = None) -> None:
         self._hb_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self._hb_path, json.dumps({
-            "run_id": self.run_id, "rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
-            "pid_start": _pid_start(), "heartbeat_s": self.heartbeat_s,
-            "started_at": utcnow().isoformat()}).encode())
+        if last_seq is None:
+            self._started_at = utcnow().isoformat()
+        body = {"run_id": self.run_id, "rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
+                "pid_start": _pid_start(), "heartbeat_s": self.heartbeat_s,
+                "started_at": getattr(self, "_started_at", None) or utcnow().isoformat()}
+        if last_seq is not None:
+            body["last_seq"] = last_seq
+        atomic_write_bytes(self._hb_path, json.dumps(body).encode())
 
     def _touch_heartbeat(self) -> None:
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from k2repro.errors import VerificationFailed
 
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             for u in c.unchecked:
                 print(f"  not checked: {u}")
         print(f"{len(checks)} run(s), {sum(c.segments for c in checks)} segments, "
-              f"{'all readable' if not bad else f'{len(bad)} run(s) damaged'}", file=sys.stderr)
+              f"{'all readable' if not bad else f'{len(bad)} run(s) damaged'}")
     if bad:
         first = bad[0]
         raise VerificationFailed(f"{first.run_dir.name}: {first.problems[0]}"
