@@ -104,7 +104,8 @@ def check_run(run_dir: Path) -> RunCheck:
             continue
         top = max(used | {last.get(rank, -1)})
         if rank not in last:
-            out.unchecked.append(f"rank {rank}: its newest segment (the rank did not close: no count of its segments)")
+            out.unchecked.append(f"rank {rank}: its newest segment (no recorded count: the rank was killed "
+                                 "before close(), or an older k2repro wrote it)")
         holes = sorted(set(range(top + 1)) - used)
         for h in holes:
             out.problems.append(f"rank {rank}: segment r{rank}-{h:08d}.parquet is missing "
