@@ -176,6 +176,7 @@ class AuditSink:
         self._hb_stop = threading.Event()
         self._hb_path = self._run_dir / HEARTBEAT_DIR / f"r{self.rank}.json"
         self._reserve_path = self._run_dir / f".reserve-r{self.rank}"
+        self._started_at: str | None = None  # kept when the heartbeat file is rewritten
         self.segments_written = 0
         self.backpressure_s = 0.0
         self.writer_cpu_s = 0.0  # CPU time of the writer thread's conversions and writes
@@ -464,12 +465,12 @@ class AuditSink:
     def _merge(items: list[dict[str, list[Mapping[str, Any]]]]) -> dict[str, dict[str, list]]:
         """Concatenate the column batches of several flushes per table (NULL-padding columns
         that some batches lack), so each table becomes one segment."""
+        import numpy as np
+
         per_table: dict[str, list[Mapping[str, Any]]] = {}
         for item in items:
             for table, batches in item.items():
                 per_table.setdefault(table, []).extend(batches)
-        import numpy as np
-
         out: dict[str, dict[str, Any]] = {}
         for table, batches in per_table.items():
             if len(batches) == 1:  # numpy columns stay arrays: Arrow takes them without a loop
@@ -551,11 +552,9 @@ class AuditSink:
 
     def _write_heartbeat_file(self, last_seq: int | None = None) -> None:
         self._hb_path.parent.mkdir(parents=True, exist_ok=True)
-        if last_seq is None:
-            self._started_at = utcnow().isoformat()
+        self._started_at = self._started_at or utcnow().isoformat()
         body = {"run_id": self.run_id, "rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
-                "pid_start": _pid_start(), "heartbeat_s": self.heartbeat_s,
-                "started_at": getattr(self, "_started_at", None) or utcnow().isoformat()}
+                "pid_start": _pid_start(), "heartbeat_s": self.heartbeat_s, "started_at": self._started_at}
         if last_seq is not None:
             body["last_seq"] = last_seq
         atomic_write_bytes(self._hb_path, json.dumps(body).encode())

@@ -37,7 +37,7 @@ COMPRESSION = "zstd"  # stubs, compaction and export: written once, kept long
 #: Live segments are rewritten every flush while a run trains, by a thread that shares the
 #: cores with training: snappy, dictionaries for strings only and min/max statistics only on
 #: the columns queries filter on halve the cost of a small segment against zstd with
-#: everything, at about the same size (`audit compact` rewrites them with zstd).
+#: everything, at about the same size (`k2repro gc --compact` rewrites them with zstd).
 LIVE_COMPRESSION = "snappy"
 STAT_COLUMNS = ("run_id", "step", "rank", "sample_id", "param", "kind", "key")
 
