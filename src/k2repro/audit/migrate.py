@@ -65,6 +65,10 @@ MIGRATIONS: dict[int, Migration] = {
     0: Migration(0, "version 0 (markers without `schema_version`, from before versions were "
                     "recorded) has the columns of version 1: the step stamps the version",
                  read_compatible=True),
+    1: Migration(1, "version 2 adds nullable `spikes` columns (signal, baseline, peak_value, excess, "
+                    "max_z, reason), defines `spikes.magnitude` as peak / baseline everywhere and "
+                    "allows the `run_end` status `interrupted`: version 1 segments read as they are",
+                 read_compatible=True),
 }
 
 

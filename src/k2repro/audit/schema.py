@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Bump when a column changes type or meaning (adding a nullable column needs no bump:
 #: views read segments with `union_by_name`, old segments show NULL there).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: logical type -> DuckDB type. Timestamps are UTC, microseconds.
 DUCKDB_TYPES = {
@@ -168,7 +168,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
         _c("onset_step", "int64", "first step of the spike"),
         _c("peak_step", "int64", "step of the largest loss"),
         _c("end_step", "int64", "last step before the loss recovered"),
-        _c("magnitude", "float64", "peak deviation in robust standard deviations"),
+        _c("magnitude", "float64", "peak / baseline of the episode's signal (inf for a non-finite peak)"),
         _c("class", "string", "transient, slow, persistent or divergence"),
         _c("severity", "string", "benign or malignant"),
         _c("lead_signal", "string", "the signal that moved first"),
@@ -176,6 +176,12 @@ TABLES: dict[str, tuple[Column, ...]] = {
         _c("top_samples", "string", "JSON list of the worst sample ids"),
         _c("detail", "string", "anything else (JSON)"),
         _c("detected_at", "timestamp", "when forensics wrote it (UTC)"),
+        _c("signal", "string", "the series the episode was opened on (loss, grad_norm, ...)"),
+        _c("baseline", "float64", "clean level of the signal before onset (positive for a loss)"),
+        _c("peak_value", "float64", "the signal's value at peak_step"),
+        _c("excess", "float64", "peak_value - baseline"),
+        _c("max_z", "float64", "largest robust z of the signal inside the episode"),
+        _c("reason", "string", "one line: why the severity is what it is"),
     ),
     "metrics": (
         _RUN_ID,
@@ -188,7 +194,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
     "run_end": (
         _RUN_ID,
         _c("rank", "int32", "rank that closed its sink", nullable=False),
-        _c("status", "string", "completed or failed", nullable=False),
+        _c("status", "string", "completed, failed or interrupted (SIGINT/SIGTERM, stopped cleanly)", nullable=False),
         _c("ended_at", "timestamp", "when the sink closed (UTC)", nullable=False),
         _c("error", "string", "traceback or message of a failed run (redacted)"),
         _c("pid", "int64", "process id"),
