@@ -29,7 +29,7 @@ from k2repro.forensics.detect import (
     params_dict,
     robust_z,
 )
-from k2repro.forensics.episodes import Episode, EpisodeParams, build_episodes
+from k2repro.forensics.episodes import Episode, EpisodeParams, find_episodes, judge
 from k2repro.forensics.precursors import (
     Crossing,
     PrecursorParams,
@@ -58,6 +58,15 @@ class ForensicsParams:
     # other step signals scanned whole with the robust_z rule; their detectors are named
     # "<signal>:robust_z"
     scan_signals: tuple[str, ...] = ("loss_max",)
+    # the signals whose episodes are found (each with the same step-aware rules); an episode
+    # of another signal that overlaps one of the primary signal's is folded into it as a note
+    episode_signals: tuple[str, ...] = ("loss", "grad_norm")
+    # read the logical run: the ancestors' steps up to each resume point come first, so a
+    # run resumed, rolled back or imported as restart segments reads as one curve
+    lineage: bool = True
+    # a detector that flags more than this share of points gets a note saying why it does
+    # not open episodes
+    noisy_share: float = 0.02
     # the detectors whose flags open episodes. loss_max (the worst sample of the step) is
     # among them because a few bad samples in a batch barely move the mean loss but always
     # move the max: in a tiny 16-sample run a 25% random-token batch is 3 sigma on the loss
@@ -95,6 +104,8 @@ class ForensicsParams:
             "layers": params_dict(self.layers),
             "data": params_dict(self.data),
             "max_detailed": self.max_detailed,
+            "episode_signals": list(self.episode_signals),
+            "lineage": self.lineage,
         }
 
 
@@ -133,6 +144,8 @@ class Spike:
             "magnitude": float(e.magnitude), "class": e.cls, "severity": e.severity,
             "lead_signal": self.lead.signal if self.lead else None,
             "top_layer": self.top_layer, "top_samples": self.top_samples,
+            "signal": e.signal, "baseline": float(e.baseline), "peak_value": float(e.peak_value),
+            "excess": float(e.excess), "max_z": float(e.max_z), "reason": e.reason,
         }
 
 
@@ -152,6 +165,9 @@ class ForensicsResult:
     series: dict[str, np.ndarray] = field(default_factory=dict)
     flags: dict[str, np.ndarray] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    segments: list[dict] = field(default_factory=list)
+    restarts: list[dict] = field(default_factory=list)
 
 
 def _finite_any(a: np.ndarray | None) -> bool:
@@ -172,7 +188,10 @@ def _parse_detail(d: Any) -> dict:
 
 def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = ForensicsParams()) -> ForensicsResult:
     """Find, classify and explain the spikes of `run_id` (a Store or a DuckDB connection with
-    the store's views). Raises BadInputError when the run is not in the store."""
+    the store's views). Raises BadInputError when the run is not in the store.
+
+    The stages: read the (logical) run, describe its sampling, run the detectors, find each
+    signal's episodes, weigh the lineage's evidence, then attribute each episode."""
     t0 = time.perf_counter()
     p = params
     src = RunSource(con_or_store, run_id)
@@ -180,22 +199,15 @@ def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = Forens
         raise BadInputError(f"no run '{run_id}' in the store (no runs or steps rows for it)")
     res = ForensicsResult(run_id=run_id, params=p)
     res.run = src.run_row()
-    st = src.steps(p.signal)
+    st = _read_steps(src, res, p)
     res.timings["read_steps_s"] = time.perf_counter() - t0
-    if src.dup_steps:
-        res.notes.append(f"steps: {src.dup_steps} step numbers were logged twice; one row of each was used")
-    if src.unlogged:
-        res.notes.append(f"steps: {src.unlogged} rows have no {p.signal} (not logged) and were left out")
     steps = st["step"]
     res.n_steps = int(steps.size)
     if steps.size:
         res.step_range = (int(steps[0]), int(steps[-1]))
     res.signals = [c for c in st if c not in ("step", "skipped") and _finite_any(st[c])]
-    res.series = {k: v for k, v in st.items()}
-    parent = res.run.get("parent_run_id")
-    if parent:
-        res.notes.append(f"this run resumed from run {parent} at step {res.run.get('resumed_from_step')}; "
-                         "forensics reads this run's own steps only")
+    res.series = dict(st)
+    res.sampling = sampling_summary(steps, p.episodes)
 
     events = src.events()
     for e in events:
@@ -217,60 +229,252 @@ def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = Forens
             f"robust_z detection: {n_known} finite {p.signal} values, the rule needs more than "
             f"min_history={p.rule.min_history}; only non-finite values are detected")
 
-    # 1. detectors side by side on the primary signal
     t1 = time.perf_counter()
+    dets = _run_detectors(res, st, p)
+    res.timings["detect_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    eps = _episodes(res, st, dets, interventions, p)
+    res.restarts = _restarts(src, res, p)
+    last_step = int(steps[-1])
+    for ep in eps:
+        ev = _restart_evidence(src, ep, res.restarts, p)
+        if ev is not None:
+            judge(ep, p.episodes, last_step, restart=ev)
+    res.timings["episodes_s"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    _attribute_all(res, src, st, eps, dets, interventions, p)
+    res.timings["attribute_s"] = time.perf_counter() - t3
+    res.notes.append("causal check (--replay): not run")
+    res.timings["total_s"] = time.perf_counter() - t0
+    return res
+
+
+def _read_steps(src: RunSource, res: ForensicsResult, p: ForensicsParams) -> dict[str, np.ndarray]:
+    """The run's step signals; with `p.lineage`, the logical run: each ancestor's steps up to
+    the step its child resumed from come first (one curve across resumes, rollbacks and
+    imported restart segments)."""
+    st = src.steps(p.signal)
+    if src.dup_steps:
+        res.notes.append(f"steps: {src.dup_steps} step numbers were logged twice; one row of each was used")
+    if src.unlogged:
+        res.notes.append(f"steps: {src.unlogged} rows have no {p.signal} (not logged) and were left out")
+    first = int(st["step"][0]) if st["step"].size else None
+    res.segments = [{"run_id": src.run_id, "first_step": first,
+                     "last_step": int(st["step"][-1]) if st["step"].size else None}]
+    row, seen = res.run, {src.run_id}
+    parts = [st]
+    while p.lineage and row.get("parent_run_id") and row.get("resumed_from_step") is not None:
+        parent = str(row["parent_run_id"])
+        if parent in seen or len(seen) > 10_000:
+            break
+        seen.add(parent)
+        psrc = RunSource(src.con, parent)
+        if not psrc.exists():
+            res.notes.append(f"lineage: parent run {parent} is not in the store; its steps are not read")
+            break
+        cut = int(row["resumed_from_step"])
+        pst = psrc.steps(p.signal)
+        keep = pst["step"] <= cut
+        if first is not None:
+            keep &= pst["step"] < first
+        pst = {k: v[keep] for k, v in pst.items()}
+        if pst["step"].size:
+            parts.insert(0, pst)
+            res.segments.insert(0, {"run_id": parent, "first_step": int(pst["step"][0]),
+                                    "last_step": int(pst["step"][-1])})
+            first = int(pst["step"][0])
+        row = psrc.run_row()
+    if len(parts) == 1:
+        return st
+    keys = [k for k in st if all(k in q for q in parts)]
+    out = {k: np.concatenate([q[k] for q in parts]) for k in keys}
+    res.notes.append(
+        f"logical run: {len(parts)} segments read as one curve through the lineage "
+        f"({' -> '.join(str(g['run_id']) for g in res.segments[:6])}"
+        f"{' -> ...' if len(res.segments) > 6 else ''}); steps {res.segments[0]['first_step']}"
+        f"-{res.segments[-2]['last_step']} come from the ancestors (--no-lineage reads this run alone)")
+    return out
+
+
+def sampling_summary(steps: np.ndarray, ep: EpisodeParams) -> dict[str, Any]:
+    """What the log's sampling can resolve: points, span, gaps, and the step ranges where a
+    spike shorter than the local gap could sit between two logged points unseen."""
+    steps = np.asarray(steps, dtype=np.int64)
+    out: dict[str, Any] = {"points": int(steps.size)}
+    if steps.size < 2:
+        return out
+    gaps = np.diff(steps)
+    med = float(np.median(gaps))
+    out.update({
+        "first_step": int(steps[0]), "last_step": int(steps[-1]),
+        "span_steps": int(steps[-1] - steps[0]), "median_gap": med,
+        "max_gap": int(gaps.max()), "max_gap_at": int(steps[int(np.argmax(gaps))]),
+        # coefficient of variation of the gaps: 0 for a log at a fixed interval
+        "irregularity": round(float(np.std(gaps) / np.mean(gaps)), 4) if gaps.mean() > 0 else 0.0,
+        "every_step": bool(np.all(gaps == 1)),
+    })
+    # stretches whose gaps exceed the transient horizon: a transient spike can hide there
+    blind = gaps > max(ep.transient_horizon, 2 * med)
+    ranges: list[dict[str, Any]] = []
+    if blind.any():
+        m = np.concatenate(([False], blind, [False])).astype(np.int8)
+        d = np.diff(m)
+        for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True):
+            g = gaps[a:b]
+            ranges.append({"from_step": int(steps[a]), "to_step": int(steps[b]),
+                           "median_gap": float(np.median(g)), "points": int(b - a + 1)})
+        ranges.sort(key=lambda r: -(r["to_step"] - r["from_step"]))
+    out["blind_ranges"] = ranges[:10]
+    if ranges:
+        r0 = ranges[0]
+        out["resolution"] = (f"a spike shorter than ~{int(r0['median_gap']):,} steps may be invisible "
+                             f"between steps {r0['from_step']:,} and {r0['to_step']:,}"
+                             + (f" ({len(ranges) - 1} more such stretches)" if len(ranges) > 1 else ""))
+    else:
+        out["resolution"] = (f"every spike longer than {int(max(1, med)):,} "
+                             f"step{'s' if med > 1 else ''} is seen (median gap {med:g})")
+    return out
+
+
+def _run_detectors(res: ForensicsResult, st: dict[str, np.ndarray], p: ForensicsParams) -> dict[str, Detection]:
+    """Every detector side by side on the primary signal, robust_z over the scan signals."""
+    steps = st["step"]
+    x = st[p.signal]
     dets: dict[str, Detection] = {}
-    z = scale = pred = None
     for spec in p.resolved_detectors():
-        dets[spec.name] = spec.run(x)
-        if spec.kind == "robust_z" and z is None:
-            z, scale, pred = dets[spec.name].scores, dets[spec.name].scale, dets[spec.name].pred
-    for name, d in dets.items():
-        idx = np.flatnonzero(d.flags)
-        res.detectors[name] = {"signal": p.signal, "kind": d.kind, "n_flagged": int(idx.size),
-                               "flagged_steps": [int(s) for s in steps[idx[:50]]]}
-        res.flags[f"{p.signal}:{name}"] = d.flags
+        dets[spec.name] = spec.run(x, steps)
     for sig in p.scan_signals:
         v = st.get(sig)
         if sig == p.signal or not _finite_any(v):
             continue
-        d = dets[f"{sig}:robust_z"] = robust_z(v, p.rule)
+        dets[f"{sig}:robust_z"] = robust_z(v, p.rule, steps)
+    n = max(1, int(x.size))
+    for name, d in dets.items():
         idx = np.flatnonzero(d.flags)
-        res.detectors[f"{sig}:robust_z"] = {"signal": sig, "kind": "robust_z", "n_flagged": int(idx.size),
-                                            "flagged_steps": [int(s) for s in steps[idx[:50]]]}
-        res.flags[f"{sig}:robust_z"] = d.flags
-    for name, info in res.detectors.items():
-        info["opens_episodes"] = name in p.episode_detectors
-    res.timings["detect_s"] = time.perf_counter() - t1
+        sig = name.split(":")[0] if ":" in name else p.signal
+        res.detectors[name] = {"signal": sig, "kind": d.kind, "n_flagged": int(idx.size),
+                               "share": round(idx.size / n, 4),
+                               "flagged_steps": [int(s) for s in steps[idx[:50]]],
+                               "opens_episodes": name in p.episode_detectors}
+        res.flags[f"{p.signal}:{name}" if ":" not in name else name] = d.flags
+        if idx.size / n > p.noisy_share and name not in p.episode_detectors:
+            res.notes.append(
+                f"detector {name} flagged {idx.size:,} of {n:,} points ({idx.size / n:.1%}): "
+                f"{_NOISY_WHY.get(d.kind, 'its rule is shown for comparison')}, so it does not "
+                "open episodes")
+    return dets
 
-    # 2. episodes
-    t2 = time.perf_counter()
+
+_NOISY_WHY = {
+    "ewm_ratio": "a ratio to an exponentially weighted mean fires on every noise burst and "
+                 "plateau once the noise is a few percent of the level",
+    "mean_ratio": "a ratio to the trailing mean lags a falling loss",
+}
+
+
+def _episodes(res: ForensicsResult, st: dict[str, np.ndarray], dets: dict[str, Detection],
+              interventions: list[dict], p: ForensicsParams) -> list[Episode]:
+    """The primary signal's episodes, then each other episode signal's; an episode of another
+    signal that overlaps a primary one becomes a note on it, the others stand alone."""
+    steps = st["step"]
     names = [n for n in p.episode_detectors if n in dets]
     if not names:
         raise BadInputError(f"episode detectors {list(p.episode_detectors)} are not among "
                             f"the configured detectors {list(dets)}")
-    flags = np.zeros(x.size, dtype=bool)
-    with np.errstate(invalid="ignore"):
-        backed = np.nan_to_num(z, nan=-np.inf) >= p.corroborate_z if z is not None else np.zeros(x.size, bool)
+    rz = next((d for n, d in dets.items() if d.kind == "robust_z" and ":" not in n), None)
+    extra = np.zeros(steps.size, dtype=bool)
     for n in names:
-        flags |= dets[n].flags if ":" not in n else (dets[n].flags & backed)
-    eps = build_episodes(steps, x, flags, z=z, scale=scale, pred=pred, params=p.episodes,
-                         interventions=[e for e in interventions if e.get("kind") in ("rollback", "abort")])
-    res.timings["episodes_s"] = time.perf_counter() - t2
+        if ":" in n:
+            extra |= dets[n].flags
+    ivs = [e for e in interventions if e.get("kind") in ("rollback", "abort")]
+    parts = (rz.scores, rz.scale, rz.pred) if rz is not None and rz.scale is not None else None
+    eps = find_episodes(steps, st[p.signal], p.rule, p.episodes, extra_flags=extra,
+                        corroborate_z=p.corroborate_z, interventions=ivs, signal=p.signal,
+                        parts=parts)
+    for sig in p.episode_signals:
+        v = st.get(sig)
+        if sig == p.signal or not _finite_any(v):
+            continue
+        for g in find_episodes(steps, v, p.rule, p.episodes, interventions=ivs, signal=sig):
+            hit = [e for e in eps if e.signal == p.signal and e.onset_step <= g.end_step
+                   and g.onset_step <= e.end_step]
+            if hit:
+                hit[0].notes.append(f"{sig} spiked too: steps {g.onset_step}-{g.end_step}, "
+                                    f"peak {g.peak_value:.4g} at step {g.peak_step}, "
+                                    f"{g.magnitude:.3g}x its baseline")
+                continue
+            if g.nonfinite:
+                continue  # a non-finite grad norm without the loss: the loss's own rule decides
+            g.notes.append(f"{sig} burst; the {p.signal} did not spike")
+            g.reason += f" ({sig} burst; the {p.signal} did not spike)"
+            eps.append(g)
+    eps.sort(key=lambda e: (e.onset_step, e.signal != p.signal))
+    return eps
 
-    # 3-5. precursors, layers, data per episode
-    t3 = time.perf_counter()
+
+def _restarts(src: RunSource, res: ForensicsResult, p: ForensicsParams) -> list[dict]:
+    """Runs restarted from a checkpoint of this run or of an ancestor segment (resumes,
+    rollbacks, stitched import branches; replays are checks, not restarts): the lineage
+    evidence for severity."""
+    table = "runs_raw" if src.columns("runs_raw") else "runs"
+    if "parent_run_id" not in src.columns(table):
+        return []
+    out: list[dict] = []
+    for seg in res.segments:
+        rows = src.con.execute(
+            f"SELECT run_id, resumed_from_step, source FROM {table} WHERE parent_run_id = ? "
+            "AND resumed_from_step IS NOT NULL", [seg["run_id"]]).fetchall()
+        for rid, frm, source in rows:
+            if str(source or "").startswith("replay") or any(rid == g["run_id"] for g in res.segments):
+                continue
+            rng = src.con.execute("SELECT min(step), max(step) FROM steps WHERE run_id = ?",
+                                  [rid]).fetchone()
+            out.append({"run_id": rid, "from_step": int(frm), "parent_run_id": seg["run_id"],
+                        "source": source, "first_step": rng[0], "last_step": rng[1]})
+    return out
+
+
+def _restart_evidence(src: RunSource, ep: Episode, restarts: list[dict], p: ForensicsParams) -> dict | None:
+    """The restart nearest before onset that covers it, and whether it spiked there."""
+    cands = [r for r in restarts if r["from_step"] < ep.onset_step
+             and r["last_step"] is not None and r["last_step"] >= ep.onset_step]
+    if not cands:
+        return None
+    r = max(cands, key=lambda r: r["from_step"])
+    hi = max(ep.end_step, ep.onset_step + ep.duration_steps)
+    vals = src.con.execute(
+        f"SELECT step, {ep.signal}::DOUBLE FROM steps WHERE run_id = ? AND step BETWEEN ? AND ? "
+        f"AND {ep.signal} IS NOT NULL ORDER BY step", [r["run_id"], ep.onset_step, hi]).fetchall() \
+        if ep.signal in src.columns("steps") else []
+    ev = dict(r, spiked=None, at_step=None, value=None)
+    if vals:
+        arr = np.array([v for _, v in vals], dtype=np.float64)
+        k = int(np.nanargmax(np.where(np.isfinite(arr), arr, np.inf)))
+        bar = ep.baseline + max(ep.band, 0.25 * ep.excess if np.isfinite(ep.excess) else ep.band)
+        ev.update(spiked=bool(not np.isfinite(arr[k]) or arr[k] > bar), at_step=int(vals[k][0]),
+                  value=float(arr[k]))
+    return ev
+
+
+def _attribute_all(res: ForensicsResult, src: RunSource, st: dict[str, np.ndarray],
+                   eps: list[Episode], dets: dict[str, Detection], interventions: list[dict],
+                   p: ForensicsParams) -> None:
+    """Precursors, layers and data for the largest episodes of the primary signal."""
     avail = _Availability(src, st, p)
     res.impossible.extend(avail.lines)
     order = sorted(range(len(eps)), key=lambda i: -_mag_key(eps[i]))
-    detailed = set(order[: p.max_detailed])
+    detailed = {i for i in order if eps[i].signal == p.signal}
+    detailed = set([i for i in order if i in detailed][: p.max_detailed])
     if len(eps) > p.max_detailed:
         res.notes.append(f"{len(eps)} episodes: the {p.max_detailed} largest are analysed in detail "
                          f"(max_detailed), the others are listed with their class only")
     text_ctx = _TextContext(src, p, res) if avail.samples else None
     for i, ep in enumerate(eps):
         sp = Spike(episode=ep, detailed=i in detailed)
-        sp.detectors = [n for n, d in dets.items() if d.flags[ep.onset: ep.end + 1].any()]
+        sp.detectors = [n for n, d in dets.items() if d.flags[ep.onset: ep.end + 1].any()] \
+            if ep.signal == p.signal else [f"{ep.signal}:robust_z"]
         ep.detectors = sp.detectors
         lo_s = ep.onset_step - p.precursors.lookback - p.data.lookback
         sp.faults = [e for e in res.faults if e.get("step") is not None and lo_s <= e["step"] <= ep.end_step]
@@ -280,16 +484,19 @@ def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = Forens
         if sp.detailed:
             _detail(sp, src, st, p, avail, text_ctx)
         res.spikes.append(sp)
-    res.timings["attribute_s"] = time.perf_counter() - t3
     if text_ctx is not None:
         res.notes.extend(text_ctx.notes)
-    res.notes.append("causal check (--replay): not run")
-    res.timings["total_s"] = time.perf_counter() - t0
-    return res
 
 
 def _mag_key(e: Episode) -> float:
     return float("inf") if not np.isfinite(e.magnitude) else float(e.magnitude)
+
+
+def rank_key(e: Episode) -> tuple:
+    """What matters first: malignant before benign, then excess x duration."""
+    ex = e.excess if np.isfinite(e.excess) else float("inf")
+    rel = ex / e.baseline if e.baseline and np.isfinite(e.baseline) and e.baseline > 0 else ex
+    return (e.severity != "malignant", -(rel * max(1, e.duration_steps)), e.onset_step)
 
 
 def _zoom(st: dict[str, np.ndarray], ep: Episode, p: ForensicsParams) -> dict[str, np.ndarray]:

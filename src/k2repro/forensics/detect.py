@@ -11,9 +11,15 @@ Four detectors run side by side (docs/forensics.md):
   the ratio (llm-foundry's rule: 2x the 100-step mean for 4 steps).
 - `nonfinite`: NaN or +-inf.
 
-Windows count logged points (rows), not step numbers: an import that logs every 10 steps
-gets the same rule over its points. Every window is trailing and excludes the current point,
-so a spike never hides itself.
+Windows are measured in steps: `RobustZ.short_window` and `long_window` are step spans, each
+widened to at least `short_min_points` / `long_min_points` logged points where the log is
+sparser than that (an import that logs every 1,000 steps still gets enough points for a
+median). On a log with a point at every step a window of N steps is N points, so the online
+guard (which sees every step) and forensics apply the very same rule. Every window is
+trailing and excludes the current point, so a spike never hides itself. The prediction is
+the detector's reference, not an episode's baseline: episodes (episodes.py) take their
+baseline from clean points before onset, so an extrapolation through a spike's decay never
+becomes a (negative) baseline.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ class RobustZ:
 
     pred_t  = median(x[t-h : t]) + (median(x[t-h : t]) - median(x[t-2h : t-h])) * (h+1)/(2h),
               h = short_window // 2 (with `trend=False`: median(x[t-short_window : t]))
+    (indices are points of a log with a point at every step; with `steps` given, each window
+    holds the points of its step span, widened to at least its minimum number of points, and
+    the trend is extrapolated over the distance in steps between the halves' mean steps)
     r_t     = x_t - pred_t
     over the residuals of the trailing long window R = r[t-long_window : t] (NaNs ignored):
     center  = median(R); mad = (q75(R) - q25(R)) / 2   (equals the MAD for symmetric noise)
@@ -54,6 +63,8 @@ class RobustZ:
 
     short_window: int = 16
     long_window: int = 128
+    short_min_points: int = 8
+    long_min_points: int = 64
     threshold: float = 6.0
     min_history: int = 32
     min_residuals: int = 8
@@ -71,6 +82,8 @@ class RobustZ:
             raise ValueError("robust_z: min_residuals must be >= 2")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"robust_z: direction must be one of {DIRECTIONS}")
+        if self.short_min_points < 2 or self.long_min_points < 2:
+            raise ValueError("robust_z: short_min_points and long_min_points must be >= 2")
 
     @property
     def history_needed(self) -> int:
@@ -145,10 +158,13 @@ def _trailing(series: Any, window: int, min_periods: int) -> Any:
     return series.rolling(window, min_periods=min_periods)
 
 
-def robust_z_parts(x: Any, p: RobustZ = RobustZ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def robust_z_parts(x: Any, p: RobustZ = RobustZ(), steps: Any = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z, scale, pred) for every point; NaN where undefined. O(n log w).
 
     `x` is 1-D, or 2-D with one series per column (per-layer statistics at shared steps).
+    `steps` (the step of each point, increasing): windows become step spans (see `RobustZ`);
+    without it, or where every step is logged, windows count points.
     """
     import pandas as pd
 
@@ -156,6 +172,12 @@ def robust_z_parts(x: Any, p: RobustZ = RobustZ()) -> tuple[np.ndarray, np.ndarr
     if a.ndim not in (1, 2):
         raise ValueError("robust_z takes a 1-D signal or a 2-D array of column signals")
     a = _finite_or_nan(a)
+    if steps is not None:
+        st = np.asarray(steps, dtype=np.int64)
+        if st.shape[0] != a.shape[0]:
+            raise ValueError("robust_z: steps and values differ in length")
+        if st.size > 1 and not np.all(np.diff(st) == 1):
+            return _robust_z_steps(a, st, p)
     s = pd.Series(a) if a.ndim == 1 else pd.DataFrame(a)
     if p.trend:
         h = p.short_window // 2
@@ -167,6 +189,67 @@ def robust_z_parts(x: Any, p: RobustZ = RobustZ()) -> tuple[np.ndarray, np.ndarr
     roll = _trailing(r, p.long_window, p.min_residuals)
     center = roll.median().shift(1)
     spread = (roll.quantile(0.75) - roll.quantile(0.25)).shift(1) / 2.0
+    pred_a = pred.to_numpy()
+    scale = np.maximum(
+        np.maximum(MAD_TO_SIGMA * spread.to_numpy(), p.rel_floor * np.abs(pred_a)), p.abs_floor
+    )
+    z = (r.to_numpy() - center.to_numpy()) / scale
+    z[: min(p.min_history, a.shape[0])] = np.nan
+    return z, scale, pred_a
+
+
+def _window_starts(steps: np.ndarray, span: int, min_points: int) -> np.ndarray:
+    """For each point t, the first index of its trailing window [start, t): the points whose
+    step lies within `span` steps before t's, widened to at least `min_points` points."""
+    idx = np.arange(steps.size, dtype=np.int64)
+    start = np.searchsorted(steps, steps - span, side="left").astype(np.int64)
+    return np.clip(np.minimum(start, idx - min_points), 0, None)
+
+
+def _rolling(frame: Any, start: np.ndarray, min_periods: int) -> Any:
+    """pandas rolling over the windows [start[t], t) (variable, trailing, current excluded)."""
+    from pandas.api.indexers import BaseIndexer
+
+    class _Bounds(BaseIndexer):
+        def get_window_bounds(self, num_values: int = 0, min_periods: int | None = None,
+                              center: bool | None = None, closed: str | None = None,
+                              step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+            return self.start, self.end
+
+    end = np.arange(start.size, dtype=np.int64)
+    return frame.rolling(_Bounds(start=start, end=end), min_periods=min_periods)
+
+
+def _robust_z_steps(a: np.ndarray, steps: np.ndarray, p: RobustZ
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`robust_z_parts` with windows as step spans (irregular logs)."""
+    import pandas as pd
+
+    s = pd.Series(a) if a.ndim == 1 else pd.DataFrame(a)
+    n = steps.size
+    if p.trend:
+        h = p.short_window // 2
+        b1 = _window_starts(steps, h, max(2, p.short_min_points // 2))
+        m1 = _rolling(s, b1, 1).median()
+        # the mean step of each window: where the median sits on the step axis
+        cs = np.concatenate(([0.0], np.cumsum(steps, dtype=np.float64)))
+        cnt = np.arange(n) - b1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c1 = (cs[np.arange(n)] - cs[b1]) / cnt
+        m0 = m1.iloc[b1].set_axis(m1.index) if a.ndim == 1 else m1.iloc[b1].set_axis(m1.index, axis=0)
+        c0 = c1[b1]
+        ok = (b1 > 0) & (cnt > 0) & (np.arange(n) - b1 > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f = np.where(ok & (c1 > c0), (steps - c1) / (c1 - c0), np.nan)
+        slope = (m1 - m0).mul(f, axis=0)
+        pred = m1 + slope.where(slope.notna(), 0.0)
+    else:
+        pred = _rolling(s, _window_starts(steps, p.short_window, p.short_min_points),
+                        max(1, p.short_min_points // 2)).median()
+    r = s - pred
+    roll = _rolling(r, _window_starts(steps, p.long_window, p.long_min_points), p.min_residuals)
+    center = roll.median()
+    spread = (roll.quantile(0.75) - roll.quantile(0.25)) / 2.0
     pred_a = pred.to_numpy()
     scale = np.maximum(
         np.maximum(MAD_TO_SIGMA * spread.to_numpy(), p.rel_floor * np.abs(pred_a)), p.abs_floor
@@ -252,9 +335,10 @@ def _direction_flags(z: np.ndarray, threshold: float, direction: str) -> np.ndar
         return np.abs(z) >= threshold
 
 
-def robust_z(x: Any, p: RobustZ = RobustZ()) -> Detection:
-    """Robust z-scores and flags of a whole signal (see `RobustZ`)."""
-    z, scale, pred = robust_z_parts(x, p)
+def robust_z(x: Any, p: RobustZ = RobustZ(), steps: Any = None) -> Detection:
+    """Robust z-scores and flags of a whole signal (see `RobustZ`; `steps` makes the windows
+    step spans)."""
+    z, scale, pred = robust_z_parts(x, p, steps)
     return Detection("robust_z", z, _direction_flags(z, p.threshold, p.direction), scale, pred)
 
 
@@ -382,7 +466,11 @@ class DetectorSpec:
         if not self.name:
             object.__setattr__(self, "name", self.kind)
 
-    def run(self, x: Any) -> Detection:
+    def run(self, x: Any, steps: Any = None) -> Detection:
+        """Run on signal `x`; `steps` makes robust_z's windows step spans (the ratio
+        detectors are side-by-side references and keep their point windows)."""
+        if self.kind == "robust_z":
+            return robust_z(x, self.params, steps)
         return _FUNCS[self.kind](x, self.params)
 
 

@@ -1,7 +1,14 @@
-"""Episodes: flagged points merged into spikes with onset, peak, end, magnitude and recovery,
-then a class and a severity (docs/forensics.md has the definitions and defaults).
+"""Episodes: flagged points of one signal merged into spikes with onset, peak, end, an honest
+baseline, magnitude, excess and recovery, then a class and a severity with its reason
+(docs/forensics.md has the rules and defaults).
 
-Windows here are in steps (what a person reads off the x axis), not in logged points.
+Everything is measured in steps, never in logged points, so that a W&B export sampled down
+to 10,000 points, a log every 4 steps and a dense burst around an incident all read the same.
+Episodes are found one after the other: once an episode is closed its points are masked out
+of the detector's history, so the spike never becomes the reference that the next points
+are compared with (that reference produced phantom spikes on normal loss right after real
+ones), and every baseline is taken from clean points before the onset that belong to no
+earlier episode, never extrapolated through the spike.
 """
 
 from __future__ import annotations
@@ -11,35 +18,55 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from k2repro.forensics.detect import RobustZ, robust_z_parts
+
 CLASSES = ("transient", "slow", "persistent", "divergence")
 SEVERITIES = ("benign", "malignant")
 
 
 @dataclass(frozen=True)
 class EpisodeParams:
-    """Horizons and tolerances of episode building and classification.
+    """Horizons and tolerances of episode building and classification (steps unless noted).
 
-    - onset_z: the onset is moved back over the points just before the first flag whose
-      robust z is >= onset_z (at most onset_backtrack points): a spike that rises over two
-      steps starts where it starts, not where it first crossed the threshold.
-    - recovered: the first point after onset with x <= baseline + tol, where
-      tol = max(recover_sigma * noise, recover_frac * (running peak - baseline)).
-    - merge_gap: a flag within merge_gap steps after an episode's end extends it.
-    - transient: recovered within transient_horizon steps of onset; slow: within
-      slow_horizon; persistent: not within slow_horizon (or not before the log ends:
-      `censored`); divergence: a non-finite value, or not recovered and the last value of the
-      episode >= runaway_factor * baseline (positive signals) while it is the episode's max.
-    - severity: benign when the curve came back by itself (transient, slow) and no rollback
-      or abort happened in the episode; malignant otherwise (K2's wording).
+    - onset: the first flagged point, moved back over at most `onset_backtrack` points just
+      before it whose robust z is >= onset_z (a spike that rises over two steps starts where
+      it starts).
+    - baseline: the clean level before onset: the detector's trend-corrected prediction at
+      onset, limited to [min, median] of the last `baseline_window` logged points before the
+      onset that belong to no earlier episode. It is never extrapolated, so it stays within
+      the values the signal actually had (positive for a loss).
+    - noise: the robust residual scale at onset; the noise band is baseline +- band, with
+      band = max(recover_sigma * noise, band_frac * |baseline|). An episode whose peak stays
+      inside the band is noise and is not opened. The relative floor is there because a
+      smooth curve (an eval loss at checkpoint intervals, a late-training loss averaged over
+      a large batch) puts a 0.2% blip at 6 sigma: real, and irrelevant to training.
+    - recovered: at the first point after the first flag at or below baseline + tol,
+      tol = max(band, recover_frac * (running peak - baseline)), that stays there for
+      `sustain_steps` steps (every point logged in that stretch). An episode not back within
+      `max_extent` steps ends there (a lasting level shift).
+    - merge_gap: a flag within merge_gap steps after recovery extends the episode.
+    - duration: steps from onset to the last point above the band (+1). On a sparse log the
+      recovery is only known to lie before the next logged point: `recovery_steps` is that
+      upper bound and `resolution_steps` the gap, and the class uses the duration the data
+      shows, never the gap.
+    - class: divergence (a non-finite value, or not recovered and still rising to >=
+      runaway_factor x baseline at its end); transient (recovered, duration <=
+      transient_horizon); slow (recovered, duration <= slow_horizon); else persistent.
+    - severity (the evidence, in this order, with its reason): divergence -> malignant; a
+      restart or rollback from a checkpoint before onset -> malignant (analyze adds the
+      lineage); not recovered within slow_horizon -> malignant; else benign.
     """
 
     onset_z: float = 3.0
     onset_backtrack: int = 3
     recover_sigma: float = 3.0
-    recover_frac: float = 0.1
+    band_frac: float = 0.01
+    recover_frac: float = 0.05
+    sustain_steps: int = 10
     merge_gap: int = 8
     transient_horizon: int = 50
     slow_horizon: int = 1000
+    max_extent: int = 50_000
     runaway_factor: float = 1.5
     baseline_window: int = 16
 
@@ -68,42 +95,300 @@ class Episode:
     flagged_steps: list[int] = field(default_factory=list)
     detectors: list[str] = field(default_factory=list)
     interventions: list[dict] = field(default_factory=list)
+    signal: str = "loss"
+    excess: float = float("nan")
+    band: float = float("nan")
+    duration_steps: int = 1
+    resolution_steps: int | None = None
+    reason: str = ""
+    notes: list[str] = field(default_factory=list)
 
 
-def _baseline(x: np.ndarray, onset: int, pred: np.ndarray | None, window: int) -> float:
-    if pred is not None and onset < pred.size and np.isfinite(pred[onset]):
-        return float(pred[onset])
-    prev = x[max(0, onset - window): onset]
-    prev = prev[np.isfinite(prev)]
-    if prev.size:
-        return float(np.median(prev))
-    return float(x[onset]) if np.isfinite(x[onset]) else float("nan")
+def _pre_onset(x: np.ndarray, masked: np.ndarray, onset: int, k: int) -> np.ndarray:
+    """The last k finite values before onset that belong to no earlier episode."""
+    lo = onset
+    out: list[np.ndarray] = []
+    have = 0
+    while lo > 0 and have < k:
+        a = max(0, lo - 4 * k)
+        seg = x[a:lo]
+        seg = seg[np.isfinite(seg) & ~masked[a:lo]]
+        out.insert(0, seg)
+        have += seg.size
+        lo = a
+    vals = np.concatenate(out) if out else np.zeros(0)
+    return vals[-k:]
 
 
-def _noise(x: np.ndarray, onset: int, scale: np.ndarray | None, window: int) -> float:
-    if scale is not None and onset < scale.size and np.isfinite(scale[onset]):
-        return float(scale[onset])
-    prev = x[max(0, onset - 8 * window): onset]
-    prev = prev[np.isfinite(prev)]
-    if prev.size >= 4:
-        d = np.diff(prev)
+def _noise_of(vals: np.ndarray) -> float:
+    if vals.size >= 4:
+        d = np.diff(vals)
         return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0)) or 1e-12
     return 1e-12
 
 
-def _recovery(x: np.ndarray, start: int, stop: int, onset: int, baseline: float,
-              noise: float, p: EpisodeParams) -> int | None:
-    """First index in (onset, stop) at or after `start` that counts as recovered."""
-    lo = max(start, onset + 1)
-    if lo >= stop:
-        return None
-    seg = x[onset:stop]
-    runmax = np.fmax.accumulate(np.where(np.isfinite(seg), seg, -np.inf))
-    tol = np.maximum(p.recover_sigma * noise, p.recover_frac * (runmax - baseline))
-    ok = np.isfinite(seg) & (seg <= baseline + tol)
-    ok[: lo - onset] = False
-    hit = np.flatnonzero(ok)
-    return int(onset + hit[0]) if hit.size else None
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+class _Finder:
+    """The sequential search over one signal (state shared by its helpers)."""
+
+    def __init__(self, steps: np.ndarray, x: np.ndarray, rule: RobustZ, p: EpisodeParams,
+                 extra: np.ndarray | None, corroborate_z: float, signal: str,
+                 parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+        self.steps, self.x, self.rule, self.p, self.signal = steps, x, rule, p, signal
+        self.extra = extra
+        self.corroborate_z = corroborate_z
+        self.xm = x.copy()
+        self.masked = np.zeros(x.size, dtype=bool)
+        self.z, self.scale, self.pred = (parts if parts is not None
+                                         else robust_z_parts(self.xm, rule, steps))
+        self.z, self.scale, self.pred = (np.array(self.z, dtype=np.float64),
+                                         np.array(self.scale, dtype=np.float64),
+                                         np.array(self.pred, dtype=np.float64))
+        self.flags = self._flags(0, x.size)
+
+    def _flags(self, lo: int, hi: int) -> np.ndarray:
+        z = self.z[lo:hi]
+        with np.errstate(invalid="ignore"):
+            f = np.nan_to_num(z, nan=-np.inf) >= self.rule.threshold
+            f |= ~np.isfinite(self.x[lo:hi])
+            if self.extra is not None:
+                f |= self.extra[lo:hi] & (np.nan_to_num(z, nan=-np.inf) >= self.corroborate_z)
+        return f
+
+    def _recompute_after(self, end: int) -> None:
+        """Scores of the points whose windows reach the newly masked episode."""
+        r, steps, n = self.rule, self.steps, self.x.size
+        lo = end + 1
+        if lo >= n:
+            return
+        span = 2 * (r.long_window + r.short_window)
+        pts = 2 * (r.long_min_points + r.short_min_points) + r.min_history
+        a = int(min(np.searchsorted(steps, steps[lo] - span, side="left"), max(0, lo - pts)))
+        a = max(0, a)
+        hi = int(max(np.searchsorted(steps, steps[end] + span, side="right"),
+                     end + 1 + pts))
+        hi = min(n, hi)
+        z, scale, pred = robust_z_parts(self.xm[a:hi], r, steps[a:hi])
+        if a > 0:  # min_history counts from the start of the log, not of the slice
+            z[: max(0, r.min_history - a)] = np.nan
+        self.z[lo:hi], self.scale[lo:hi], self.pred[lo:hi] = z[lo - a:], scale[lo - a:], pred[lo - a:]
+        self.flags[lo:hi] = self._flags(lo, hi)
+
+    def run(self, interventions: Sequence[dict]) -> list[Episode]:
+        out: list[Episode] = []
+        i, n = 0, self.x.size
+        while i < n:
+            nxt = np.flatnonzero(self.flags[i:])
+            if not nxt.size:
+                break
+            first = i + int(nxt[0])
+            ep = self._open(first, out, interventions)
+            if ep is None:
+                i = first + 1
+                continue
+            out.append(ep)
+            self.masked[ep.onset: ep.end + 1] = True
+            self.xm[ep.onset: ep.end + 1] = np.nan
+            self._recompute_after(ep.end)
+            i = ep.end + 1
+        return out
+
+    def _baseline(self, onset: int) -> tuple[float, float]:
+        pre = _pre_onset(self.x, self.masked, onset, self.p.baseline_window)
+        if not pre.size:
+            return float("nan"), 1e-12
+        med, lo = float(np.median(pre)), float(np.min(pre))
+        pb = float(self.pred[onset]) if np.isfinite(self.pred[onset]) else med
+        baseline = min(max(pb, lo), med)
+        noise = float(self.scale[onset]) if np.isfinite(self.scale[onset]) else _noise_of(pre)
+        return baseline, noise
+
+    def _recovery(self, first: int, onset: int, stop: int, baseline: float, band: float) -> int | None:
+        """First index in (first, stop) back within the band for sustain_steps steps."""
+        p, x, steps = self.p, self.x, self.steps
+        lo = max(first + 1, onset + 1)
+        if lo >= stop:
+            return None
+        seg = x[onset:stop]
+        runmax = np.fmax.accumulate(np.where(np.isfinite(seg), seg, -np.inf))
+        tol = np.maximum(band, p.recover_frac * (runmax - baseline))
+        ok = np.isfinite(seg) & (seg <= baseline + tol)
+        bad = np.concatenate(([0], np.cumsum(~ok)))
+        idx = np.arange(lo - onset, seg.size)
+        last = np.searchsorted(steps[onset:stop], steps[onset + idx] + p.sustain_steps, side="right")
+        good = ok[idx] & ((bad[last] - bad[idx]) == 0)
+        hit = np.flatnonzero(good)
+        return int(onset + idx[hit[0]]) if hit.size else None
+
+    def _open(self, first: int, prior: list[Episode], interventions: Sequence[dict]) -> Episode | None:
+        p, x, steps, z = self.p, self.x, self.steps, self.z
+        n = x.size
+        onset = first
+        k = 0
+        while (k < p.onset_backtrack and onset - 1 >= 0 and not self.masked[onset - 1]
+               and np.isfinite(z[onset - 1]) and z[onset - 1] >= p.onset_z):
+            onset -= 1
+            k += 1
+        baseline, noise = self._baseline(onset)
+        band = max(p.recover_sigma * noise, p.band_frac * abs(baseline)) if np.isfinite(baseline) \
+            else p.recover_sigma * noise
+        nonfinite_first = not np.isfinite(x[first])
+        if not nonfinite_first and not (np.isfinite(baseline) and x[first] > baseline + band):
+            return None  # inside the noise band of the clean level: not a spike
+        stop = int(np.searchsorted(steps, steps[onset] + p.max_extent, side="right"))
+        stop = min(max(stop, onset + 1), n)
+        search_from = first
+        while True:
+            rec = (self._recovery(search_from, onset, stop, baseline, band)
+                   if np.isfinite(baseline) else None)
+            end = rec - 1 if rec is not None else stop - 1
+            later = np.flatnonzero(self.flags[end + 2: stop]) + end + 2 if rec is not None else np.zeros(0, int)
+            if rec is not None and later.size and steps[later[0]] <= steps[rec] + p.merge_gap:
+                search_from = int(later[0])
+                continue
+            break
+        end = max(end, onset)
+        if rec is None:
+            # a non-finite value well after the last finite flag is its own (divergence)
+            # episode, not the tail of a plateau that began earlier
+            nf = np.flatnonzero(~np.isfinite(x[onset + 1: end + 1])) + onset + 1
+            if nf.size:
+                fl = np.flatnonzero(self.flags[onset: nf[0]]) + onset
+                fl = fl[np.isfinite(x[fl])]
+                last = int(fl[-1]) if fl.size else onset
+                if steps[nf[0]] - steps[last] > p.merge_gap:
+                    end = int(nf[0]) - 1
+        seg = x[onset: end + 1]
+        nonfin_idx = np.flatnonzero(~np.isfinite(seg))
+        nonfin = bool(nonfin_idx.size)
+        if nonfin:
+            peak = onset + int(nonfin_idx[0])
+        else:
+            peak = onset + int(np.argmax(seg))
+        peak_value = float(x[peak])
+        if not nonfin and not (peak_value > baseline + band):
+            return None
+        recovered = rec is not None
+        excess = peak_value - baseline if np.isfinite(peak_value) else float("inf")
+        magnitude = (peak_value / baseline if np.isfinite(peak_value) and baseline > 0
+                     else float("inf"))
+        runmax = np.fmax.accumulate(np.where(np.isfinite(seg), seg, -np.inf))
+        tol = np.maximum(band, p.recover_frac * (runmax - baseline))
+        above = ~np.isfinite(seg) | (seg > baseline + tol)
+        last_el = onset + int(np.flatnonzero(above)[-1]) if above.any() else onset
+        duration = int(steps[last_el] - steps[onset]) + 1
+        rec_steps = int(steps[rec] - steps[onset]) if recovered else None
+        resolution = int(steps[rec] - steps[last_el]) if recovered else None
+        censored = (not recovered) and stop >= n and (steps[-1] - steps[onset] < p.slow_horizon)
+        last_val = x[end]
+        finite_seg = seg[np.isfinite(seg)]
+        runaway = (not recovered and np.isfinite(last_val) and baseline > 0
+                   and last_val >= p.runaway_factor * baseline and finite_seg.size > 0
+                   and last_val >= finite_seg.max() - 1e-12 * abs(last_val))
+        if nonfin or runaway:
+            cls = "divergence"
+        elif recovered and duration <= p.transient_horizon:
+            cls = "transient"
+        elif recovered and duration <= p.slow_horizon:
+            cls = "slow"
+        else:
+            cls = "persistent"
+        ep_flags = np.flatnonzero(self.flags[onset: end + 1]) + onset
+        ivs = [e for e in interventions if steps[onset] <= int(e.get("step", -1)) <= steps[end]]
+        zz = z[onset: end + 1]
+        max_z = float(np.nanmax(zz)) if np.isfinite(zz).any() else float("nan")
+        ep = Episode(
+            onset=onset, peak=peak, end=end, onset_step=int(steps[onset]),
+            peak_step=int(steps[peak]), end_step=int(steps[end]), baseline=float(baseline),
+            peak_value=peak_value, noise=float(noise), magnitude=float(magnitude),
+            recovered=recovered, recovery_steps=rec_steps, censored=bool(censored),
+            nonfinite=nonfin, cls=cls, max_z=max_z,
+            flagged_steps=[int(s) for s in steps[ep_flags]], interventions=list(ivs),
+            signal=self.signal, excess=float(excess), band=float(band), duration_steps=duration,
+            resolution_steps=resolution,
+        )
+        judge(ep, p, last_step=int(steps[-1]))
+        return ep
+
+
+def judge(ep: Episode, p: EpisodeParams, last_step: int, restart: dict | None = None) -> None:
+    """Set `severity` and its one-line `reason` from the evidence (see EpisodeParams).
+
+    `restart`: {run_id, from_step, spiked, at_step, value} of a run restarted from a
+    checkpoint before onset (the lineage), or None."""
+    what = ep.signal
+    if ep.nonfinite:
+        ep.severity = "malignant"
+        ep.reason = f"malignant: {what} became non-finite at step {ep.peak_step}"
+        return
+    if ep.cls == "divergence":
+        ep.severity = "malignant"
+        ep.reason = (f"malignant: {what} kept rising to {_fmt(ep.peak_value)} "
+                     f"({_fmt(ep.magnitude)}x baseline) and did not come back")
+        return
+    if restart is not None:
+        lead = ep.onset_step - int(restart["from_step"])
+        tail = (f"and the restarted run spiked again (step {restart['at_step']}: {_fmt(restart['value'])})"
+                if restart.get("spiked") else
+                "and the restarted run did not spike" if restart.get("spiked") is False else
+                "(the restarted run logged nothing over the spike's steps)")
+        ep.severity = "malignant"
+        ep.reason = (f"malignant: training was restarted from step {restart['from_step']}, "
+                     f"{lead} steps before onset ({restart['run_id']}), {tail}")
+        return
+    for e in ep.interventions:
+        if e.get("kind") in ("rollback", "abort"):
+            ep.severity = "malignant"
+            ep.reason = f"malignant: the spike guard's {e.get('kind')} at step {e.get('step')}"
+            return
+    band = f"{_fmt(ep.baseline)} +- {_fmt(ep.band)}"
+    if not ep.recovered or ep.duration_steps > p.slow_horizon:
+        ep.severity = "malignant"
+        if ep.recovered:
+            ep.reason = (f"malignant: above the noise band ({band}) for {ep.duration_steps} steps, "
+                         f"longer than slow_horizon={p.slow_horizon}")
+        elif ep.censored:
+            ep.reason = (f"malignant: not back within the noise band ({band}) when the log ends, "
+                         f"{last_step - ep.onset_step} steps after onset")
+        else:
+            ep.reason = (f"malignant: not back within the noise band ({band}) "
+                         f"within {min(p.max_extent, last_step - ep.onset_step)} steps")
+        return
+    ep.severity = "benign"
+    when = f"after {ep.duration_steps} step{'s' if ep.duration_steps != 1 else ''}"
+    if ep.resolution_steps and ep.resolution_steps > max(1, p.sustain_steps):
+        when += f" (next logged point {ep.resolution_steps} steps later)"
+    ep.reason = f"benign: back within the noise band ({band}) {when}, by itself"
+
+
+def find_episodes(
+    steps: np.ndarray,
+    x: np.ndarray,
+    rule: RobustZ = RobustZ(),
+    params: EpisodeParams = EpisodeParams(),
+    extra_flags: np.ndarray | None = None,
+    corroborate_z: float = 2.0,
+    interventions: Sequence[dict] = (),
+    signal: str = "loss",
+    parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> list[Episode]:
+    """Detect and build the episodes of signal `x` (indexed like the increasing `steps`).
+
+    Points are flagged by the robust-z rule (step-aware windows), by non-finite values, and
+    by `extra_flags` where the signal's own z is at least `corroborate_z`. `parts` are
+    precomputed `robust_z_parts(x, rule, steps)`. `interventions` are events (dicts with
+    `step`, `kind`) of kind rollback/abort, which make an episode malignant.
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return []
+    f = _Finder(steps, x, rule, params, None if extra_flags is None else np.asarray(extra_flags, bool),
+                corroborate_z, signal, parts)
+    return f.run(interventions)
 
 
 def build_episodes(
@@ -115,94 +400,18 @@ def build_episodes(
     pred: np.ndarray | None = None,
     params: EpisodeParams = EpisodeParams(),
     interventions: Sequence[dict] = (),
+    rule: RobustZ = RobustZ(),
 ) -> list[Episode]:
-    """Merge flagged points of signal `x` (indexed like `steps`) into classified episodes.
-
-    `z`, `scale`, `pred` are the robust-z parts of `x` (detect.robust_z_parts): they refine
-    the onset and give the baseline and noise; without them the episode falls back to
-    trailing medians. `interventions` are events (dicts with `step`, `kind`) of kind
-    rollback/abort, which make an episode malignant.
-    """
-    p = params
-    steps = np.asarray(steps, dtype=np.int64)
+    """Episodes from precomputed flags and robust-z parts (`find_episodes` with the detector
+    already run: `flags` beyond the robust-z rule count as corroborated extra flags)."""
     x = np.asarray(x, dtype=np.float64)
-    flagged = np.flatnonzero(np.asarray(flags, dtype=bool))
-    n = x.size
-    out: list[Episode] = []
-    fi = 0
-    while fi < flagged.size:
-        first = int(flagged[fi])
-        onset = first
-        if z is not None:
-            k = 0
-            while (k < p.onset_backtrack and onset - 1 >= 0 and np.isfinite(z[onset - 1])
-                   and z[onset - 1] >= p.onset_z and (not out or onset - 1 > out[-1].end)):
-                onset -= 1
-                k += 1
-        baseline = _baseline(x, onset, pred, p.baseline_window)
-        noise = _noise(x, onset, scale, p.baseline_window)
-        horizon_stop = int(np.searchsorted(steps, steps[onset] + p.slow_horizon, side="right"))
-        horizon_stop = min(max(horizon_stop, onset + 1), n)
-        search_from = first
-        while True:
-            rec = _recovery(x, search_from, horizon_stop, onset, baseline, noise, p)
-            end = rec if rec is not None else horizon_stop - 1
-            # flags inside the episode or within merge_gap steps after it extend it
-            later = flagged[flagged > end]
-            if later.size and steps[later[0]] <= steps[end] + p.merge_gap and rec is not None:
-                search_from = int(later[0])
-                continue
-            break
-        if rec is None:
-            # a non-finite value well after the last finite flag is its own (divergence)
-            # episode, not the tail of a plateau that began earlier
-            nf = np.flatnonzero(~np.isfinite(x[onset + 1: end + 1])) + onset + 1
-            if nf.size:
-                fin = flagged[(flagged >= onset) & (flagged < nf[0]) & np.isfinite(x[flagged])]
-                last = int(fin[-1]) if fin.size else onset
-                if steps[nf[0]] - steps[last] > p.merge_gap:
-                    end = int(nf[0]) - 1
-        seg = x[onset: end + 1]
-        nonfin_idx = np.flatnonzero(~np.isfinite(seg))
-        nonfin = bool(nonfin_idx.size)
-        if nonfin:
-            peak = onset + int(nonfin_idx[0])
-            peak_value = float(seg[nonfin_idx[0]])
-        else:
-            peak = onset + int(np.argmax(seg))
-            peak_value = float(x[peak])
-        recovered = rec is not None
-        censored = (not recovered) and horizon_stop >= n and (steps[-1] - steps[onset] < p.slow_horizon)
-        if np.isfinite(peak_value) and baseline and np.isfinite(baseline) and baseline != 0:
-            magnitude = peak_value / baseline
-        else:
-            magnitude = float("inf")
-        rec_steps = int(steps[rec] - steps[onset]) if recovered else None
-        last_val = x[end]
-        runaway = (not recovered and np.isfinite(last_val) and baseline > 0
-                   and last_val >= p.runaway_factor * baseline
-                   and last_val >= np.nanmax(np.where(np.isfinite(seg), seg, np.nan)) - 1e-12 * abs(last_val))
-        if nonfin or runaway:
-            cls = "divergence"
-        elif recovered and rec_steps is not None and rec_steps <= p.transient_horizon:
-            cls = "transient"
-        elif recovered:
-            cls = "slow"
-        else:
-            cls = "persistent"
-        ep_flags = flagged[(flagged >= onset) & (flagged <= end)]
-        ivs = [e for e in interventions if steps[onset] <= int(e.get("step", -1)) <= steps[end]]
-        severity = "benign" if cls in ("transient", "slow") and not any(
-            e.get("kind") in ("rollback", "abort") for e in ivs) else "malignant"
-        max_z = float(np.nanmax(z[onset: end + 1])) if z is not None and np.isfinite(
-            z[onset: end + 1]).any() else float("nan")
-        out.append(Episode(
-            onset=onset, peak=peak, end=end, onset_step=int(steps[onset]),
-            peak_step=int(steps[peak]), end_step=int(steps[end]), baseline=baseline,
-            peak_value=peak_value, noise=noise, magnitude=float(magnitude), recovered=recovered,
-            recovery_steps=rec_steps, censored=bool(censored), nonfinite=nonfin, cls=cls,
-            severity=severity, max_z=max_z, flagged_steps=[int(s) for s in steps[ep_flags]],
-            interventions=list(ivs),
-        ))
-        fi = int(np.searchsorted(flagged, end, side="right"))
-    return out
+    extra = np.asarray(flags, bool)
+    parts = None
+    if z is not None and scale is not None and pred is not None:
+        parts = (np.asarray(z, dtype=np.float64), np.asarray(scale, dtype=np.float64),
+                 np.asarray(pred, dtype=np.float64))
+        with np.errstate(invalid="ignore"):
+            # the rule's own flags are recomputed after each episode (masked history)
+            extra = extra & ~(np.nan_to_num(parts[0], nan=-np.inf) >= rule.threshold)
+    return find_episodes(steps, x, rule, params, extra_flags=extra,
+                         corroborate_z=-np.inf, interventions=interventions, parts=parts)
