@@ -14,7 +14,7 @@ import pytest
 from k2repro.audit.store import open_store
 from k2repro.cli.main import main
 from k2repro.tools.lineage import branches_overlapping, family
-from tests.conftest import REPO, k2
+from tests.conftest import REPO
 
 OLMO = REPO / "tests" / "data" / "real-logs" / "olmo-7b-pile-validation-ce-37-segments.csv"
 
@@ -77,11 +77,9 @@ def curve(lo: int, hi: int, every: int, level: float = 3.0) -> dict[int, float]:
 
 # ----------------------------------------------------------------------------- a real export
 
-def test_real_olmo_segments_import_as_one_chain(tmp_path):
+def test_real_olmo_segments_import_as_one_chain(tmp_path, capsys):
     store = tmp_path / "runs"
-    r = k2("import", "wandb-csv", str(OLMO), "--name", "olmo7b", "--store", str(store), "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = imp(capsys, store, "wandb-csv", str(OLMO), "--name", "olmo7b")
     ranges = file_ranges(OLMO)
     # the file holds 36 W&B runs (OLMo-7B-run-002 ... run-038; run-028 is not in the export)
     assert len(ranges) == 36 and len(out["run_ids"]) == 36
@@ -254,3 +252,8 @@ def test_parent_links_to_a_store_run_only_when_named(tmp_path, capsys):
     assert main(["import", "csv", str(tmp_path / "stage1.csv"), "--name", "again", "--parent", "stage2",
                  "--store", str(store)]) == 2
     assert "has no step before step 1" in capsys.readouterr().err
+    # several unlinked runs: which one continues RUN is not said, so it is refused
+    two = write_wandb(tmp_path / "two.csv", {"p": curve(101, 150, 1), "q": curve(101, 160, 1)})
+    assert main(["import", "wandb-csv", str(two), "--parent", "stage1", "--store", str(store)]) == 2
+    assert "this import holds 2 unlinked runs ('p', 'q')" in capsys.readouterr().err
+    assert len(rows(store, "SELECT run_id FROM runs")) == 2

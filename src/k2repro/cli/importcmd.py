@@ -5,6 +5,8 @@ sub-command with its own options. `KINDS` maps a parsed source kind to its confi
 functions (the parsed runs then go through `commit_runs`); `RUNNERS` maps a kind that is not a
 parse to its configure and run functions: the release bundle's `import bundle DIR` (which moves
 whole run folders) is one entry there, `RUNNERS["bundle"] = (help, configure, run)`.
+Which runs of one import continue or branch from which is decided here too (`stitch.plan`,
+and `stitch.link_to_store` for `--parent`), then written by `commit_runs`.
 Exit 0 (also when the content was imported before: the existing run is reported), 2 for bad
 input (the message names the file and line), and nothing is written then.
 """
@@ -141,7 +143,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Import a run trained elsewhere into the audit store (source import:<kind>), so that "
         "sql, diff and forensics work on it. Malformed input: one error naming the file and "
         "line, exit 2, nothing written. The same content imported again is reported, not "
-        "duplicated. See docs/importers.md.")
+        "duplicated. Restart segments and forks among the runs of one import are linked into "
+        "one lineage (--stitch, --no-stitch, --parent). See docs/importers.md.")
     sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
     for kind, (help_, conf, _) in {**KINDS, **RUNNERS}.items():
         conf(sub.add_parser(kind, help=help_, description=help_))

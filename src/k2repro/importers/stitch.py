@@ -222,18 +222,18 @@ def link_to_store(store_root: Any, runs: Sequence[ImportedRun], links: Sequence[
     root_dir = Path(store_root)
     if not root_dir.is_dir():
         raise BadInputError(f"--parent {ref}: no run '{ref}' (store {root_dir} does not exist)")
-    top = roots(runs, links)
-    if not top:
-        raise BadInputError(f"--parent {ref}: the import has no steps to continue from it")
-    if len(top) > 1:
-        names = ", ".join(repr(runs[i].source_run) for i in top[:5])
-        raise BadInputError(f"--parent {ref}: this import holds {len(top)} unlinked runs ({names}); "
-                            "link them with --stitch or import one with --run")
     from k2repro.audit.store import open_store
 
     store = open_store(root_dir)
     try:
         parent_id = store.resolve_run_id(ref)
+        top = roots(runs, links)
+        if not top:
+            raise BadInputError(f"--parent {ref}: the import has no steps to continue from it")
+        if len(top) > 1:
+            names = ", ".join(repr(runs[i].source_run) for i in top[:5])
+            raise BadInputError(f"--parent {ref}: this import holds {len(top)} unlinked runs "
+                                f"({names}); link them with --stitch or import one with --run")
         first = _first(runs[top[0]])
         row = store.execute("SELECT max(step) FROM steps WHERE run_id = ? AND step < ?",
                             [parent_id, first]).fetchone()
