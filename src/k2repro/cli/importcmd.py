@@ -5,6 +5,8 @@ sub-command with its own options. `KINDS` maps a parsed source kind to its confi
 functions (the parsed runs then go through `commit_runs`); `RUNNERS` maps a kind that is not a
 parse to its configure and run functions: the release bundle's `import bundle DIR` (which moves
 whole run folders) is one entry there, `RUNNERS["bundle"] = (help, configure, run)`.
+Which runs of one import continue or branch from which is decided here too (`stitch.plan`,
+and `stitch.link_to_store` for `--parent`), then written by `commit_runs`.
 Exit 0 (also when the content was imported before: the existing run is reported), 2 for bad
 input (the message names the file and line), and nothing is written then.
 """
@@ -44,6 +46,16 @@ def _common(p: argparse.ArgumentParser, step_axis: bool, offset: bool = True) ->
     if offset:
         p.add_argument("--step-offset", type=int, default=0,
                        help="add this to every step after dividing (1 when the source counts from 0)")
+    link = p.add_mutually_exclusive_group()
+    link.add_argument("--stitch", dest="stitch", action="store_const", const="stitch", default="auto",
+                      help="link every run of this import into one lineage in step order (restart "
+                      "segments continue, overlapping runs fork), names ignored; default: link runs "
+                      "whose names share a stem (docs/importers.md)")
+    link.add_argument("--no-stitch", dest="stitch", action="store_const", const="none",
+                      help="keep the runs of this import apart (no parent links)")
+    p.add_argument("--parent", default=None, metavar="RUN",
+                   help="the import's first segment continues this store run (id, unique prefix or "
+                   "unique name) from its last step before the import's first step")
 
 
 def _axis(args: argparse.Namespace) -> Any:
@@ -131,7 +143,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Import a run trained elsewhere into the audit store (source import:<kind>), so that "
         "sql, diff and forensics work on it. Malformed input: one error naming the file and "
         "line, exit 2, nothing written. The same content imported again is reported, not "
-        "duplicated. See docs/importers.md.")
+        "duplicated. Restart segments and forks among the runs of one import are linked into "
+        "one lineage (--stitch, --no-stitch, --parent). See docs/importers.md.")
     sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
     for kind, (help_, conf, _) in {**KINDS, **RUNNERS}.items():
         conf(sub.add_parser(kind, help=help_, description=help_))
@@ -145,18 +158,40 @@ def run(args: argparse.Namespace) -> int:
         return RUNNERS[args.kind][2](args)
     if args.kind not in KINDS:  # pragma: no cover - argparse's choices guard this
         raise BadInputError(f"unknown import kind {args.kind!r}")
+    from k2repro.importers import stitch
+
     names = NameMap.build(args.map)
     runs, options = KINDS[args.kind][2](args, names)
     options = {"kind": args.kind, "map": names.user_pairs(), **options}
     store = Path(args.store) if args.store else default_store()
     name = args.name or Path(args.path).name
-    results = commit_runs(store, runs, name, options)
+    # Linking is decided here, from this import's runs only (importers/stitch.py); a store run
+    # becomes a parent only when --parent names it.
+    links = stitch.plan(runs, args.stitch)
+    if args.parent is not None:
+        links = [*links, stitch.link_to_store(store, runs, links, args.parent)]
+    results = commit_runs(store, runs, name, options, links=links)
     if args.json:
-        json.dump({"run_ids": [r.run_id for r in results], "runs": [r.as_dict() for r in results],
-                   "store": str(store)}, sys.stdout)
+        parent_of = _parents(results, runs, links)
+        rows = [{**r.as_dict(), "parent_run_id": parent_of.get(r.run_id, (None, None))[0],
+                 "resumed_from_step": parent_of.get(r.run_id, (None, None))[1]} for r in results]
+        json.dump({"run_ids": [r.run_id for r in results], "runs": rows, "store": str(store)},
+                  sys.stdout)
         sys.stdout.write("\n")
         return 0
+    parent_of = _parents(results, runs, links)
     for r in results:
         state = "imported" if r.created else "already imported"
-        print(f"run_id={r.run_id} name={r.name} steps={r.steps} ({state})")
+        link = f" parent={parent_of[r.run_id][0]} resumed_from_step={parent_of[r.run_id][1]}" \
+            if r.run_id in parent_of else ""
+        print(f"run_id={r.run_id} name={r.name} steps={r.steps}{link} ({state})")
     return 0
+
+
+def _parents(results: list[Any], runs: list[Any], links: list[Any]) -> dict[str, tuple[str, int]]:
+    """run id -> (parent run id, resume step) of each linked run, for the printed summary."""
+    out = {}
+    for lk in links:
+        parent = lk.external if lk.parent is None else results[lk.parent].run_id
+        out[results[lk.child].run_id] = (parent, lk.resumed_from_step)
+    return out

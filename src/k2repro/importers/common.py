@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import pyarrow as pa
 
+    from k2repro.importers.stitch import Link
+
 KINDS = ("wandb-csv", "tensorboard", "megatron-log", "csv")
 
 # ----------------------------------------------------------------------------- metric names
@@ -309,9 +311,11 @@ def _hparam_table(h: Mapping[str, Any]) -> dict[str, list]:
 
 
 def build_tables(run: ImportedRun, run_id: str, name: str, store_root: Path,
-                 argv: Sequence[str] | None = None) -> dict[str, Any]:
+                 argv: Sequence[str] | None = None, parent_run_id: str | None = None,
+                 resumed_from_step: int | None = None) -> dict[str, Any]:
     """The store tables of one imported run (Arrow tables / column dicts for
-    write_run_tables, which conforms them to the schema and redacts them)."""
+    write_run_tables, which conforms them to the schema and redacts them). `parent_run_id` /
+    `resumed_from_step` link a restart segment or fork to its parent (importers/stitch.py)."""
     import k2repro
 
     now = datetime.now(timezone.utc).timestamp()
@@ -321,7 +325,8 @@ def build_tables(run: ImportedRun, run_id: str, name: str, store_root: Path,
     tables: dict[str, Any] = {
         "runs": {
             "name": [name], "started_at": [_utc(started if started is not None else now)],
-            "parent_run_id": [None], "resumed_from_step": [None], "source": [f"import:{run.kind}"],
+            "parent_run_id": [parent_run_id], "resumed_from_step": [resumed_from_step],
+            "source": [f"import:{run.kind}"],
             "config_hash": [None], "git_commit": [None], "git_dirty": [None],
             "world_size": [run.world_size], "host": [None], "pid": [None], "launcher": [None],
             "argv": [json.dumps(list(argv if argv is not None else sys.argv))],
@@ -408,17 +413,24 @@ def run_name(base: str, run: ImportedRun, n_runs: int) -> str:
 
 
 def commit_runs(store_root: str | Path, runs: Sequence[ImportedRun], name: str,
-                options: Mapping[str, Any], argv: Sequence[str] | None = None) -> list[ImportResult]:
+                options: Mapping[str, Any], argv: Sequence[str] | None = None,
+                links: Sequence[Link] = ()) -> list[ImportResult]:
     """Write parsed runs to the store as one transaction: every table is built first, runs
     already imported with the same options are reported (idempotent), content already
     imported with other options is refused (BadInputError), and if writing run k fails the
-    runs written before it are removed again."""
+    runs written before it are removed again. `links` (importers/stitch.py) set each linked
+    run's parent and resume step and add a `stitch` event to it; what they link is part of the
+    options hash, so the same content linked differently is refused, not duplicated."""
     from k2repro.audit.runid import new_run_id
     from k2repro.audit.writer import write_run_tables
 
     root = Path(store_root)
     if not runs:
         raise BadInputError("nothing to import")
+    if links:
+        from k2repro.importers.stitch import describe
+
+        options = {**options, "links": describe(runs, links)}
     opt_hash = options_hash(options)
     ids = [identity(r) for r in runs]
     prior = _existing(root, ids)
@@ -429,16 +441,22 @@ def commit_runs(store_root: str | Path, runs: Sequence[ImportedRun], name: str,
                 f"{r.path}: this content{f' (run {r.source_run!r})' if r.source_run else ''} was "
                 f"already imported as run {rid} ({rname}) with other options; remove that run "
                 "first to import it differently")
+    run_ids = [prior[ident][0] if ident in prior else new_run_id() for ident in ids]
+    link_of = {lk.child: lk for lk in links}
     planned: list[tuple[ImportedRun, str, str, dict[str, Any] | None]] = []
-    for r, ident in zip(runs, ids, strict=True):
+    for i, (r, ident) in enumerate(zip(runs, ids, strict=True)):
         nm = run_name(name, r, len(runs))
         if ident in prior:
-            planned.append((r, prior[ident][0], prior[ident][1] or nm, None))
+            planned.append((r, run_ids[i], prior[ident][1] or nm, None))
             continue
         r.hparams["import.identity"] = ident
         r.hparams["import.options_sha256"] = opt_hash
-        run_id = new_run_id()
-        planned.append((r, run_id, nm, build_tables(r, run_id, nm, root, argv)))
+        parent = resumed = None
+        if (lk := link_of.get(i)) is not None:
+            parent = lk.external if lk.parent is None else run_ids[lk.parent]
+            resumed = lk.resumed_from_step
+            r.event("stitch", step=resumed, **lk.detail(runs, parent))
+        planned.append((r, run_ids[i], nm, build_tables(r, run_ids[i], nm, root, argv, parent, resumed)))
     written: list[Path] = []
     results = []
     try:

@@ -1,5 +1,6 @@
-"""What a run's history looks like from the store: its chain of parents, the data deferrals
-in force at a step, and where its checkpoints lie now.
+"""What a run's history looks like from the store: its chain of parents, its logical-run
+family (restart segments and forks, with step ranges), the data deferrals in force at a step,
+and where its checkpoints lie now.
 
 No torch here: `k2repro batch` and `k2repro diff` use these and must stay fast.
 """
@@ -85,3 +86,83 @@ def checkpoint_dir(store: Store, run_id: str, step: int, recorded: str | None = 
         if c.is_dir():
             return c
     return None
+
+
+#: Keys of each row `family` and `branches_overlapping` return.
+FAMILY_KEYS = ("run_id", "name", "source", "parent_run_id", "resumed_from_step", "first_step",
+               "last_step", "n_steps", "depth", "relation")
+
+
+def family(store_or_con: Any, run_id: str) -> list[dict[str, Any]]:
+    """Every run of `run_id`'s logical run: the whole tree under its lineage root (parents,
+    restart segments, forks, and their forks), each with its step range and how it relates to
+    `run_id`, ordered by first step.
+
+    Why: a restart is evidence. A spike that recurs on the branch restarted before it points at
+    the data; one the branch did not repeat points at the state the run had (PaLM's finding),
+    and either way the run was restarted, so the spike mattered. Forensics asks this to find
+    those branches; imports link them (importers/stitch.py), the trainer links resumes.
+
+    `store_or_con` is a `Store` or any DuckDB connection with the store's views (`lineage`,
+    `runs_raw`, `steps`). `relation` is `self`, `parent`, `ancestor`, `child`, `descendant`,
+    `sibling` (same parent) or `relative` (same root otherwise). `first_step`/`last_step` are
+    None for a run without steps. An unknown run gives []."""
+    row = store_or_con.execute("SELECT lineage_root, lineage_path FROM lineage WHERE run_id = ? LIMIT 1",
+                               [run_id]).fetchone()
+    if row is None:
+        return []
+    root, own_path = row[0], list(row[1] or [])
+    rows = store_or_con.execute(
+        "WITH fam AS (SELECT run_id, parent_run_id, resumed_from_step, source, depth, lineage_path "
+        "             FROM lineage WHERE lineage_root = ?), "
+        "rng AS (SELECT run_id, min(step) AS first_step, max(step) AS last_step, count(*) AS n "
+        "        FROM steps WHERE run_id IN (SELECT run_id FROM fam) GROUP BY run_id), "
+        "nm AS (SELECT run_id, any_value(name) AS name FROM runs_raw "
+        "       WHERE run_id IN (SELECT run_id FROM fam) GROUP BY run_id) "
+        "SELECT fam.run_id, nm.name, fam.source, fam.parent_run_id, fam.resumed_from_step, "
+        "       rng.first_step, rng.last_step, coalesce(rng.n, 0), fam.depth, fam.lineage_path "
+        "FROM fam LEFT JOIN rng USING (run_id) LEFT JOIN nm USING (run_id)", [root]).fetchall()
+    own_parent = own_path[-2] if len(own_path) > 1 else None
+    out = []
+    for r in rows:
+        d = dict(zip(FAMILY_KEYS[:-1], r[:9], strict=True))
+        path = list(r[9] or [])
+        if d["run_id"] == run_id:
+            rel = "self"
+        elif d["run_id"] == own_parent:
+            rel = "parent"
+        elif d["run_id"] in own_path:
+            rel = "ancestor"
+        elif d["parent_run_id"] == run_id:
+            rel = "child"
+        elif run_id in path:
+            rel = "descendant"
+        elif own_parent is not None and d["parent_run_id"] == own_parent:
+            rel = "sibling"
+        else:
+            rel = "relative"
+        d["relation"] = rel
+        for k in ("first_step", "last_step", "resumed_from_step", "n_steps", "depth"):
+            d[k] = None if d[k] is None else int(d[k])
+        out.append(d)
+    big = float("inf")
+    out.sort(key=lambda d: (big if d["first_step"] is None else d["first_step"], d["depth"], d["run_id"]))
+    return out
+
+
+def branches_overlapping(store_or_con: Any, run_id: str, first_step: int | None = None,
+                         last_step: int | None = None) -> list[dict[str, Any]]:
+    """The other runs of `run_id`'s logical run (`family`) that logged steps inside
+    [first_step, last_step] (default: `run_id`'s own step range): the branches that went over
+    the same steps again (a restart before a spike, the original a restart replaced), with the
+    keys of `family`. Empty when the run has no steps and no window is given."""
+    fam = family(store_or_con, run_id)
+    me = next((d for d in fam if d["run_id"] == run_id), None)
+    if me is None:
+        return []
+    lo = first_step if first_step is not None else me["first_step"]
+    hi = last_step if last_step is not None else me["last_step"]
+    if lo is None or hi is None:
+        return []
+    return [d for d in fam if d["run_id"] != run_id and d["first_step"] is not None
+            and d["first_step"] <= hi and d["last_step"] >= lo]
