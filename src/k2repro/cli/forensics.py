@@ -30,6 +30,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print the report object (with `spikes`) as JSON to stdout")
     parser.add_argument("--signal", default="loss", help="steps column the spikes are found on (default: loss)")
+    parser.add_argument("--episode-signal", action="append", default=None, metavar="SIGNAL",
+                        help="steps columns whose episodes are found besides --signal (default: grad_norm); "
+                        "repeat for several, 'none' for --signal alone")
+    parser.add_argument("--no-lineage", action="store_true",
+                        help="read this run's own steps only, not its ancestors' up to each resume "
+                        "point (the logical run)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="robust z threshold of the episode rule (default 6)")
     parser.add_argument("--scan", action="append", default=[], metavar="SIGNAL",
@@ -82,7 +88,14 @@ def build_params(args: argparse.Namespace) -> Any:
         if sig not in STEP_SIGNALS:
             raise BadInputError(f"--scan {sig}: not a steps signal (one of {', '.join(STEP_SIGNALS)})")
     scan = tuple(dict.fromkeys((*p.scan_signals, *args.scan)))
-    kw: dict[str, Any] = {"rule": rule, "detectors": tuple(dets.values()), "scan_signals": scan}
+    kw: dict[str, Any] = {"rule": rule, "detectors": tuple(dets.values()), "scan_signals": scan,
+                          "lineage": not args.no_lineage}
+    if args.episode_signal is not None:
+        extra = [x for x in args.episode_signal if x != "none"]
+        for sig in extra:
+            if sig not in STEP_SIGNALS:
+                raise BadInputError(f"--episode-signal {sig}: not a steps signal (one of {', '.join(STEP_SIGNALS)})")
+        kw["episode_signals"] = tuple(dict.fromkeys((args.signal, *extra)))
     for sec, vals in sections.items():
         try:
             kw[sec] = coerce_params(getattr(p, sec), vals)
@@ -120,12 +133,19 @@ def run(args: argparse.Namespace) -> int:
         json.dump(obj, sys.stdout, allow_nan=False)
         sys.stdout.write("\n")
         return 0
-    print(f"run {res.run_id}: {res.n_steps} steps, {len(res.spikes)} spike(s)")
-    for s in obj["spikes"]:
+    rng = f" over steps {res.step_range[0]}..{res.step_range[1]}" if res.step_range else ""
+    print(f"run {res.run_id}: {res.n_steps} logged points{rng}, {len(res.spikes)} spike(s)")
+    n_minor = sum(1 for s in obj["spikes"] if s.get("minor"))
+    for i in obj["ranked"]:
+        s = obj["spikes"][i - 1]
+        if s.get("minor"):
+            continue
         verdict = (s.get("data") or {}).get("verdict", "-")
-        print(f"  steps {s['onset_step']}-{s['end_step']}: {s['class']}, {s['severity']}, "
-              f"magnitude {_mag(s['magnitude'])}, "
-              f"lead {s['lead_signal']}, top layer {s['top_layer']}, data {verdict}")
+        print(f"  {s['signal']} steps {s['onset_step']}-{s['end_step']}: {s['class']}, {s['severity']}, "
+              f"z {_mag(s['max_z'])}, magnitude {_mag(s['magnitude'])}, data {verdict}")
+        print(f"    {s['reason']}")
+    if n_minor:
+        print(f"  and {n_minor} minor blip(s) (benign transients near the threshold; see the report)")
     for line in res.impossible:
         print(f"  not possible: {line}")
     for k, v in paths.items():

@@ -23,7 +23,12 @@ import numpy as np
 from k2repro.forensics.analyze import ForensicsResult, Spike
 
 SPIKE_COLUMNS = ("onset_step", "peak_step", "end_step", "magnitude", "class", "severity",
-                 "lead_signal", "top_layer", "top_samples")
+                 "lead_signal", "top_layer", "top_samples", "signal", "baseline", "peak_value",
+                 "excess", "max_z", "reason")
+
+#: a benign transient whose max z stays under this many times the threshold, with no fault,
+#: intervention or data verdict behind it, is "minor": listed in one table, not a section
+MINOR_Z_FACTOR = 2.0
 
 
 def clean(v: Any) -> Any:
@@ -55,6 +60,9 @@ def spike_json(sp: Spike) -> dict[str, Any]:
                        for c in sp.precursors],
         "lead_steps": sp.lead.lead_steps if sp.lead else None,
         "faults": sp.faults, "interventions": sp.interventions,
+        "duration_steps": e.duration_steps, "resolution_steps": e.resolution_steps,
+        "band": e.band, "notes": e.notes,
+        "attributed": _attributed(sp),
     })
     if not math.isfinite(e.magnitude):
         d["magnitude_note"] = "non-finite peak"
@@ -75,20 +83,54 @@ def spike_json(sp: Spike) -> dict[str, Any]:
     return clean(d)
 
 
+def _attributed(sp: Spike) -> dict[str, bool]:
+    """Which explanations the data allowed for this spike."""
+    return {"data": bool(sp.data is not None and sp.data.verdict == "data"),
+            "layers": bool(sp.layers is not None and sp.layers.top),
+            "samples": bool(sp.data is not None and sp.data.samples)}
+
+
+def is_minor(sp: Spike, threshold: float) -> bool:
+    """A near-threshold blip: benign, transient, nothing behind it (see MINOR_Z_FACTOR)."""
+    e = sp.episode
+    z = e.max_z if math.isfinite(e.max_z) else math.inf
+    return (e.severity == "benign" and e.cls == "transient" and z < MINOR_Z_FACTOR * threshold
+            and not sp.faults and not sp.interventions
+            and not (sp.data is not None and sp.data.verdict == "data"))
+
+
+def ranked(res: ForensicsResult) -> list[int]:
+    """Spike numbers (1-based, as in `spikes`) in the order that matters: malignant first,
+    then by relative excess x duration."""
+    from k2repro.forensics.analyze import rank_key
+
+    return [i + 1 for i in sorted(range(len(res.spikes)), key=lambda i: rank_key(res.spikes[i].episode))]
+
+
 def to_json(res: ForensicsResult) -> dict[str, Any]:
     """The report object (also what `k2repro forensics --json` prints)."""
+    thr = res.params.rule.threshold
+    spikes = [spike_json(s) for s in res.spikes]
+    for s, sp in zip(spikes, res.spikes, strict=True):
+        s["minor"] = is_minor(sp, thr)
     return clean({
         "run_id": res.run_id,
         "run": res.run,
         "n_steps": res.n_steps,
+        "n_points": res.n_steps,
         "step_range": list(res.step_range) if res.step_range else None,
+        "sampling": res.sampling,
+        "segments": res.segments,
+        "restarts": res.restarts,
         "signals": res.signals,
         "n_spikes": len(res.spikes),
-        "spikes": [spike_json(s) for s in res.spikes],
+        "ranked": ranked(res),
+        "spikes": spikes,
         "detectors": res.detectors,
         "impossible": res.impossible,
         "notes": res.notes,
         "faults": res.faults,
+        "peers": getattr(res, "peers", None),
         "params": res.params.to_dict(),
     })
 
@@ -106,7 +148,12 @@ def spike_rows(res: ForensicsResult) -> dict[str, list]:
         full = spike_json(sp)
         cols["spike_id"].append(i)
         for c in SPIKE_COLUMNS:
-            cols[c].append(json.dumps(row[c]) if c == "top_samples" else row[c])
+            v = row[c]
+            if c == "top_samples":
+                v = json.dumps(v)
+            elif isinstance(v, float) and not math.isfinite(v) and c != "magnitude":
+                v = None
+            cols[c].append(v)
         cols["detail"].append(json.dumps({k: v for k, v in full.items() if k not in SPIKE_COLUMNS},
                                          allow_nan=False))
         cols["detected_at"].append(now)
@@ -146,68 +193,137 @@ def _fmt(v: Any, nd: int = 4) -> str:
     return str(v)
 
 
+def _summary_line(i: int, s: dict) -> str:
+    att = [k for k, v in (s.get("attributed") or {}).items() if v]
+    return (f"| {i} | {s['signal']} | {s['onset_step']} | {s['peak_step']} | {s.get('duration_steps', '-')} "
+            f"| {s['class']} | {s['severity']} | {_fmt(s['max_z'], 3)} | {_fmt(s['magnitude'], 3)} "
+            f"| {_fmt(s['excess'], 3)} | {', '.join(att) or '-'} | {s.get('reason') or '-'} |")
+
+
+SUMMARY_HEAD = ["| # | signal | onset | peak | duration | class | severity | z | magnitude | excess "
+                "| attributed | reason |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def sampling_lines(o: dict) -> list[str]:
+    sm = o.get("sampling") or {}
+    if not sm.get("points"):
+        return []
+    out = [f"- {sm['points']:,} logged points over steps {sm.get('first_step', '-')}..{sm.get('last_step', '-')}"]
+    if "median_gap" in sm:
+        out.append(f"- gap between logged points: median {sm['median_gap']:g} steps, max {sm['max_gap']:,} "
+                   f"(after step {sm['max_gap_at']:,}); irregularity {sm['irregularity']:g} "
+                   "(coefficient of variation of the gaps; 0 = a fixed interval)")
+        out.append(f"- what it can resolve: {sm['resolution']}")
+    segs = o.get("segments") or []
+    if len(segs) > 1:
+        out.append(f"- {len(segs)} segments of one logical run (lineage): " + ", ".join(
+            f"{g['run_id']} ({g['first_step']}-{g['last_step']})" for g in segs[:8])
+            + (" ..." if len(segs) > 8 else ""))
+    for r in (o.get("restarts") or [])[:8]:
+        out.append(f"- restarted branch {r['run_id']}: from step {r['from_step']} of {r['parent_run_id']}, "
+                   f"steps {r['first_step']}-{r['last_step']}")
+    return out
+
+
 def to_markdown(res: ForensicsResult, obj: dict | None = None) -> str:
     o = obj or to_json(res)
     lines = [f"# Loss-spike forensics: run `{res.run_id}`", ""]
     rng = o.get("step_range")
-    lines.append(f"{o['n_steps']} steps" + (f" ({rng[0]}..{rng[1]})" if rng else "")
+    lines.append(f"{o['n_steps']:,} logged points" + (f" over steps {rng[0]}..{rng[1]}" if rng else "")
                  + f"; signals: {', '.join(o['signals']) or 'none'}; "
-                 f"{o['n_spikes']} spike(s) on `{res.params.signal}`.")
+                 f"{o['n_spikes']} spike(s) (episodes opened on "
+                 f"{', '.join(res.params.episode_signals)}).")
     lines.append("")
-    if o["spikes"]:
-        lines += ["| onset | peak | end | magnitude | class | severity | lead signal | lead | top layer | data verdict | top samples |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for s in o["spikes"]:
-            verdict = (s.get("data") or {}).get("verdict", "-")
-            lines.append(f"| {s['onset_step']} | {s['peak_step']} | {s['end_step']} | {_fmt(s['magnitude'])} "
-                         f"| {s['class']} | {s['severity']} | {_fmt(s['lead_signal'])} | {_fmt(s.get('lead_steps'))} "
-                         f"| {_fmt(s['top_layer'])} | {verdict} | {_fmt(s['top_samples'][:10])} |")
+    spikes = o["spikes"]
+    major = [i for i in o.get("ranked", range(1, len(spikes) + 1)) if not spikes[i - 1].get("minor")]
+    minor = [i for i in range(1, len(spikes) + 1) if spikes[i - 1].get("minor")]
+    if spikes:
+        lines += ["## What matters first", "",
+                  "Malignant spikes first, then by excess x duration. Definitions: docs/forensics.md.", ""]
+        lines += SUMMARY_HEAD + [_summary_line(i, spikes[i - 1]) for i in major]
+        if minor:
+            lines.append(f"| | | | | | | | | | | | and {len(minor)} minor blip(s), listed below |")
     else:
         lines.append("No spike found.")
     lines.append("")
+    samp = sampling_lines(o)
+    if samp:
+        lines += ["## Sampling", ""] + samp + [""]
     if o["impossible"]:
         lines += ["## Not possible with this run's data", ""] + [f"- {x}" for x in o["impossible"]] + [""]
-    lines += ["## Detectors (side by side)", "", "| detector | signal | flagged points | first flagged steps |",
-              "|---|---|---|---|"]
+    lines += ["## Detectors (side by side)", "", "| detector | signal | flagged points | share | opens episodes | first flagged steps |",
+              "|---|---|---|---|---|---|"]
     for name, d in o["detectors"].items():
-        lines.append(f"| {name} | {d['signal']} | {d['n_flagged']} | {_fmt(d['flagged_steps'][:10])} |")
+        lines.append(f"| {name} | {d['signal']} | {d['n_flagged']} | {_fmt(d.get('share'), 3)} "
+                     f"| {'yes' if d.get('opens_episodes') else 'no'} | {_fmt(d['flagged_steps'][:10])} |")
     lines.append("")
-    for i, s in enumerate(o["spikes"], 1):
-        lines += [f"## Spike {i}: steps {s['onset_step']}-{s['end_step']} ({s['class']}, {s['severity']})", ""]
-        rec = (f"recovered after {s['recovery_steps']} steps" if s["recovered"]
-               else "not recovered" + (" before the log ends" if s["censored"] else ""))
-        lines.append(f"- peak {_fmt(s['peak_value'])} at step {s['peak_step']}, baseline {_fmt(s['baseline'])}, "
-                     f"magnitude {_fmt(s['magnitude'])}, {rec}; max robust z {_fmt(s['max_z'], 3)}; "
-                     f"detectors: {_fmt(s['detectors'])}")
-        if s["precursors"]:
-            pre = "; ".join(f"{c['signal']} at step {c['step']} (lead {c['lead_steps']})" for c in s["precursors"])
-            lines.append(f"- precursors: {pre}")
-        la = s.get("layers")
-        if la:
-            if la["top"]:
-                lines.append("- layers that jumped most: " + "; ".join(
-                    f"{t['param']} x{_fmt(t['jump'], 3)}" for t in la["top"]))
-            if la["first_to_cross"]:
-                f = la["first_to_cross"]
-                lines.append(f"- first layer to cross: {f['param']} at step {f['step']} (lead {f['lead_steps']})")
-            if la["note"]:
-                lines.append(f"- layers: {la['note']}")
-        da = s.get("data")
-        if da:
-            lines.append(f"- data: **{da['verdict']}**: {da['reason']}")
-            for smp in da["samples"][:5]:
-                extra = f"; injected: {smp['injected']}" if smp.get("injected") else ""
-                flags = f"; {', '.join(smp['flags'])}" if smp.get("flags") else ""
-                lines.append(f"  - sample {smp['sample_id']}: loss {_fmt(smp['loss'])}, "
-                             f"+{_fmt(smp['excess_vs_step'])} vs step median{flags}{extra}")
-        for f in s["faults"]:
-            lines.append(f"- injected fault at step {f.get('step')}: {_fmt((f.get('detail') or {}).get('kind'))}")
-        for iv in s["interventions"]:
-            lines.append(f"- guard action at step {iv.get('step')}: {iv.get('kind')}")
-        lines.append("")
+    peers = o.get("peers") or {}
+    if peers:
+        lines += peer_lines(peers) + [""]
+    for i in major:
+        lines += _spike_md(i, spikes[i - 1])
+    if minor:
+        lines += [f"## Minor blips ({len(minor)})", "",
+                  f"Benign transients under z = {MINOR_Z_FACTOR * res.params.rule.threshold:g} with nothing "
+                  "behind them (no fault, intervention or data verdict): one line each.", ""]
+        lines += SUMMARY_HEAD + [_summary_line(i, spikes[i - 1]) for i in minor] + [""]
     if o["notes"]:
         lines += ["## Notes", ""] + [f"- {x}" for x in o["notes"]] + [""]
     return "\n".join(lines)
+
+
+def peer_lines(peers: dict) -> list[str]:
+    """Where the built-in guards of other trainers would have fired on the same run."""
+    out = ["## Peers' rules on this run", "",
+           "| rule | fired (points) | episodes | first steps |", "|---|---|---|---|"]
+    for name, d in peers.items():
+        out.append(f"| {name}: {d.get('rule', '')} | {d.get('n_fired', 0)} | {d.get('n_episodes', 0)} "
+                   f"| {_fmt((d.get('fired_steps') or [])[:8])} |")
+    return out
+
+
+def _spike_md(i: int, s: dict) -> list[str]:
+    lines = [f"## Spike {i}: {s['signal']}, steps {s['onset_step']}-{s['end_step']} ({s['class']}, {s['severity']})", ""]
+    lines.append(f"- {s.get('reason') or '-'}")
+    rec = (f"back within the band after {s.get('duration_steps')} steps"
+           + (f" (recovery seen at the next logged point, {s['recovery_steps']} steps after onset)"
+              if s.get("resolution_steps") and s["resolution_steps"] > 1 else "")
+           if s["recovered"] else "not recovered" + (" before the log ends" if s["censored"] else ""))
+    lines.append(f"- peak {_fmt(s['peak_value'])} at step {s['peak_step']}, baseline {_fmt(s['baseline'])} "
+                 f"(noise band +-{_fmt(s.get('band'), 3)}), magnitude {_fmt(s['magnitude'])} (peak / baseline), "
+                 f"excess {_fmt(s['excess'])}, {rec}; max robust z {_fmt(s['max_z'], 3)}; "
+                 f"detectors: {_fmt(s['detectors'])}")
+    for n in s.get("notes") or []:
+        lines.append(f"- {n}")
+    if s.get("peers_fired"):
+        lines.append("- peers' rules that fired here: " + ", ".join(s["peers_fired"]))
+    if s["precursors"]:
+        pre = "; ".join(f"{c['signal']} at step {c['step']} (lead {c['lead_steps']})" for c in s["precursors"])
+        lines.append(f"- precursors: {pre}")
+    la = s.get("layers")
+    if la:
+        if la["top"]:
+            lines.append("- layers that jumped most: " + "; ".join(
+                f"{t['param']} x{_fmt(t['jump'], 3)}" for t in la["top"]))
+        if la["first_to_cross"]:
+            f = la["first_to_cross"]
+            lines.append(f"- first layer to cross: {f['param']} at step {f['step']} (lead {f['lead_steps']})")
+        if la["note"]:
+            lines.append(f"- layers: {la['note']}")
+    da = s.get("data")
+    if da:
+        lines.append(f"- data: **{da['verdict']}**: {da['reason']}")
+        for smp in da["samples"][:5]:
+            extra = f"; injected: {smp['injected']}" if smp.get("injected") else ""
+            flags = f"; {', '.join(smp['flags'])}" if smp.get("flags") else ""
+            lines.append(f"  - sample {smp['sample_id']}: loss {_fmt(smp['loss'])}, "
+                         f"+{_fmt(smp['excess_vs_step'])} vs step median{flags}{extra}")
+    for f in s["faults"]:
+        lines.append(f"- injected fault at step {f.get('step')}: {_fmt((f.get('detail') or {}).get('kind'))}")
+    for iv in s["interventions"]:
+        lines.append(f"- guard action at step {iv.get('step')}: {iv.get('kind')}")
+    lines.append("")
+    return lines
 
 
 # --------------------------------------------------------------------------- html
@@ -256,36 +372,59 @@ def to_html(res: ForensicsResult, obj: dict | None = None, plots: bool = True) -
              f"<title>Forensics: {_e(res.run_id)}</title>", f"<style>{CSS}</style></head><body>",
              f"<h1>Loss-spike forensics: run <code>{_e(res.run_id)}</code></h1>"]
     rng = o.get("step_range")
-    parts.append(f"<p>{o['n_steps']} steps" + (f" ({rng[0]}..{rng[1]})" if rng else "")
+    parts.append(f"<p>{o['n_steps']:,} logged points" + (f" over steps {rng[0]}..{rng[1]}" if rng else "")
                  + f"; signals: {_e(', '.join(o['signals']) or 'none')}; "
-                 f"<b>{o['n_spikes']}</b> spike(s) on <code>{_e(res.params.signal)}</code>.</p>")
+                 f"<b>{o['n_spikes']}</b> spike(s) (episodes opened on "
+                 f"<code>{_e(', '.join(res.params.episode_signals))}</code>).</p>")
+    spikes = o["spikes"]
+    major = [i for i in o.get("ranked", range(1, len(spikes) + 1)) if not spikes[i - 1].get("minor")]
+    minor = [i for i in range(1, len(spikes) + 1) if spikes[i - 1].get("minor")]
+    head = ["#", "signal", "onset", "peak", "duration", "class", "severity", "z", "magnitude", "excess",
+            "attributed", "reason"]
+
+    def row(i: int) -> list[str]:
+        s = spikes[i - 1]
+        att = [k for k, v in (s.get("attributed") or {}).items() if v]
+        return [f'<a href="#spike-{i}">{i}</a>', _e(s["signal"]), _e(s["onset_step"]), _e(s["peak_step"]),
+                _e(s.get("duration_steps")), _e(s["class"]), _e(s["severity"]), _e(_fmt(s["max_z"], 3)),
+                _e(_fmt(s["magnitude"], 3)), _e(_fmt(s["excess"], 3)), _e(", ".join(att) or "-"),
+                _e(s.get("reason") or "-")]
+
+    parts.append("<h2>What matters first</h2>")
+    if spikes:
+        parts.append('<p class="note">Malignant spikes first, then by excess x duration.</p>')
+        parts.append(_table(head, [row(i) for i in major], [spikes[i - 1]["class"] for i in major]))
+        if minor:
+            parts.append(f'<p>And <a href="#minor">{len(minor)} minor blip(s)</a>.</p>')
+    else:
+        parts.append("<p>No spike found.</p>")
+    samp = sampling_lines(o)
+    if samp:
+        parts.append("<h2>Sampling</h2><ul>" + "".join(f"<li>{_e(x[2:])}</li>" for x in samp) + "</ul>")
     if o["impossible"]:
         parts.append('<div class="imp"><b>Not possible with this run\'s data:</b><ul>'
                      + "".join(f"<li>{_e(x)}</li>" for x in o["impossible"]) + "</ul></div>")
     if plots:
         parts.append("<h2>Overview</h2>")
         parts.append(_img(P.overview_png(res), "loss, grad norm and lr with spikes shaded"))
-    parts.append("<h2>Spikes</h2>")
-    if o["spikes"]:
-        rows, classes = [], []
-        for i, s in enumerate(o["spikes"], 1):
-            verdict = (s.get("data") or {}).get("verdict", "-")
-            rows.append([f'<a href="#spike-{i}">{i}</a>', _e(s["onset_step"]), _e(s["peak_step"]),
-                         _e(s["end_step"]), _e(s["magnitude"]), _e(s["class"]), _e(s["severity"]),
-                         _e(s["lead_signal"]), _e(s.get("lead_steps")), _e(s["top_layer"]),
-                         f'<span class="verdict-{_e(verdict)}">{_e(verdict)}</span>',
-                         _e(s["top_samples"][:10])])
-            classes.append(s["class"])
-        parts.append(_table(["#", "onset", "peak", "end", "magnitude", "class", "severity", "lead signal",
-                             "lead (steps)", "top layer", "data", "top samples"], rows, classes))
-    else:
-        parts.append("<p>No spike found.</p>")
     parts.append("<h2>Detectors side by side</h2>")
-    parts.append(_table(["detector", "signal", "flagged points", "first flagged steps"],
-                        [[_e(n), _e(d["signal"]), _e(d["n_flagged"]), _e(d["flagged_steps"][:12])]
+    parts.append(_table(["detector", "signal", "flagged points", "share", "opens episodes", "first flagged steps"],
+                        [[_e(n), _e(d["signal"]), _e(d["n_flagged"]), _e(_fmt(d.get("share"), 3)),
+                          "yes" if d.get("opens_episodes") else "no", _e(d["flagged_steps"][:12])]
                          for n, d in o["detectors"].items()]))
-    for i, (sp, s) in enumerate(zip(res.spikes, o["spikes"], strict=True), 1):
-        parts.append(_spike_html(i, sp, s, plots))
+    peers = o.get("peers") or {}
+    if peers:
+        parts.append("<h2>Peers' rules on this run</h2>")
+        parts.append(_table(["rule", "fired (points)", "episodes", "first steps"],
+                            [[_e(f"{n}: {d.get('rule', '')}"), _e(d.get("n_fired", 0)), _e(d.get("n_episodes", 0)),
+                              _e((d.get("fired_steps") or [])[:8])] for n, d in peers.items()]))
+    for i in major:
+        parts.append(_spike_html(i, res.spikes[i - 1], spikes[i - 1], plots))
+    if minor:
+        parts.append(f'<h2 id="minor">Minor blips ({len(minor)})</h2>')
+        parts.append(f'<p class="note">Benign transients under z = {MINOR_Z_FACTOR * res.params.rule.threshold:g} '
+                     "with nothing behind them (no fault, intervention or data verdict).</p>")
+        parts.append(_table(head, [row(i) for i in minor], [spikes[i - 1]["class"] for i in minor]))
     if o["notes"]:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(x)}</li>" for x in o["notes"]) + "</ul>")
     parts.append('<p class="note">Generated by k2repro forensics. Definitions: docs/forensics.md.</p>')
@@ -296,12 +435,15 @@ def to_html(res: ForensicsResult, obj: dict | None = None, plots: bool = True) -
 def _spike_html(i: int, sp: Spike, s: dict, plots: bool) -> str:
     from k2repro.forensics import plots as P
 
-    out = [f'<h2 id="spike-{i}">Spike {i}: steps {s["onset_step"]}-{s["end_step"]} '
-           f'<span class="{_e(s["class"])}">{_e(s["class"])}</span>, {_e(s["severity"])}</h2>']
-    rec = (f"recovered after {s['recovery_steps']} steps" if s["recovered"]
+    out = [f'<h2 id="spike-{i}">Spike {i}: {_e(s["signal"])}, steps {s["onset_step"]}-{s["end_step"]} '
+           f'<span class="{_e(s["class"])}">{_e(s["class"])}</span>, {_e(s["severity"])}</h2>',
+           f"<p><b>{_e(s.get('reason') or '-')}</b></p>"]
+    out += [f'<p class="note">{_e(n)}</p>' for n in s.get("notes") or []]
+    rec = (f"back within the noise band after {s.get('duration_steps')} steps" if s["recovered"]
            else "not recovered" + (" before the log ends" if s["censored"] else ""))
-    out.append(f"<p>Peak {_e(s['peak_value'])} at step {s['peak_step']}; baseline {_e(s['baseline'])}; "
-               f"magnitude {_e(s['magnitude'])}; {_e(rec)}; max robust z {_e(s['max_z'])}; "
+    out.append(f"<p>Peak {_e(s['peak_value'])} at step {s['peak_step']}; baseline {_e(s['baseline'])} "
+               f"(noise band +-{_e(_fmt(s.get('band'), 3))}); magnitude {_e(s['magnitude'])} (peak / baseline); "
+               f"excess {_e(s['excess'])}; {_e(rec)}; max robust z {_e(s['max_z'])}; "
                f"detectors that fired: {_e(s['detectors'])}.</p>")
     if not s["detailed"]:
         out.append('<p class="note">Not analysed in detail (see max_detailed).</p>')
