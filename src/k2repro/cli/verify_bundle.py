@@ -1,6 +1,7 @@
 """`k2repro verify-bundle DIR`: check a release bundle without importing it: MANIFEST.json's
-own checksum, then the size and sha256 of every file, and that none is missing or unlisted.
-Exit 0 when all match, 1 naming every file that does not, 2 when DIR is not a bundle.
+own checksum, then the size and sha256 of every file, and that none is missing, unlisted or a
+link; with `--key PUB`, the ed25519 signature (origin, not only integrity). Exit 0 when all
+match, 1 naming every file that does not, 2 when DIR is not a bundle or the key is bad.
 
 Also home of `k2repro import bundle DIR` (wired into `k2repro import`): verify, then add the
 run to a store so that `k2repro replay` works there."""

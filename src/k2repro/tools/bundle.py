@@ -1,17 +1,22 @@
 """Check a release bundle, and bring one into a store so that it replays there.
 
-`verify_bundle` checks MANIFEST.json's own checksum, then every listed file's size and
-sha256, and that no file is missing or unlisted; each problem names its file.
+A bundle is untrusted input (docs/release-bundle.md, "Trust model"). `verify_bundle` checks
+MANIFEST.json's own checksum, then every listed file's size and sha256, that no file is
+missing or unlisted and that nothing is a symbolic link; with a public key, MANIFEST.sig too
+(checksums prove integrity, anyone can recompute them; only the signature proves origin).
+Each problem names its file.
 
-`import_bundle` verifies first (a failing bundle is refused, exit 2, nothing written), then
-builds `<store>/bundle-<head run id>/` in a dot folder: one folder per launch of the chain
-(its tables, its DCP checkpoints under `checkpoints/`) and the shipped data under `data/`.
-The paths a run recorded point at the machine it trained on, so the import rewrites them to
-the imported copies (`data.packed_dir`, `ckpt.dir`, `audit.store` in the config and its
-hparams, `data_manifest.path`, `checkpoints.path`, `runs.store_path`) and records each rewrite
-in an `import` event and in `_import.json`. The run keeps its id, config hash and `source`,
-so `k2repro replay RUN` works there. The folder is renamed into the store, then each launch's
-dot folder is renamed to its run id, parents first: readers see a launch whole or not at all.
+`import_bundle` verifies, then validates everything it will read before it writes anything
+(`plan_import`: run ids pass the run-id rule, every path is relative, inside the bundle and
+listed, every row's `run_id` is its launch's), then builds `<store>/bundle-<head run id>/` in
+a dot folder: one folder per launch of the chain (its tables, its DCP checkpoints under
+`checkpoints/`) and the shipped data under `data/`. The paths a run recorded point at the
+machine it trained on, so the import rewrites every config value that names a path to the
+imported copy or to empty (`rewrite_config`), and `data_manifest.path`, `checkpoints.path`,
+`runs.store_path`, recording each rewrite in an `import` event and in `_import.json`. The
+run keeps its id, config hash and `source`, so `k2repro replay RUN` works there. The folder is
+renamed into the store, then each launch's dot folder is renamed to its run id, parents
+first: readers see a launch whole or not at all. Nothing is written outside that folder.
 """
 
 from __future__ import annotations
