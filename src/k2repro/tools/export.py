@@ -13,7 +13,12 @@ a child's steps superseding its parent's from `resumed_from_step + 1` on (the st
 `lineage_steps` rule).
 
 The bundle is built in a dot folder beside `--out` and renamed into place: a crash leaves no
-half bundle under the final name.
+half bundle under the final name. `--out` inside the store is refused (the store's globs
+would read the bundle's tables as rows of the run). What replay, batch and eval need ships
+(the packed data and its tokenizer) or the export fails naming it; an incomplete stored run
+is refused unless `--allow-incomplete` says so in the bundle; a run k2repro did not train
+ships without data and checkpoints, said once up front. `--sign KEY` adds MANIFEST.sig, an
+ed25519 signature of MANIFEST.json: checksums prove integrity, only a signature proves origin.
 """
 
 from __future__ import annotations
@@ -351,6 +356,8 @@ def data_order(store: Store, chain: list[dict[str, Any]], steps: pa.Table | None
                 cols["batch_pos"].append(pos.get(step, 0))
                 cols["sample_id"].append(d["sample_id"][i])
                 pos[step] = pos.get(step, 0) + 1
+        if not cols["step"]:
+            return None, {"source": None, "steps": 0, "note": "the run logged no sample ids: no data order"}
         info = {"source": "sample_stats", "steps": len(set(cols["step"])),
                 "note": "order within a step: by rank, then as logged"}
     else:
@@ -827,7 +834,7 @@ def render_model_card(info: dict[str, Any], cfg: dict[str, Any], env: dict[str, 
             + f" at world size {head.get('world_size')}."]
         if shown:
             lines += ["", f"Recorded config ({len(shown)} of {len(flat)} keys; all in `config.yaml`):", "",
-                      _md_table(["key", "value"], [[f"`{k}`", _short(v)] for k, v in shown])]
+                      _md_table(["key", "value"], [[f"`{k}`", _short(v)] for k, v in shown]), ""]
     lines += [
         f"- Final training loss: {steps['final_loss']!r}." if steps["final_loss"] is not None else "- No steps.",
         f"- Config hash `{head.get('config_hash')}`; code `{e0.get('git.commit', 'unknown')}`"
