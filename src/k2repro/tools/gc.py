@@ -196,7 +196,9 @@ def _whole_imports(plan: GcPlan, removed: set[str]) -> None:
     for r in plan.remove:
         for p in r["paths"]:
             parent = Path(p).parent
-            if (parent / "_import.json").is_file():
+            # only a bundle-* folder strictly inside the store is an import container
+            if parent.name.startswith("bundle-") and parent.resolve() != plan.store.resolve() \
+                    and _inside(parent, plan.store) and (parent / "_import.json").is_file():
                 containers.setdefault(parent, []).append(r)
     for c, entries in containers.items():
         try:
