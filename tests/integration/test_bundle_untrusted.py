@@ -378,3 +378,23 @@ def test_model_card_says_when_the_code_was_dirty() -> None:
     for value, said in (("true", True), ("false", False)):
         card = render_model_card(info, {}, {"0": {"git.commit": "abc", "git.dirty": value}}, None)
         assert ("(with uncommitted changes)" in card) is said
+
+
+def test_config_paths_are_moved_into_the_store() -> None:
+    """Item 8: every config value that names a path becomes the imported copy, the store, or
+    empty; other values stay as they were."""
+    from k2repro.tools.bundle import rewrite_config
+
+    ctx = {"store": "S", "packed": "S/b/data/packed", "data": "S/b/data",
+           "resumes": [("r1", "step_00000004", "S/b/r1/checkpoints/step_00000004")]}
+    cfg = {"data": {"packed_dir": "/home/u/packed", "work_dir": "data/work", "source": "data/sample"},
+           "ckpt": {"dir": "/scratch/ck"}, "audit": {"store": "/home/u/runs"}, "optim": {"lr": 0.1},
+           "train": {"resume": "/scratch/ck/r1/checkpoints/step_00000004"},
+           "run": {"tags": {"note": "/etc/elsewhere", "mood": "~fine"}}}
+    new, changes = rewrite_config(cfg, ctx)
+    assert new == {"data": {"packed_dir": "S/b/data/packed", "work_dir": "S/b/data", "source": ""},
+                   "ckpt": {"dir": ""}, "audit": {"store": "S"}, "optim": {"lr": 0.1},
+                   "train": {"resume": "S/b/r1/checkpoints/step_00000004"},
+                   "run": {"tags": {"note": "", "mood": "~fine"}}}
+    assert changes["run.tags.note"] == ["/etc/elsewhere", ""] and "optim.lr" not in changes
+    assert cfg["data"]["packed_dir"] == "/home/u/packed"  # the input is not changed in place

@@ -374,7 +374,7 @@ PATH_KEYS = ("data.packed_dir", "data.work_dir", "data.source", "ckpt.dir", "aud
 
 
 def _looks_absolute(v: Any) -> bool:
-    return isinstance(v, str) and (v.startswith(("/", "\\", "~")) or (len(v) > 2 and v[1] == ":" and v[2] in "/\\"))
+    return isinstance(v, str) and (v.startswith(("/", "~/")) or (len(v) > 2 and v[1] == ":" and v[2] in "/\\"))
 
 
 def path_value(key: str, value: Any, ctx: dict[str, Any]) -> Any:
