@@ -278,13 +278,42 @@ def _plain_dir(bundle: Path, rel: str) -> Path | None:
     return p if safe_relpath(rel) and not _linked(bundle, rel) and p.is_dir() else None
 
 
+def _segment(bundle: Path, rel: str, rid: str, table: str, full: bool) -> pa.Table:
+    """One table segment of launch `rid`, checked: readable Parquet, every row's `run_id` is
+    `rid`, and a `runs` row's config is a JSON object. `full=False` reads only those columns."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(bundle / rel).names
+        if "run_id" not in names or (table == "runs" and "config_json" not in names):
+            raise _bad(bundle, f"{rel}: has no run_id or config_json column")
+        cols = None if full else ["run_id"] + (["config_json"] if table == "runs" else [])
+        tbl = pq.read_table(bundle / rel, columns=cols)
+    except BadInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise _bad(bundle, f"{rel}: not a readable Parquet segment ({str(exc).splitlines()[0][:160]})") from None
+    others = sorted({str(v) for v in tbl.column("run_id").to_pylist() if v != rid})
+    if others:
+        raise _bad(bundle, f"{rel}: holds rows of run {others[0]!r}, not of launch {rid} (a bundle cannot "
+                           f"add rows to another run)")
+    if table == "runs":
+        for text in tbl.column("config_json").to_pylist():
+            try:
+                cfg = json.loads(text) if text else {}
+                assert isinstance(cfg, dict)
+            except (ValueError, AssertionError, RecursionError):
+                raise _bad(bundle, f"{rel}: a config_json is not a JSON object") from None
+    return tbl
+
+
 def plan_import(bundle: Path, info: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
     """Everything import reads, checked before anything is written: run ids, checkpoint and
     data paths (relative, inside the bundle, listed in the verified manifest, no link), every
     table segment readable and every row's `run_id` that of its launch (rows cannot be forged
-    into another run's history), the config of every `runs` row JSON. Returns the read tables."""
-    import pyarrow.parquet as pq
-
+    into another run's history), the config of every `runs` row JSON. Only the columns checked
+    are read here (a bundle's tables can be large); the write reads each segment again, whole,
+    and checks it again. Returns the plan: ids, checkpoints, artefacts, segment names, markers."""
     from k2repro.audit.writer import RUN_MARKER
     from k2repro.tools.lineage import step_dirname
 
@@ -321,7 +350,7 @@ def plan_import(bundle: Path, info: dict[str, Any], files: dict[str, Any]) -> di
                 raise _bad(bundle, f"{BUNDLE_JSON}: data artefact path {str(rel)[:200]!r} is not a file of the "
                                    f"bundle's data/")
             artifacts[str(a.get("artifact"))] = rel
-    tables: dict[str, dict[str, list[tuple[str, pa.Table]]]] = {}
+    tables: dict[str, dict[str, list[str]]] = {}
     markers: dict[str, dict[str, Any]] = {}
     for rid in ids:
         tdir = _plain_dir(bundle, f"tables/{rid}")
@@ -333,7 +362,7 @@ def plan_import(bundle: Path, info: dict[str, Any], files: dict[str, Any]) -> di
         except (OSError, ValueError, AssertionError, RecursionError):
             raise _bad(bundle, f"tables/{rid}/{RUN_MARKER}: missing or not this launch's marker") from None
         markers[rid] = marker
-        got: dict[str, list[tuple[str, pa.Table]]] = {}
+        got: dict[str, list[str]] = {}
         for rel in sorted(f for f in listed if f.startswith(f"tables/{rid}/")):
             parts = rel.split("/")
             if len(parts) != 4 or parts[3] == RUN_MARKER:
@@ -341,27 +370,8 @@ def plan_import(bundle: Path, info: dict[str, Any], files: dict[str, Any]) -> di
             table, seg = parts[2], parts[3]
             if table not in S.TABLES or not seg.endswith(".parquet"):
                 continue
-            try:
-                tbl = pq.read_table(bundle / rel)
-            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-                raise _bad(bundle, f"{rel}: not a readable Parquet segment ({str(exc).splitlines()[0][:160]})") \
-                    from None
-            if "run_id" not in tbl.column_names:
-                raise _bad(bundle, f"{rel}: has no run_id column")
-            others = sorted({str(v) for v in tbl.column("run_id").to_pylist() if v != rid})
-            if others:
-                raise _bad(bundle, f"{rel}: holds rows of run {others[0]!r}, not of launch {rid} (a bundle cannot "
-                                   f"add rows to another run)")
-            if table == "runs":
-                if "config_json" not in tbl.column_names:
-                    raise _bad(bundle, f"{rel}: has no config_json column")
-                for text in tbl.column("config_json").to_pylist():
-                    try:
-                        cfg = json.loads(text) if text else {}
-                        assert isinstance(cfg, dict)
-                    except (ValueError, AssertionError, RecursionError):
-                        raise _bad(bundle, f"{rel}: a config_json is not a JSON object") from None
-            got.setdefault(table, []).append((seg, tbl))
+            _segment(bundle, rel, rid, table, full=False)
+            got.setdefault(table, []).append(seg)
         if not got.get("runs"):
             raise _bad(bundle, f"tables/{rid}/runs: no segment")
         tables[rid] = got
@@ -524,7 +534,8 @@ def import_bundle(bundle: str | Path, store_root: str | Path | None = None,
                 ckpt_paths[step] = str(final_abs / rid / "checkpoints" / step_dirname(step))
             changes: dict[str, list] = {}
             for table, segs in sorted(plan["tables"][rid].items()):
-                for seg, tbl in segs:
+                for seg in segs:
+                    tbl = _segment(bundle, f"tables/{rid}/{table}/{seg}", rid, table, full=True)
                     write_segment(rdir / table, seg, _rewrite(table, tbl, ctx, ckpt_paths, artifact_paths, changes))
             rewrites[rid] = changes
             event = to_arrow("events", {
