@@ -8,49 +8,19 @@ checkpoint and data)."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import k2, make_packed, tiny_overrides
-
-_CACHE: dict = {}
-
-
-def _run_id(proc) -> str:  # noqa: ANN001
-    m = re.search(r"run_id=(\S+)", proc.stdout)
-    assert m, proc.stdout + proc.stderr
-    return m.group(1)
+from tests.conftest import k2
+from tests.integration.bundle_fixture import real_bundle
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
-    """One 2-rank run of 12 steps (checkpoints 4, 8, 12), an evals row, a forensics report,
-    exported with every checkpoint."""
-    if _CACHE:
-        return _CACHE
-    root = tmp_path_factory.mktemp("export")
-    packed = make_packed(root / "data" / "packed")
-    store = root / "store"
-    r = k2("train", *tiny_overrides(packed, store, **{"parallel.nproc": 2, "ckpt.interval": 4,
-                                                      "audit.flush_every": 4, "train.max_steps": 12,
-                                                      "run.name": "bundle-demo"}), cwd=root)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rid = _run_id(r)
-    from k2repro.audit.writer import append_table
-
-    append_table(store, rid, "evals", {"step": [12, 12], "metric": ["val/loss", "val/ppl"],
-                                       "value": [5.25, 190.5], "n_tokens": [320, 320]})
-    (root / "reports" / rid).mkdir(parents=True)
-    (root / "reports" / rid / "forensics.md").write_text("# forensics\nno spikes\n")
-    bundle = root / "bundle"
-    e = k2("export", rid, "--store", str(store), "--out", str(bundle), "--checkpoints", "every:4",
-           "--reports", str(root / "reports"), "--json", cwd=root)
-    assert e.returncode == 0, e.stderr[-3000:]
-    _CACHE.update(root=root, store=store, rid=rid, bundle=bundle, info=json.loads(e.stdout), packed=packed)
-    return _CACHE
+    """tests/integration/bundle_fixture.py: one 2-rank run, exported with every checkpoint."""
+    return real_bundle(tmp_path_factory)
 
 
 def test_bundle_holds_every_piece(exported) -> None:  # noqa: ANN001
@@ -67,6 +37,12 @@ def test_bundle_holds_every_piece(exported) -> None:  # noqa: ANN001
         assert len(list((b / c["dcp"]).glob("*.distcp"))) == 2  # both ranks' shards
     assert info["steps"] == {"count": 12, "first": 1, "last": 12, "final_loss": info["steps"]["final_loss"]}
     assert info["data"]["shipped"] and info["data_order"]["batch_hash_checked"] == 12
+    # the tokenizer beside the packed folder ships (batch, eval need it), checked by sha256;
+    # an earlier stage's artefact is named, not shipped
+    assert (b / "data/tokenizer/tokenizer.json").read_bytes() == exported["tokenizer"].read_bytes()
+    assert info["data"]["tokenizer"] == "data/tokenizer/tokenizer.json"
+    assert "data/tokenizer/tokenizer.json" in [a["bundle_path"] for a in info["data"]["artifacts"]]
+    assert info["data"]["not_shipped"] == ["dedup/train"]
     assert not (b / "tables" / rid / "sample_stats").exists()  # only with --with-samples
     manifest = json.loads((b / "MANIFEST.json").read_text())
     on_disk = {f.relative_to(b).as_posix() for f in b.rglob("*") if f.is_file()} - {"MANIFEST.json"}
@@ -194,6 +170,16 @@ def test_import_into_fresh_store_replays_bit_exact(exported, tmp_path) -> None: 
         assert all(str(folder.resolve()) in p for p in paths)
         with open_store(exported["store"]) as orig:
             assert s.steps(rid).loss.tolist() == orig.steps(rid).loss.tolist()
+        # nothing in the imported config names a path outside the store (issue 24 item 8)
+        cfg = json.loads(row["config_json"])
+        assert cfg["data"]["work_dir"] == str((folder / "data").resolve()) and cfg["data"]["source"] == ""
+        assert cfg["audit"]["store"] == str(store.resolve()) and cfg["ckpt"]["dir"] == ""
+        # the shipped tokenizer is found through the imported packed folder: batch shows text
+        from k2repro.tools.batch import batch_lookup
+
+        bl = batch_lookup(s, rid, 5)
+        assert not any("no text" in n for n in bl["notes"]), bl["notes"]
+        assert bl["batch_hash_agrees"] and any(d["snippet"] for smp in bl["samples"] for d in smp["docs"])
     again = k2("import", "bundle", str(exported["bundle"]), "--store", str(store))
     assert again.returncode == 2 and "already in store" in again.stderr
     # move the original data away: the replay can only use the shipped copy

@@ -39,7 +39,7 @@ def store(tmp_path) -> Path:
     _finished(s, "old-a", "exp-a", OLD)
     _finished(s, "old-b", "exp-b", OLD, config={"ckpt": {"dir": str(ck)}})
     (ck / "old-b" / "checkpoints" / "step_00000002").mkdir(parents=True)
-    (ck / "old-b" / "checkpoints" / "step_00000002" / "manifest.json").write_text("{}")
+    (ck / "old-b" / "checkpoints" / "step_00000002" / "manifest.json").write_text('{"run_id": "old-b"}')
     _finished(s / "deep" / "er", "new-c", "exp-c", datetime.now(timezone.utc))
     _finished(s, "keep-d", "other", OLD)
     append_table(s / "forensics", "old-a", "spikes", {"onset_step": [2]})  # another stage's folder

@@ -25,6 +25,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reports", default="reports", metavar="DIR",
                         help="where forensics reports live: DIR/<run_id>/forensics.* (default: reports)")
     parser.add_argument("--store", default=None, help="store root (default: $K2REPRO_STORE, else runs)")
+    parser.add_argument("--sign", default=None, metavar="KEY",
+                        help="sign the bundle with this ed25519 private key (PEM or OpenSSH, unencrypted): "
+                        "MANIFEST.sig, checked by `verify-bundle --key PUB` and `import bundle --key PUB`")
+    parser.add_argument("--allow-incomplete", action="store_true",
+                        help="ship a run whose stored rows are incomplete (missing steps, a segment that is a "
+                        "folder), saying so in bundle.json and the model card; refused otherwise")
     parser.add_argument("--json", action="store_true", help="print bundle.json's content as one JSON object")
 
 
@@ -37,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     info = export_run(args.store, args.run, args.out, checkpoints=args.checkpoints,
                       with_samples=args.with_samples, data=not args.no_data, reports_dir=args.reports,
-                      progress=None if args.json else _say)
+                      progress=None if args.json else _say, sign=args.sign,
+                      allow_incomplete=args.allow_incomplete)
     if args.json:
         print(json.dumps(jsonable(info), default=str))
         return 0

@@ -13,7 +13,12 @@ a child's steps superseding its parent's from `resumed_from_step + 1` on (the st
 `lineage_steps` rule).
 
 The bundle is built in a dot folder beside `--out` and renamed into place: a crash leaves no
-half bundle under the final name.
+half bundle under the final name. `--out` inside the store is refused (the store's globs
+would read the bundle's tables as rows of the run). What replay, batch and eval need ships
+(the packed data and its tokenizer) or the export fails naming it; an incomplete stored run
+is refused unless `--allow-incomplete` says so in the bundle; a run k2repro did not train
+ships without data and checkpoints, said once up front. `--sign KEY` adds MANIFEST.sig, an
+ed25519 signature of MANIFEST.json: checksums prove integrity, only a signature proves origin.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from k2repro.audit.store import Store
 
 BUNDLE_FORMAT = "k2repro-bundle-v1"
+#: What a bundle of this k2repro holds, within the same format: 1 the first release; 2 adds
+#: the tokenizer under data/, the optional MANIFEST.sig and bundle.json's `incomplete`. Every
+#: addition is optional to a reader, so version-1 bundles import and verify unchanged.
+BUNDLE_VERSION = 2
 BUNDLE_JSON = "bundle.json"
 MANIFEST_JSON = "MANIFEST.json"
 #: Tables with a `step` column: stitched along a lineage chain.
@@ -192,9 +201,28 @@ def _find_packed(cfg: dict[str, Any], manifest_rows: list[tuple]) -> Path | None
     return None
 
 
+def _own_file(rel: str) -> bool:
+    """A packed manifest lists its own files relative to the packed folder (`train.bin`) and
+    the artefacts of earlier stages relative to the packed folder's *parent*
+    (`tokenizer/tokenizer.json`, `dedup/train.jsonl`; `tokenizer_relative_to`)."""
+    return "/" not in rel and "\\" not in rel
+
+
+def _inside_dir(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
 def ship_data(store: Store, chain: list[dict[str, Any]], dest: Path) -> dict[str, Any]:
-    """Copy the packed training data (and artefacts beside it that it names, such as the
-    tokenizer) to `data/`, and check every copied file against the run's recorded sha256."""
+    """Copy the packed training data and the tokenizer it was made with to `data/` (the same
+    layout as the run's: `data/packed/`, `data/<tokenizer path>`), and check every copied file
+    against the packed manifest and the run's recorded sha256. What `batch`, `eval` and
+    `replay` need must ship: a tokenizer the manifest names but that is not here, or that
+    changed, stops the export (exit 2) instead of leaving a bundle that fails later. Artefacts
+    of earlier stages (corpus, dedup output) are named, not shipped."""
     from k2repro.data.packed import sha256_file
 
     root = chain[0]
@@ -211,30 +239,50 @@ def ship_data(store: Store, chain: list[dict[str, Any]], dest: Path) -> dict[str
     shutil.copytree(src, packed, ignore=shutil.ignore_patterns(".*"))
     pman = json.loads((packed / "manifest.json").read_text())
     recorded = {a: s for a, _, s in rows}
-    artifacts = []
+    tok_rel = pman.get("tokenizer")
+    tok_sha = pman.get("tokenizer_sha256")
+    wanted: dict[str, dict[str, Any]] = {}  # bundle-relative path -> artefact row
+    not_shipped: list[str] = []
     for a in pman.get("artifacts", []):
         rel = a.get("path")
-        if not rel or os.path.isabs(rel):
+        if not rel:
             continue
-        target = (packed / rel).resolve()
-        try:
-            target.relative_to(data.resolve())
-        except ValueError:
-            continue  # outside the bundle's data folder: an earlier stage's artefact
-        source = src / rel
-        if not target.exists():
+        if _own_file(rel):
+            wanted[f"packed/{rel}"] = {**a, "_source": src / rel}
+        elif tok_rel and rel == tok_rel:
+            wanted[rel] = {**a, "_source": src.parent / rel}
+        else:
+            not_shipped.append(a.get("artifact") or rel)
+    if tok_rel and tok_rel not in wanted:  # named by the manifest but not listed as an artefact
+        wanted[tok_rel] = {"artifact": "tokenizer/tokenizer.json", "path": tok_rel, "sha256": tok_sha,
+                           "_source": src.parent / tok_rel}
+    artifacts = []
+    for rel, a in sorted(wanted.items()):
+        target, source = data / rel, Path(a["_source"])
+        if os.path.isabs(rel) or not _inside_dir(target, data):
+            shutil.rmtree(data, ignore_errors=True)
+            raise BadInputError(f"{src / 'manifest.json'}: artefact {a['artifact']} lies at {rel!r}, outside the "
+                                f"folder beside the packed data: the bundle cannot ship it (move the tokenizer next "
+                                f"to the packed folder and re-pack, or pass --no-data)")
+        if not target.is_file():
             if not source.is_file():
-                continue
+                shutil.rmtree(data, ignore_errors=True)
+                raise BadInputError(f"{src / 'manifest.json'} names {a['artifact']} at {source}, which is not here: "
+                                    f"the bundle cannot ship it (batch, eval and replay need it); restore it, or "
+                                    f"pass --no-data")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
         sha = sha256_file(target)
-        for want, where in ((a.get("sha256"), f"{src / 'manifest.json'}"),
-                            (recorded.get(a["artifact"]), f"the data manifest of run {root['run_id']}")):
+        checks = [(a.get("sha256"), f"{src / 'manifest.json'}"),
+                  (recorded.get(a["artifact"]), f"the data manifest of run {root['run_id']}")]
+        if rel == tok_rel:
+            checks.append((tok_sha, f"the tokenizer_sha256 of {src / 'manifest.json'}"))
+        for want, where in checks:
             if want and sha != want:
                 shutil.rmtree(data, ignore_errors=True)
                 raise BadInputError(f"data artefact {a['artifact']} ({source}) changed since the run: its "
                                     f"sha256 differs from {where}")
-        artifacts.append({"artifact": a["artifact"], "bundle_path": target.relative_to(dest.resolve()).as_posix(),
+        artifacts.append({"artifact": a["artifact"], "bundle_path": target.relative_to(dest).as_posix(),
                           "sha256": sha, "bytes": target.stat().st_size})
     for r in chain[1:]:  # every launch of the chain trained on the same data
         for artifact, _, sha in store.execute(
@@ -245,6 +293,7 @@ def ship_data(store: Store, chain: list[dict[str, Any]], dest: Path) -> dict[str
     n_samples = int(pman["splits"]["train"]["n_samples"])
     total = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
     return {"shipped": True, "source": str(src), "packed_dir": "data/packed", "artifacts": artifacts,
+            "tokenizer": f"data/{tok_rel}" if tok_rel else None, "not_shipped": sorted(not_shipped),
             "bytes": total, "n_samples": n_samples}
 
 
@@ -307,6 +356,8 @@ def data_order(store: Store, chain: list[dict[str, Any]], steps: pa.Table | None
                 cols["batch_pos"].append(pos.get(step, 0))
                 cols["sample_id"].append(d["sample_id"][i])
                 pos[step] = pos.get(step, 0) + 1
+        if not cols["step"]:
+            return None, {"source": None, "steps": 0, "note": "the run logged no sample ids: no data order"}
         info = {"source": "sample_stats", "steps": len(set(cols["step"])),
                 "note": "order within a step: by rank, then as logged"}
     else:
@@ -475,13 +526,125 @@ def write_manifest(dest: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+# ----------------------------------------------------------------------------- what can ship
+
+#: Sources whose runs k2repro's own trainer made (packed data, DCP checkpoints, batch hashes).
+K2_SOURCES = ("train", "replay")
+
+
+def foreign_sources(chain: list[dict[str, Any]]) -> list[str]:
+    """The `source` of every launch k2repro did not train itself (audit API, the Transformers
+    or Lightning callback, an importer): such a run has no k2repro packed data and no DCP
+    checkpoints with a k2repro manifest, so neither can ship."""
+    return sorted({str(r.get("source")) for r in chain if (r.get("source") or "train") not in K2_SOURCES})
+
+
+def what_ships_line(chain: list[dict[str, Any]], sources: list[str], n_ckpts: int) -> str:
+    """One line, said before any work: what a bundle of a run of that source holds and what it
+    cannot (instead of failing on `--no-data`, then on `--checkpoints none`)."""
+    head = chain[-1]["run_id"]
+    return (f"run {head} (source {', '.join(sources)}) was not trained by k2repro: the bundle ships its tables, "
+            f"config, environment, evals and model card, not its data (no k2repro packed data) nor its "
+            f"{n_ckpts} recorded checkpoint(s) (not k2repro DCP checkpoints), so it documents the run but "
+            f"cannot replay it")
+
+
+def incomplete_run(root: Path, chain: list[dict[str, Any]], steps: pa.Table | None) -> list[str]:
+    """Why the stored run is not whole: a folder (or anything but a file) where a segment
+    belongs, which every query skips silently, and, for k2repro-trained runs (which log every
+    step), steps missing between the first and the last."""
+    from k2repro.tools.gc import run_folders
+
+    problems: list[str] = []
+    ids = {r["run_id"] for r in chain}
+    for rid, dirs in sorted(run_folders(root).items()):
+        if rid not in ids:
+            continue
+        for d in dirs:
+            for table in S.TABLES:
+                tdir = d / table
+                if not tdir.is_dir():
+                    continue
+                for seg in sorted(tdir.glob("*.parquet")):
+                    if not seg.is_file() or seg.is_symlink():
+                        problems.append(f"{seg} is not a segment file (every query skips it)")
+    if steps is not None and steps.num_rows and not foreign_sources(chain):
+        have = set(steps.column("step").to_pylist())
+        lo, hi = min(have), max(have)
+        missing = sorted(set(range(lo, hi + 1)) - have)
+        if missing:
+            problems.append(f"{len(missing)} of steps {lo}..{hi} are missing (first: {missing[0]})")
+    return problems
+
+
+def _inside_store(out: Path, root: Path) -> bool:
+    return _inside_dir(out.parent, root) or out.resolve() == root.resolve()
+
+
+# ----------------------------------------------------------------------------- signature
+
+#: The detached ed25519 signature of MANIFEST.json (not listed in it: it signs it).
+SIGNATURE = "MANIFEST.sig"
+
+
+def key_fingerprint(raw_public: bytes) -> str:
+    """A short name for a public key: the first 16 hex digits of its sha256."""
+    import hashlib
+
+    return hashlib.sha256(raw_public).hexdigest()[:16]
+
+
+def load_private_key(path: str | Path) -> Any:
+    """An unencrypted ed25519 private key (PEM, PKCS#8 or OpenSSH: `openssl genpkey -algorithm
+    ed25519`, `ssh-keygen -t ed25519 -N ''`); BadInputError naming the file otherwise."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"--sign {p}: cannot read the key ({exc.strerror})") from None
+    key = None
+    for loader in (serialization.load_pem_private_key, serialization.load_ssh_private_key):
+        try:
+            key = loader(raw, password=None)
+            break
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            continue
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BadInputError(f"--sign {p}: not an unencrypted ed25519 private key (PEM or OpenSSH)")
+    return key
+
+
+def sign_bundle(dest: Path, key: Any) -> dict[str, str]:
+    """Write MANIFEST.sig: the ed25519 signature of MANIFEST.json's bytes. MANIFEST.json holds
+    the sha256 of every other file, so the signature covers the whole bundle."""
+    from cryptography.hazmat.primitives import serialization
+
+    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    sig = key.sign((dest / MANIFEST_JSON).read_bytes())
+    body = {"algorithm": "ed25519", "signed_file": MANIFEST_JSON, "public_key": pub.hex(),
+            "fingerprint": key_fingerprint(pub), "signature": sig.hex()}
+    (dest / SIGNATURE).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+    return body
+
+
 # ----------------------------------------------------------------------------- the export
 
 def export_run(store_root: str | Path | None, ref: str, out: str | Path, checkpoints: str = "last",
                with_samples: bool = False, data: bool = True, reports_dir: str | Path | None = "reports",
-               progress: Progress | None = None) -> dict[str, Any]:
+               progress: Progress | None = None, sign: str | Path | None = None,
+               allow_incomplete: bool = False) -> dict[str, Any]:
     """Write the bundle of run `ref` (and its lineage chain) to `out`; returns bundle.json's
-    content plus the bundle path and its size."""
+    content plus the bundle path and its size.
+
+    `sign`: an ed25519 private key file; the bundle then carries MANIFEST.sig (origin, not just
+    integrity: docs/release-bundle.md). An incomplete stored run (a segment that is a folder,
+    steps missing) is refused unless `allow_incomplete`, which says so in the bundle. A run
+    that k2repro did not train (audit API, callbacks) ships without data and checkpoints, said
+    once, up front."""
     import yaml
 
     from k2repro import __version__
@@ -495,6 +658,10 @@ def export_run(store_root: str | Path | None, ref: str, out: str | Path, checkpo
     out = Path(out)
     if out.exists():
         raise BadInputError(f"--out {out} already exists: the bundle goes to a new folder")
+    if _inside_dir(out.parent, root):
+        raise BadInputError(f"--out {out} is inside store {root}: the store would read the bundle's tables as "
+                            f"more rows of the run (and gc would delete them); write it elsewhere")
+    signing_key = load_private_key(sign) if sign is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".{out.name}.k2tmp-{secrets.token_hex(4)}"
     stage.mkdir()
@@ -503,6 +670,15 @@ def export_run(store_root: str | Path | None, ref: str, out: str | Path, checkpo
             chain = logical_chain(store, ref)
             ids = [r["run_id"] for r in chain]
             say(f"logical run: {' -> '.join(ids)}")
+            notes: list[str] = []
+            what_ships: str | None = None
+            foreign = foreign_sources(chain)
+            if foreign:
+                n_ck = store.execute("SELECT count(*) FROM checkpoints WHERE list_contains(?, run_id)",
+                                     [ids]).fetchone()[0]
+                what_ships = what_ships_line(chain, foreign, int(n_ck))
+                say(what_ships)
+                data, kind = False, "none"
             tables, counts = export_tables(store, chain, stage, with_samples)
             logical: dict[str, pa.Table] = {}
             for t in STEP_TABLES:
@@ -511,12 +687,17 @@ def export_run(store_root: str | Path | None, ref: str, out: str | Path, checkpo
                     if st is not None:
                         logical[t] = st
                         _write_parquet(st, stage / "logical" / f"{t}.parquet")
-            notes: list[str] = []
+            incomplete = incomplete_run(root, chain, logical.get("steps"))
+            if incomplete and not allow_incomplete:
+                raise BadInputError(f"run {ids[-1]} is incomplete in store {root}: {incomplete[0]}"
+                                    + (f" (and {len(incomplete) - 1} more)" if len(incomplete) > 1 else "")
+                                    + "; export refuses it (--allow-incomplete ships it, saying so in the bundle)")
+            notes += [f"INCOMPLETE: {p}" for p in incomplete]
             data_info: dict[str, Any] = {"shipped": False}
             if data:
                 data_info = ship_data(store, chain, stage)
                 say(f"data shipped: {data_info['bytes'] / 1e6:.2f} MB")
-            else:
+            elif not foreign:
                 notes.append("exported with --no-data: the bundle cannot replay without the packed data")
             sample_rows = None
             if not data_info.get("shipped"):
@@ -554,7 +735,9 @@ def export_run(store_root: str | Path | None, ref: str, out: str | Path, checkpo
         fig = loss_figure(logical.get("steps"), chain, ckpts, logical.get("evals"), stage / "figures" / "loss.png")
         st = logical.get("steps")
         info: dict[str, Any] = {
-            "format": BUNDLE_FORMAT, "created_at": datetime.now(timezone.utc).isoformat(),
+            "format": BUNDLE_FORMAT, "bundle_version": BUNDLE_VERSION,
+            "created_at": datetime.now(timezone.utc).isoformat(), "incomplete": incomplete,
+            "what_ships": what_ships,
             "k2repro_version": __version__, "schema_version": S.SCHEMA_VERSION,
             "run": {"head": ids[-1], "root": ids[0], "name": chain[-1]["name"],
                     "chain": [{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()
@@ -572,6 +755,10 @@ def export_run(store_root: str | Path | None, ref: str, out: str | Path, checkpo
         (stage / "README.md").write_text(render_model_card(info, configs.get(ids[0], {}), env.get(ids[0], {}),
                                                            logical.get("evals")))
         write_manifest(stage, {"created_at": info["created_at"], "run": ids[-1], "runs": ids})
+        if signing_key is not None:
+            signed = sign_bundle(stage, signing_key)
+            say(f"signed with ed25519 key {signed['fingerprint']}")
+            info["signed_by"] = signed["fingerprint"]
         os.rename(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -588,15 +775,32 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
+MAX_CARD_KEYS = 40
+
+
+def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        return {prefix: cfg} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in sorted(cfg.items(), key=lambda kv: str(kv[0])):
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _short(v: Any, n: int = 80) -> str:
+    text = str(v).replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def render_model_card(info: dict[str, Any], cfg: dict[str, Any], env: dict[str, dict[str, str]],
                       evals: pa.Table | None) -> str:
     """README.md: what was trained, how, on what, with which results, and how to check it."""
     run, steps, data = info["run"], info["steps"], info["data"]
     chain = run["chain"]
-    m, t, o = cfg.get("model", {}), cfg.get("train", {}), cfg.get("optim", {})
+    m, t, o = ((x if isinstance(x, dict) else {}) for x in (cfg.get("model"), cfg.get("train"), cfg.get("optim")))
     e0 = env.get("0", {})
     n_params = next((c["n_params"] for c in info["checkpoints"]), None)
-    tokens = (steps["count"] or 0) * int(t.get("global_batch_size") or 0) * int(t.get("seq_len") or 0)
     head = chain[-1]
     lines = [f"# {run['name'] or run['head']}: k2repro release bundle", "",
              f"Run `{run['head']}`"
@@ -606,26 +810,50 @@ def render_model_card(info: dict[str, Any], cfg: dict[str, Any], env: dict[str, 
                f"(audit schema version {info['schema_version']}). Everything in this folder is listed with "
                f"its sha256 in `MANIFEST.json`; `bundle.json` is the machine-readable form of this page.",
              "", "## What", ""]
+    foreign = [str(r.get("source")) for r in chain if (r.get("source") or "train") not in K2_SOURCES]
+    dirty = str(e0.get("git.dirty", "")).strip().lower() in ("true", "1", "yes")
+    if not foreign:
+        tokens = (steps["count"] or 0) * int(t.get("global_batch_size") or 0) * int(t.get("seq_len") or 0)
+        lines += [
+            f"- Model: decoder-only transformer (RMSNorm, RoPE, SwiGLU), {m.get('n_layers')} layers, d_model "
+            f"{m.get('d_model')}, {m.get('n_heads')} heads ({m.get('n_kv_heads')} KV heads), FFN "
+            f"{m.get('ffn_dim')}, vocab {m.get('vocab_size')}" + (f", {n_params:,} parameters" if n_params else "")
+            + ".",
+            f"- Trained {steps['count']} steps ({steps['first']}..{steps['last']}) of {t.get('global_batch_size')} "
+            f"sequences x {t.get('seq_len')} tokens ({tokens:,} tokens) at world size {head.get('world_size')}, "
+            f"precision {t.get('precision')}, deterministic={t.get('deterministic')}, seed {t.get('seed')}."]
+    else:
+        # Not k2repro's model: say only what the run recorded (its own config keys, verbatim).
+        flat = _flat(cfg)
+        shown = [(k, v) for k, v in flat.items() if v not in (None, "", [], {})][:MAX_CARD_KEYS]
+        lines += [
+            f"- Recorded through {', '.join(sorted(set(foreign)))} (k2repro logged the run; it did not train it, "
+            f"so the model and optimizer are whatever that code built: see its config below and in `config.yaml`).",
+            f"- {steps['count']} logged steps"
+            + (f" ({steps['first']}..{steps['last']})" if steps["count"] else "")
+            + f" at world size {head.get('world_size')}."]
+        if shown:
+            lines += ["", f"Recorded config ({len(shown)} of {len(flat)} keys; all in `config.yaml`):", "",
+                      _md_table(["key", "value"], [[f"`{k}`", _short(v)] for k, v in shown]), ""]
     lines += [
-        f"- Model: decoder-only transformer (RMSNorm, RoPE, SwiGLU), {m.get('n_layers')} layers, d_model "
-        f"{m.get('d_model')}, {m.get('n_heads')} heads ({m.get('n_kv_heads')} KV heads), FFN {m.get('ffn_dim')}, "
-        f"vocab {m.get('vocab_size')}" + (f", {n_params:,} parameters" if n_params else "") + ".",
-        f"- Trained {steps['count']} steps ({steps['first']}..{steps['last']}) of {t.get('global_batch_size')} "
-        f"sequences x {t.get('seq_len')} tokens ({tokens:,} tokens) at world size {head.get('world_size')}, "
-        f"precision {t.get('precision')}, deterministic={t.get('deterministic')}, seed {t.get('seed')}.",
         f"- Final training loss: {steps['final_loss']!r}." if steps["final_loss"] is not None else "- No steps.",
         f"- Config hash `{head.get('config_hash')}`; code `{e0.get('git.commit', 'unknown')}`"
-        + (" (with uncommitted changes)" if e0.get("git.dirty") == "True" else "") + ".", ""]
+        + (" (with uncommitted changes)" if dirty else "") + ".", ""]
+    if info.get("incomplete"):
+        lines += ["**Incomplete run** (exported with `--allow-incomplete`):", ""]
+        lines += [f"- {p}" for p in info["incomplete"]] + [""]
     if evals is not None and evals.num_rows:
         d = evals.select(["step", "metric", "value"]).to_pylist()
         last = max(r["step"] for r in d)
         lines += [f"Evaluations of the checkpoint of step {last} (all steps: `logical/evals.parquet`):", "",
                   _md_table(["metric", "value"], [[r["metric"], f"{r['value']:.6g}"] for r in d
                                                   if r["step"] == last and r["value"] is not None]), ""]
-    lines += ["## How", "",
-              f"- Optimizer: AdamW, lr {o.get('lr')} (warmup {o.get('warmup_steps')} steps, then cosine to "
-              f"{o.get('min_lr')}), weight decay {o.get('weight_decay')}, gradient clipping {o.get('clip_grad')}.",
-              "- The resolved config is `config.yaml`" + (" (the first launch's; every launch's in `configs/`)"
+    lines += ["## How", ""]
+    if not foreign:
+        lines += [f"- Optimizer: AdamW, lr {o.get('lr')} (warmup {o.get('warmup_steps')} steps, then cosine to "
+                  f"{o.get('min_lr')}), weight decay {o.get('weight_decay')}, gradient clipping "
+                  f"{o.get('clip_grad')}."]
+    lines += ["- The resolved config is `config.yaml`" + (" (the first launch's; every launch's in `configs/`)"
                                                           if len(chain) > 1 else "") + ".",
               f"- Environment (rank 0): torch {e0.get('torch.version', '?')}, python {e0.get('python', '?')}, "
               f"CPU {e0.get('cpu.model', '?')}"
@@ -640,7 +868,8 @@ def render_model_card(info: dict[str, Any], cfg: dict[str, Any], env: dict[str, 
                             [[a["artifact"], f"`{a['bundle_path']}`", f"`{a['sha256'][:16]}…`"]
                              for a in data["artifacts"]]), ""]
     else:
-        lines += ["- Data: not shipped (exported with `--no-data`); `tables/*/data_manifest` names it.", ""]
+        lines += ["- Data: not shipped" + (" (k2repro did not pack it)" if foreign else " (exported with `--no-data`)")
+                  + "; `tables/*/data_manifest` names what the run recorded.", ""]
     do = info["data_order"]
     if do.get("file"):
         lines += [f"- Data order: `{do['file']}` holds the sample ids of every step in batch order "
@@ -679,8 +908,9 @@ def render_model_card(info: dict[str, Any], cfg: dict[str, Any], env: dict[str, 
         f"hardware and software", "```", "",
         "Replay re-runs steps from the shipped DCP checkpoints and data; bit-exactness needs the same world "
         "size, hardware, software and the deterministic flag (docs/reproducibility.md).", ""]
-    if info["notes"]:
-        lines += ["## Notes", ""] + [f"- {n}" for n in info["notes"]] + [""]
+    notes = ([info["what_ships"]] if info.get("what_ships") else []) + info["notes"]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from k2repro.audit import schema as S
+from k2repro.audit.runid import check_run_id
 from k2repro.audit.writer import META_DIR
 from k2repro.errors import BadInputError
 
@@ -84,14 +85,48 @@ class GcPlan:
 
 
 def _ckpt_dir_of(config_json: str | None, run_id: str) -> Path | None:
-    """`<ckpt.dir>/<run_id>` when the run kept its checkpoints outside the store."""
+    """`<ckpt.dir>/<run_id>` when the run kept its checkpoints outside the store (a claim of a
+    stored row: `_trainer_checkpoints` decides whether that folder may go)."""
     if not config_json:
         return None
     try:
         d = (json.loads(config_json).get("ckpt") or {}).get("dir") or ""
-    except (json.JSONDecodeError, AttributeError):
+        check_run_id(run_id)
+    except (json.JSONDecodeError, AttributeError, BadInputError):
         return None
-    return Path(d) / run_id if d else None
+    return Path(d) / run_id if d and isinstance(d, str) else None
+
+
+_STEP_DIR = re.compile(r"^step_\d+$")
+_STEP_TMP = re.compile(r"^\.step_\d+\.tmp$")
+
+
+def _trainer_checkpoints(ck: Path, run_id: str) -> str | None:
+    """None when `ck` (`<ckpt.dir>/<run_id>`, outside the store) holds exactly what the trainer
+    writes there for this run: `checkpoints/` with `step_N/` folders whose manifest names this
+    run (and `.step_N.tmp` leftovers of an interrupted save). Otherwise why it is left alone:
+    the path comes from a stored row, which an imported bundle could have forged, so gc never
+    deletes a folder outside the store that is not provably this run's checkpoints."""
+    if ck.is_symlink() or not ck.is_dir():
+        return "not a plain folder"
+    top = sorted(os.listdir(ck))
+    if top != ["checkpoints"] or (ck / "checkpoints").is_symlink():
+        return f"it holds {', '.join(top[:3]) or 'nothing'}, not only checkpoints/"
+    for name in sorted(os.listdir(ck / "checkpoints")):
+        d = ck / "checkpoints" / name
+        if d.is_symlink() or not d.is_dir():
+            return f"checkpoints/{name} is not a checkpoint folder"
+        if _STEP_TMP.match(name):
+            continue
+        if not _STEP_DIR.match(name):
+            return f"checkpoints/{name} is not a checkpoint folder"
+        try:
+            owner = json.loads((d / "manifest.json").read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            return f"checkpoints/{name} has no readable manifest.json"
+        if owner != run_id:
+            return f"checkpoints/{name} belongs to run {owner!r}"
+    return None
 
 
 def plan_gc(store_root: str | Path, run_ids: list[str] | None = None, name: str | None = None,
@@ -134,7 +169,12 @@ def plan_gc(store_root: str | Path, run_ids: list[str] | None = None, name: str 
         paths = list(folders.get(run_id, []))
         ck = _ckpt_dir_of(config_json, run_id)
         if ck is not None and ck.is_dir() and not any(_inside(ck, p) for p in paths):
-            paths.append(ck)
+            why = _trainer_checkpoints(ck, run_id)
+            if why is None:
+                paths.append(ck)
+            else:
+                plan.notes.append(f"run {run_id}: left {ck} (named by its ckpt.dir, not a run folder of the store): "
+                                  f"{why}")
         plan.remove.append({
             "run_id": run_id, "name": rname, "status": status,
             "started_at": started.isoformat() if started else None,
@@ -156,7 +196,9 @@ def _whole_imports(plan: GcPlan, removed: set[str]) -> None:
     for r in plan.remove:
         for p in r["paths"]:
             parent = Path(p).parent
-            if (parent / "_import.json").is_file():
+            # only a bundle-* folder strictly inside the store is an import container
+            if parent.name.startswith("bundle-") and parent.resolve() != plan.store.resolve() \
+                    and _inside(parent, plan.store) and (parent / "_import.json").is_file():
                 containers.setdefault(parent, []).append(r)
     for c, entries in containers.items():
         try:

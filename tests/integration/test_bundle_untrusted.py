@@ -1,0 +1,400 @@
+"""A bundle is untrusted input (issue 24): forged bundles, built here from a real export and
+resealed with k2repro's own manifest code (a checksum is no signature), must not delete,
+write or read anything outside the store, nor add rows to another run; `gc` must not delete
+outside the store on a stored row's word; `export --out` into the store, an incomplete run,
+a bundle.json that is not what it should be are refused cleanly; signatures prove origin.
+Also issue 23: a run recorded through the audit API exports in one go, with a model card that
+describes what was recorded. One real bundle (tests/integration/bundle_fixture.py) is shared;
+forgeries are hard-linked copies whose changed files are replaced, never edited in place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
+import pyarrow.parquet as pq
+import pytest
+
+from k2repro.errors import BadInputError
+from tests.conftest import k2
+from tests.integration.bundle_fixture import real_bundle
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict:
+    return real_bundle(tmp_path_factory)
+
+
+# ----------------------------------------------------------------------------- forging kit
+
+def forge(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, copy_function=os.link)
+    return dst
+
+
+def put(path: Path, data: bytes | str) -> None:
+    """Replace a (hard-linked) file without touching the original."""
+    path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def put_table(path: Path, tbl: pa.Table) -> None:
+    path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(tbl, path)
+
+
+def edit_json(path: Path, fn) -> None:  # noqa: ANN001
+    body = json.loads(path.read_text())
+    body = fn(body) or body
+    put(path, json.dumps(body))
+
+
+def reseal(b: Path) -> None:
+    """What an attacker does: recompute MANIFEST.json with k2repro's own code."""
+    from k2repro.tools.export import MANIFEST_JSON, write_manifest
+
+    body = json.loads((b / MANIFEST_JSON).read_text())
+    (b / MANIFEST_JSON).unlink()
+    write_manifest(b, {k: body[k] for k in ("created_at", "run", "runs")})
+
+
+def nothing_imported(store: Path) -> bool:
+    return not store.exists() or not any(p.name.startswith(("bundle-", ".k2imp")) for p in store.iterdir())
+
+
+def import_(b: Path, store: Path, **kw):  # noqa: ANN003, ANN201
+    from k2repro.tools.bundle import import_bundle
+
+    return import_bundle(b, store, **kw)
+
+
+# ----------------------------------------------------------------------------- escapes (items 1-5)
+
+def test_forged_runs_row_is_refused_and_gc_never_deletes_outside_the_store(exported, tmp_path) -> None:  # noqa: ANN001
+    """Item 1: a second runs segment naming `victim_project` with ckpt.dir outside."""
+    from k2repro.audit.schema import arrow_schema
+
+    rid = exported["rid"]
+    outside = tmp_path / "outside"
+    (outside / "victim_project").mkdir(parents=True)
+    (outside / "victim_project" / "notes.txt").write_text("someone's work")
+    b = forge(exported["bundle"], tmp_path / "b")
+    seg = next((b / "tables" / rid / "runs").glob("*.parquet"))
+    row = pq.read_table(seg).to_pylist()[0]
+    old = datetime.now(timezone.utc) - timedelta(days=90)
+    row.update(run_id="victim_project", started_at=old, config_json=json.dumps({"ckpt": {"dir": str(outside)}}))
+    put_table(seg.with_name("r9-00000000.parquet"), pa.Table.from_pylist([row], schema=arrow_schema("runs")))
+    reseal(b)
+    store = tmp_path / "store"
+    with pytest.raises(BadInputError, match="rows of run 'victim_project'"):
+        import_(b, store)
+    assert nothing_imported(store)
+    # A row that got into a store anyway (written by hand here, as an older import did):
+    # gc removes the run's own folder, never `<ckpt.dir>/<run_id>` that is not its checkpoints.
+    from k2repro.audit.writer import write_run_tables
+
+    write_run_tables(store, "victim_project", {
+        "runs": {"name": ["x"], "started_at": [old], "config_json": [json.dumps({"ckpt": {"dir": str(outside)}})]},
+        "run_end": {"rank": [0], "status": ["completed"], "ended_at": [old]}})
+    r = k2("gc", "--store", str(store), "--older-than", "30d", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["removed_run_ids"] == ["victim_project"] and not (store / "victim_project").exists()
+    assert (outside / "victim_project" / "notes.txt").read_text() == "someone's work"
+    assert any(str(outside / "victim_project") in n and "notes.txt" in n for n in out["notes"])
+
+
+def test_run_ids_cannot_walk_out_of_the_store(exported, tmp_path) -> None:  # noqa: ANN001
+    """Item 2: chain ids used as paths."""
+    evil = "x/../../../escaped"
+    for where in ("chain", "checkpoint"):
+        b = forge(exported["bundle"], tmp_path / f"b-{where}")
+
+        def bad(info: dict, where: str = where) -> None:
+            if where == "chain":
+                info["run"]["chain"][0]["run_id"] = evil
+                info["run"]["head"] = evil
+            else:
+                info["checkpoints"][0]["run_id"] = evil
+        edit_json(b / "bundle.json", bad)
+        reseal(b)
+        store = tmp_path / "stores" / where / "store"
+        with pytest.raises(BadInputError, match="run id|not to the chain"):
+            import_(b, store)
+        assert nothing_imported(store)
+    assert not list(tmp_path.rglob("escaped"))
+
+
+def test_import_reads_nothing_outside_the_bundle(exported, tmp_path) -> None:  # noqa: ANN001
+    """Item 3: an absolute checkpoint path; a symlinked data folder."""
+    from k2repro.tools.bundle import verify_bundle
+
+    b = forge(exported["bundle"], tmp_path / "abs")
+    theirs = next((exported["store"] / exported["rid"] / "checkpoints").glob("step_*"))
+    edit_json(b / "bundle.json", lambda i: i["checkpoints"][0].update(dcp=str(theirs)))
+    reseal(b)
+    with pytest.raises(BadInputError, match="not the folder dcp/"):
+        import_(b, tmp_path / "s1")
+    assert nothing_imported(tmp_path / "s1")
+
+    b = forge(exported["bundle"], tmp_path / "link")
+    elsewhere = forge(b / "data" / "packed", tmp_path / "elsewhere")
+    shutil.rmtree(b / "data" / "packed")
+    os.symlink(elsewhere, b / "data" / "packed")
+    out = verify_bundle(b)  # the listing used to skip the linked folder: every file "verified"
+    assert not out["ok"] and {"file": "data/packed", "problem": "a symbolic link (a bundle holds plain files only)"} \
+        in out["problems"]
+    v = k2("verify-bundle", str(b))
+    assert v.returncode == 1 and "data/packed" in v.stdout
+    with pytest.raises(BadInputError, match="symbolic link"):
+        import_(b, tmp_path / "s2")
+    assert nothing_imported(tmp_path / "s2")
+
+
+def test_rows_cannot_take_over_an_existing_run(exported, tmp_path) -> None:  # noqa: ANN001
+    """Item 4: a bundle whose chain id is new but whose steps rows carry the victim's id."""
+    from k2repro.audit.store import open_store
+
+    rid, store = exported["rid"], tmp_path / "store"
+    import_(exported["bundle"], store)  # the victim
+    b = forge(exported["bundle"], tmp_path / "b")
+    os.rename(b / "tables" / rid, b / "tables" / "forged-1")
+    seg = next((b / "tables" / "forged-1" / "runs").glob("*.parquet"))
+    t = pq.read_table(seg)
+    put_table(seg, t.set_column(t.schema.get_field_index("run_id"), "run_id", pa.array(["forged-1"] * t.num_rows)))
+    edit_json(b / "tables" / "forged-1" / "_run.json", lambda m: m.update(run_id="forged-1"))
+
+    def retarget(info: dict) -> None:
+        info["run"]["chain"][0]["run_id"] = info["run"]["head"] = info["run"]["root"] = "forged-1"
+        info["checkpoints"] = []
+    edit_json(b / "bundle.json", retarget)
+    shutil.rmtree(b / "dcp")
+    reseal(b)
+    with pytest.raises(BadInputError, match=f"holds rows of run '{rid}'"):
+        import_(b, store)
+    with open_store(store) as s:
+        assert len(s.steps(rid)) == 12
+        assert s.execute("SELECT count(*) FROM runs_raw WHERE run_id = ?", [rid]).fetchone()[0] == 1
+        assert s.execute("SELECT count(*) FROM runs_raw WHERE run_id = 'forged-1'").fetchone()[0] == 0
+
+
+def test_export_into_the_store_is_refused(exported, tmp_path) -> None:  # noqa: ANN001
+    """Item 5: the store's globs would read the bundle's tables as more rows of the run."""
+    from k2repro.audit.store import open_store
+    from k2repro.tools.export import export_run
+
+    store = exported["store"]
+    for out in (store / "bundle", store / "deeper" / "bundle"):
+        with pytest.raises(BadInputError, match="inside store"):
+            export_run(store, exported["rid"], out, checkpoints="none", data=False, reports_dir=None)
+        assert not out.exists() and not list(out.parent.glob(f".{out.name}.k2tmp-*"))
+    with open_store(store) as s:
+        assert len(s.steps(exported["rid"])) == 12
+
+
+# ----------------------------------------------------------------------------- bundle.json, incomplete runs
+
+@pytest.mark.parametrize("body,why", [
+    (b"{not json", "is not JSON"), (b"[]", "holds a list"), (b"{}", "schema_version None"),
+    (b'{"schema_version": "2", "run": {"chain": [{"run_id": "a"}], "head": "a"}}', "schema_version '2'"),
+    (b'{"schema_version": 2, "run": {"chain": [], "head": "a"}}', "names no launch"),
+])
+def test_bundle_json_that_is_not_a_bundle_is_refused(exported, tmp_path, body, why) -> None:  # noqa: ANN001
+    """Item 11's bundle.json part: exit 2 naming the file, nothing written."""
+    b = forge(exported["bundle"], tmp_path / "b")
+    put(b / "bundle.json", body)
+    reseal(b)
+    store = tmp_path / "store"
+    r = k2("import", "bundle", str(b), "--store", str(store)) if why == "is not JSON" else None
+    if r is not None:
+        assert r.returncode == 2 and "bundle.json is not JSON" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(BadInputError, match=f"bundle.json.*{why}"):
+        import_(b, store)
+    assert nothing_imported(store)
+
+
+def test_export_refuses_an_incomplete_run(exported, tmp_path) -> None:  # noqa: ANN001
+    """Item 12's export part: a folder in place of a segment is skipped by every query."""
+    from k2repro.tools.export import export_run
+
+    store = tmp_path / "store"
+    shutil.copytree(exported["store"] / exported["rid"], store / exported["rid"], ignore=shutil.ignore_patterns(
+        "checkpoints"))
+    sdir = store / exported["rid"] / "steps"
+    segs = sorted(sdir.glob("*.parquet"))
+    steps = pa.concat_tables([pq.read_table(p) for p in segs])
+    for p in segs:
+        p.unlink()
+    for k, lo in enumerate((1, 5, 9)):  # three segments of 4 steps; the middle one becomes a folder
+        part = steps.filter(pa.compute.and_(pa.compute.greater_equal(steps["step"], lo),
+                                            pa.compute.less(steps["step"], lo + 4)))
+        pq.write_table(part, sdir / f"r0-{k:08d}.parquet")
+    (sdir / "r0-00000001.parquet").unlink()
+    (sdir / "r0-00000001.parquet").mkdir()
+    with pytest.raises(BadInputError, match="is incomplete.*not a segment file"):
+        export_run(store, exported["rid"], tmp_path / "b", checkpoints="none", data=False, reports_dir=None)
+    assert not (tmp_path / "b").exists()
+    info = export_run(store, exported["rid"], tmp_path / "b", checkpoints="none", data=False, reports_dir=None,
+                      allow_incomplete=True)
+    assert any("not a segment file" in p for p in info["incomplete"])
+    assert "4 of steps 1..12 are missing (first: 5)" in info["incomplete"]
+    assert json.loads((tmp_path / "b" / "bundle.json").read_text())["incomplete"] == info["incomplete"]
+    assert "Incomplete run" in (tmp_path / "b" / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------- tokenizer, old bundles
+
+def test_export_fails_loudly_without_the_tokenizer(exported, tmp_path) -> None:  # noqa: ANN001
+    """Issue 23 item 1: what batch/eval need must ship; a missing tokenizer stops the export."""
+    from k2repro.tools.export import export_run
+
+    tok = exported["tokenizer"]
+    moved = tok.with_name("moved.json")
+    tok.rename(moved)
+    try:
+        with pytest.raises(BadInputError, match="tokenizer/tokenizer.json.*not here"):
+            export_run(exported["store"], exported["rid"], tmp_path / "b", checkpoints="none", reports_dir=None)
+    finally:
+        moved.rename(tok)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_bundle_of_the_previous_release_still_imports(exported, tmp_path) -> None:  # noqa: ANN001
+    """No tokenizer, no signature, no bundle_version: what k2repro bundles held before."""
+    from k2repro.tools.bundle import verify_bundle
+
+    b = forge(exported["bundle"], tmp_path / "old")
+    shutil.rmtree(b / "data" / "tokenizer")
+
+    def older(info: dict) -> None:
+        for k in ("bundle_version", "incomplete", "what_ships"):
+            info.pop(k, None)
+        info["data"] = {k: v for k, v in info["data"].items() if k not in ("tokenizer", "not_shipped")}
+        info["data"]["artifacts"] = [a for a in info["data"]["artifacts"] if "tokenizer" not in a["artifact"]]
+    edit_json(b / "bundle.json", older)
+    reseal(b)
+    assert verify_bundle(b)["ok"]
+    out = import_(b, tmp_path / "store")
+    assert out["run_ids"] == [exported["rid"]] and out["checkpoints"] == [4, 8, 12]
+
+
+# ----------------------------------------------------------------------------- signatures (item 8)
+
+def _keys(tmp_path: Path) -> tuple[Path, Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    paths = []
+    for name in ("mine", "theirs"):
+        k = Ed25519PrivateKey.generate()
+        priv, pub = tmp_path / f"{name}.pem", tmp_path / f"{name}.pub"
+        priv.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+        pub.write_bytes(k.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                    serialization.PublicFormat.OpenSSH))
+        paths += [priv, pub]
+    return paths[0], paths[1], paths[3]
+
+
+def test_signed_bundle_proves_origin(exported, tmp_path) -> None:  # noqa: ANN001
+    from k2repro.tools.bundle import verify_bundle
+
+    priv, pub, other = _keys(tmp_path)
+    b = tmp_path / "signed"
+    e = k2("export", exported["rid"], "--store", str(exported["store"]), "--out", str(b), "--checkpoints", "none",
+           "--no-data", "--sign", str(priv), cwd=exported["root"])
+    assert e.returncode == 0, e.stderr[-2000:]
+    assert (b / "MANIFEST.sig").is_file()
+    ok = k2("verify-bundle", str(b), "--key", str(pub))
+    assert ok.returncode == 0 and "signed by key" in ok.stdout
+    bad = verify_bundle(b, other)
+    assert not bad["ok"] and bad["problems"][0]["file"] == "MANIFEST.sig"
+    assert bad["problems"][0]["problem"].startswith("does not verify")
+    with pytest.raises(BadInputError, match="not an ed25519 public key"):
+        verify_bundle(b, priv)
+    with pytest.raises(BadInputError, match="MANIFEST.sig: does not verify"):
+        import_(b, tmp_path / "s1", key=other)
+    assert nothing_imported(tmp_path / "s1")
+    # a forgery resealed after signing: the checksums agree, the signature does not
+    f = forge(b, tmp_path / "forged")
+    put(f / "config.yaml", "train: {lr: 1000}\n")
+    reseal(f)
+    assert verify_bundle(f)["ok"]  # integrity alone cannot tell
+    assert not verify_bundle(f, pub)["ok"]
+    # unsigned bundles are refused when a key is given
+    with pytest.raises(BadInputError, match="MANIFEST.sig: missing"):
+        import_(exported["bundle"], tmp_path / "s2", key=pub)
+    assert nothing_imported(tmp_path / "s2")
+    out = import_(b, tmp_path / "s3", key=pub)
+    assert out["run_ids"] == [exported["rid"]] and out["signed_by"]
+
+
+# ----------------------------------------------------------------------------- runs k2repro did not train
+
+def test_api_run_exports_at_once_with_a_card_of_what_was_recorded(tmp_path, capsys) -> None:  # noqa: ANN001
+    """Issue 23 item 7: no `--no-data`, no `--checkpoints none` to discover; the card describes
+    the recorded config, not k2repro's model."""
+    from k2repro.audit import start
+    from k2repro.tools.export import export_run
+
+    store = tmp_path / "store"
+    ck = tmp_path / "hf-out" / "checkpoint-2"
+    ck.mkdir(parents=True)
+    (ck / "model.safetensors").write_bytes(b"not k2repro's")
+    run = start(store, name="my-loop", config={"model": {"hidden_size": 48, "arch": "MyNet"}, "lr": 0.003},
+                source="api:transformers")
+    for step in (1, 2, 3):
+        run.log_step(step, loss=3.0 - step / 10)
+    run.log_checkpoint(2, ck)
+    run.close()
+    b = tmp_path / "b"
+    info = export_run(store, run.run_id, b, progress=lambda m: print(m))
+    said = capsys.readouterr().out
+    assert info["what_ships"] in said and "cannot replay" in info["what_ships"]
+    assert "not its data" in info["what_ships"] and "1 recorded checkpoint(s)" in info["what_ships"]
+    assert info["checkpoints"] == [] and not info["data"]["shipped"]
+    card = (b / "README.md").read_text()
+    assert "None layers" not in card and "lr None" not in card and "d_model None" not in card
+    assert "`model.hidden_size` | 48" in card and "`lr` | 0.003" in card and "api:transformers" in card
+
+
+def test_model_card_says_when_the_code_was_dirty() -> None:
+    """facts.py records git.dirty as "true"; the card used to test for "True"."""
+    from k2repro.tools.export import render_model_card
+
+    chain = [{"run_id": "r1", "source": "train", "world_size": 1, "config_hash": "h", "resumed_from_step": None,
+              "parent_run_id": None}]
+    info = {"run": {"head": "r1", "name": "r", "chain": chain}, "created_at": "2026-01-01T00:00:00",
+            "k2repro_version": "0", "schema_version": 2, "checkpoints": [], "figures": [], "notes": [],
+            "steps": {"count": 1, "first": 1, "last": 1, "final_loss": 1.0}, "data": {"shipped": False},
+            "data_order": {}}
+    for value, said in (("true", True), ("false", False)):
+        card = render_model_card(info, {}, {"0": {"git.commit": "abc", "git.dirty": value}}, None)
+        assert ("(with uncommitted changes)" in card) is said
+
+
+def test_config_paths_are_moved_into_the_store() -> None:
+    """Item 8: every config value that names a path becomes the imported copy, the store, or
+    empty; other values stay as they were."""
+    from k2repro.tools.bundle import rewrite_config
+
+    ctx = {"store": "S", "packed": "S/b/data/packed", "data": "S/b/data",
+           "resumes": [("r1", "step_00000004", "S/b/r1/checkpoints/step_00000004")]}
+    cfg = {"data": {"packed_dir": "/home/u/packed", "work_dir": "data/work", "source": "data/sample"},
+           "ckpt": {"dir": "/scratch/ck"}, "audit": {"store": "/home/u/runs"}, "optim": {"lr": 0.1},
+           "train": {"resume": "/scratch/ck/r1/checkpoints/step_00000004"},
+           "run": {"tags": {"note": "/etc/elsewhere", "mood": "~fine"}}}
+    new, changes = rewrite_config(cfg, ctx)
+    assert new == {"data": {"packed_dir": "S/b/data/packed", "work_dir": "S/b/data", "source": ""},
+                   "ckpt": {"dir": ""}, "audit": {"store": "S"}, "optim": {"lr": 0.1},
+                   "train": {"resume": "S/b/r1/checkpoints/step_00000004"},
+                   "run": {"tags": {"note": "", "mood": "~fine"}}}
+    assert changes["run.tags.note"] == ["/etc/elsewhere", ""] and "optim.lr" not in changes
+    assert cfg["data"]["packed_dir"] == "/home/u/packed"  # the input is not changed in place
