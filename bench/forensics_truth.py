@@ -24,7 +24,9 @@ Scoring (the `definitions` key of the output says the same):
 - baselines (k2repro only): non-positive (or missing) for a loss episode, or implausible:
   more than max(6 noise sigmas, 5%) away from the noise-free level at onset (generated
   logs), outside the run's range of values (real logs);
-- severity and class right: among found spikes, equal to the label.
+- severity and class right: among found spikes, equal to the label;
+- the record (not a goal): spikes without `reason` or `signal`, `excess` other than
+  peak - baseline, `magnitude` other than peak / baseline.
 Output: reports/bench/forensics_truth.json (`--out` elsewhere; `--quick` is the small set
 the unit test runs and is not written to reports/ unless --out says so).
 """
@@ -105,12 +107,18 @@ class Tally:
     class_right: int = 0
     baselines_nonpositive: int = 0
     baselines_implausible: int = 0
+    # the record (k2repro only): spikes without the keys issue 18 adds, or inconsistent ones
+    no_reason: int = 0
+    no_signal: int = 0
+    excess_mismatch: int = 0
+    magnitude_mismatch: int = 0
     missed: list[dict] = field(default_factory=list)
     fp_where: list[dict] = field(default_factory=list)
 
     def add(self, o: Tally) -> None:
         for k in ("n_true", "invisible", "found", "fp_normal", "extra", "episodes",
-                  "severity_right", "class_right", "baselines_nonpositive", "baselines_implausible"):
+                  "severity_right", "class_right", "baselines_nonpositive", "baselines_implausible",
+                  "no_reason", "no_signal", "excess_mismatch", "magnitude_mismatch"):
             setattr(self, k, getattr(self, k) + getattr(o, k))
         self.onset_err_steps += o.onset_err_steps
         self.onset_err_points += o.onset_err_points
@@ -141,6 +149,9 @@ class Tally:
                 "class_accuracy": _r(self.class_right / self.found) if self.found else None,
                 "baselines_nonpositive": self.baselines_nonpositive,
                 "baselines_implausible": self.baselines_implausible,
+                "record": {"no_reason": self.no_reason, "no_signal": self.no_signal,
+                           "excess_not_peak_minus_baseline": self.excess_mismatch,
+                           "magnitude_not_peak_over_baseline": self.magnitude_mismatch},
             })
         return out
 
@@ -228,6 +239,21 @@ def score_run(points: np.ndarray, truths: Iterable[Truth], found: Iterable[Found
             elif value_range is not None and not value_range[0] <= b <= value_range[1]:
                 t.baselines_implausible += 1
     return t
+
+
+def check_record(obj: dict, t: Tally) -> None:
+    """Count spikes whose record lacks `reason`/`signal` or whose `excess`/`magnitude` do
+    not equal peak - baseline / peak / baseline (where both are finite)."""
+    for s in obj.get("spikes", []):
+        t.no_reason += int(not (isinstance(s.get("reason"), str) and s["reason"].strip()))
+        t.no_signal += int(not s.get("signal"))
+        pk, b = s.get("peak_value"), s.get("baseline")
+        if isinstance(pk, (int, float)) and isinstance(b, (int, float)):
+            ex, mag = s.get("excess"), s.get("magnitude")
+            if isinstance(ex, (int, float)) and not math.isclose(ex, pk - b, rel_tol=1e-6, abs_tol=1e-9):
+                t.excess_mismatch += 1
+            if b and isinstance(mag, (int, float)) and not math.isclose(mag, pk / b, rel_tol=1e-6):
+                t.magnitude_mismatch += 1
 
 
 def ours_from_json(obj: dict) -> list[Found]:
@@ -354,6 +380,7 @@ def bench_generated(category: str, seed: int, quick: bool, work: Path, store: Pa
             where = f"{log.name}/{lab}"
             ours = ours_from_json(obj)
             t = score_run(pts, truths, ours, clean=clean_at, where=where, with_baselines=True)
+            check_record(obj, t)
             tallies["k2repro"].add(t)
             pe = peers_on(series)
             for p in PEERS:
@@ -405,8 +432,9 @@ def bench_real(work: Path, max_runs: int | None = None, store: Path | None = Non
             rng = (float(fin.min()), float(fin.max())) if fin.size else None
             ours = ours_from_json(obj)
             where = f"{path.name}/{wb}"
-            tallies["k2repro"].add(score_run(pts, [], ours, value_range=rng, where=where,
-                                             with_baselines=True))
+            t = score_run(pts, [], ours, value_range=rng, where=where, with_baselines=True)
+            check_record(obj, t)
+            tallies["k2repro"].add(t)
             pe = peers_on(series)
             for p in PEERS:
                 tallies[p].add(score_run(pts, [], pe[p], where=where))

@@ -24,7 +24,9 @@ from k2repro.forensics.peers import (
 )
 from k2repro.forensics.realistic import (
     CATEGORIES,
+    LN_VOCAB,
     VISIBLE_SIGMA,
+    Curve,
     category_logs,
     sample_points,
 )
@@ -190,9 +192,22 @@ def test_generator_is_deterministic_and_labels_are_consistent():
                     assert (~np.isfinite(r.loss[inside])).any() or exc.max() >= VISIBLE_SIGMA
 
 
+def test_generated_curve_starts_at_ln_vocab_stalls_in_plateaus_and_its_noise_shrinks():
+    s, clean, sigma, grad = Curve(n_steps=20_000, warmup=1000, drift_amp=0.0,
+                                  plateaus=((8000, 1000),)).dense()
+    assert abs(clean[0] - LN_VOCAB) < 0.05 and clean[-1] < 3.0
+    assert np.all(np.diff(clean) <= 0)                        # no drift: never rises
+    plateau = (s >= 8000) & (s < 9000)
+    assert np.ptp(clean[plateau]) == 0.0 and clean[s == 9500][0] < clean[s == 8500][0]
+    assert sigma[-1] < 0.5 * sigma[0] and np.all(np.diff(sigma) <= 0)
+    assert np.all(np.diff(grad) <= 0) and grad[-1] > 0
+
+
 def test_restart_branch_resumes_before_the_spike_and_does_not_spike():
     for log in category_logs("restart", seed=0, quick=True):
-        (sp,) = log.spikes
+        sp = log.spikes[0]
+        # a second spike, if any, is on the branch, after run-a stopped
+        assert all(x.run == "run-b" and x.onset_step > log.run("run-a").steps[-1] for x in log.spikes[1:])
         a, b = log.run("run-a"), log.run("run-b")
         assert sp.run == "run-a" and sp.severity == "malignant"
         assert b.resumed_from == "run-a" and b.resumed_from_step < sp.start_step

@@ -35,7 +35,9 @@ computed from every step. The readings, from each peer's source:
   after the first 100 calls. Since the first 100 steps include the initial loss (about
   ln(vocab), 10.4 for a 32k vocabulary), the rule catches only blow-ups to ~100 nats: it is
   meant for hardware faults, not for loss spikes. Here: the reference is the max of the
-  points with step < first step + 100. Megatron's separate non-finite check
+  points with step < first step + 100. Megatron applies the check to each rank's local loss
+  of each micro-batch; a log holds the step's mean, so a spike confined to one micro-batch
+  is diluted here (the replay can only miss more, never fire more). Its separate non-finite check
   (`--check-for-nan-in-loss-and-grad`, on by default) fires on NaN/inf; `nonfinite=True`
   includes it.
 """

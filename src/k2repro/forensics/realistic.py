@@ -495,10 +495,14 @@ def _one(cat: str, i: int, sd: int, rng: np.random.Generator, quick: bool) -> La
                         rise=int(rng.integers(1, 40)), decay=float(rng.uniform(300, 2000))),)
         back = int(rng.integers(100, 900))
         stop_after = int(rng.integers(150, 600))
+        if i % 2 == 1 and st + stop_after + 1500 < n - 500:
+            # as K2's second spike: a later, unrelated one on the restarted branch
+            later = int(rng.integers(st + stop_after + 1000, n - 500))
+            sp += (SpikeSpec("data", later, size=float(rng.uniform(15, 40)) * _sigma_at(cv, later)),)
         return build_log(name, cat, sd, n, dense_modes[i % 4], sp, curve=cv,
                          restart=(st, back, stop_after),
                          note="run-a spikes and is stopped; run-b resumes from a checkpoint "
-                              "before the spike and does not spike")
+                              "before the spike and does not spike there")
     if cat == "sampled_spikes":
         n = int(rng.integers(30_000, 60_000)) if quick else int(rng.integers(60_000, 240_000))
         cv = random_curve(np.random.default_rng(sd), n)
