@@ -398,9 +398,18 @@ def bench_generated(category: str, seed: int, quick: bool, work: Path, store: Pa
     return tallies, per_log
 
 
+def real_labels() -> dict[str, list[dict]]:
+    """File name -> labelled spikes of the shipped real logs (tests/data/real-logs/labels.json,
+    where each label is justified). A CSV without an entry there is refused: a real log is
+    scored only against labels someone wrote down."""
+    obj = json.loads((REAL_LOGS / "labels.json").read_text())
+    return {name: list(v.get("spikes", [])) for name, v in obj["files"].items()}
+
+
 def bench_real(work: Path, max_runs: int | None = None, store: Path | None = None
                ) -> tuple[dict[str, Tally], list[dict]]:
-    """The shipped real logs: clean curves, so every episode is a false positive.
+    """The shipped real logs, scored against their labels (today all clean curves: every
+    episode on them is a false positive).
     `max_runs`: import and analyse only that many tracker runs per file, the longest (quick
     mode)."""
     import k2repro
@@ -409,6 +418,10 @@ def bench_real(work: Path, max_runs: int | None = None, store: Path | None = Non
     per_log = []
     store_root = store or work / "store"
     files = sorted(REAL_LOGS.glob("*.csv"))
+    labels = real_labels()
+    unlabelled = [p.name for p in files if p.name not in labels]
+    if unlabelled:
+        raise ValueError(f"{REAL_LOGS.name}/labels.json has no entry for {', '.join(unlabelled)}")
     all_ids = []
     for path in files:
         if max_runs is None:
@@ -432,12 +445,15 @@ def bench_real(work: Path, max_runs: int | None = None, store: Path | None = Non
             rng = (float(fin.min()), float(fin.max())) if fin.size else None
             ours = ours_from_json(obj)
             where = f"{path.name}/{wb}"
-            t = score_run(pts, [], ours, value_range=rng, where=where, with_baselines=True)
+            truths = [Truth(int(x["onset_step"]), int(x["end_step"]), x.get("signal", "loss"),
+                            x["class"], x["severity"], kind=x.get("kind", "real"))
+                      for x in labels[path.name] if x.get("run") in (None, wb)]
+            t = score_run(pts, truths, ours, value_range=rng, where=where, with_baselines=True)
             check_record(obj, t)
             tallies["k2repro"].add(t)
             pe = peers_on(series)
             for p in PEERS:
-                tallies[p].add(score_run(pts, [], pe[p], where=where))
+                tallies[p].add(score_run(pts, truths, pe[p], where=where))
             n_ours["k2repro"] += len(ours)
             for p in PEERS:
                 n_ours[p] += len(pe[p])

@@ -8,6 +8,7 @@ benchmark's JSON (`reports/bench/forensics_truth.json`) has the full numbers.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -243,6 +244,20 @@ def test_peers_fire_where_they_should_on_generated_spikes():
         for sp in log.spikes:
             assert any(abs(o - sp.onset_step) <= 2 for o in loss_onsets), (log.name, sp)
         assert out["megatron"] == [] and out["llm_foundry"] == []
+
+
+def test_every_real_log_is_attributed_and_labelled_with_a_reason():
+    folder = REPO / "tests" / "data" / "real-logs"
+    csvs = sorted(p.name for p in folder.glob("*.csv"))
+    assert csvs, "the real public logs are shipped with the tests"
+    sources = (folder / "SOURCES.md").read_text()
+    assert "MIT License" in sources
+    labels = _bench().real_labels()
+    for name in csvs:
+        assert f"`{name}`" in sources, name
+        assert name in labels, name
+    why = json.loads((folder / "labels.json").read_text())["files"]
+    assert all(len(why[n]["why"]) > 80 for n in csvs)
 
 
 # ----------------------------------------------------------------------------- scoring
