@@ -99,6 +99,15 @@ def test_llm_foundry_fires_on_the_fifth_consecutive_outlier_step():
     assert llm_foundry_fires(s, x).tolist() == [204, 254, 255]
 
 
+def test_llm_foundry_is_blind_while_a_nan_is_in_its_window():
+    s = np.arange(1, 401, dtype=np.int64)
+    x = np.ones(400)
+    x[s == 150] = np.nan
+    x[(s >= 200) & (s <= 204)] = 2.5     # the window [100, 200) holds the NaN: np.mean is NaN
+    x[(s >= 260) & (s <= 264)] = 2.5     # [160, 260) does not
+    assert llm_foundry_fires(s, x).tolist() == [264]
+
+
 def test_llm_foundry_needs_a_full_100_step_window():
     s = np.arange(1, 401, dtype=np.int64)
     x = np.ones(400)

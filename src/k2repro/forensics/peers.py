@@ -122,11 +122,12 @@ def llm_foundry_fires(steps: Any, x: Any, window: int = 100, multiplier: float =
     idx = np.arange(s.size)
     n_fin = cf[idx] - cf[lo]
     active = (s - s[0] >= window) & (n_fin >= min_points)
+    n_bad = (idx - lo) - n_fin
     with np.errstate(divide="ignore", invalid="ignore"):
         mean = (c1[idx] - c1[lo]) / n_fin
-        outlier = active & fin & (v >= multiplier * mean)
-    # a NaN mean (a NaN in the deque) makes every comparison false in numpy as in the
-    # callback; a NaN loss is not an outlier and resets the count
+        # a non-finite loss in the deque makes np.mean non-finite and every comparison
+        # false, for as long as it stays there; a NaN loss is no outlier and resets the count
+        outlier = active & fin & (n_bad == 0) & (v >= multiplier * mean)
     fired = np.zeros(s.size, dtype=bool)
     run_start = -1
     for i in range(s.size):
