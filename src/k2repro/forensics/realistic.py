@@ -519,7 +519,7 @@ def _one(cat: str, i: int, sd: int, rng: np.random.Generator, quick: bool) -> La
                          note="spikes under W&B down-sampling, sparse logging with bursts, "
                               "every-N logging, gaps")
     if cat == "gaps_nans":
-        steps = _spike_steps(rng, n, 2 if quick else 3, min_sep=500)
+        steps = _spike_steps(rng, n, 4 if quick else 6, min_sep=500)
         mode = ("gaps:1", "gaps:4")[i % 2]
         every = int(mode.partition(":")[2])
         # on logged steps (a NaN between two logged points is not in the log at all)
