@@ -374,8 +374,11 @@ def bench_generated(category: str, seed: int, quick: bool, work: Path, store: Pa
             pts = np.asarray(series["step"], dtype=np.int64)
 
             def clean_at(step: int, r: Any = r) -> tuple[float, float]:
-                i = min(int(np.searchsorted(r.steps, step)), r.steps.size - 1)
-                return float(r.clean[i]), float(r.sigma[i])
+                # the noise-free level at the last logged point before onset, earlier
+                # spikes' excess included (a spike on a level shift sits on the new level)
+                i = min(max(int(np.searchsorted(r.steps, step)) - 1, 0), r.steps.size - 1)
+                lv = r.level if r.level.size else r.clean
+                return float(lv[i]), float(r.sigma[i])
 
             where = f"{log.name}/{lab}"
             if not _same_points(series, r):

@@ -126,7 +126,8 @@ def test_old_bundle_verifies_imports_and_replays(tmp_path) -> None:  # noqa: ANN
         assert new[t] == old[t], t
     # the import points the data paths at the shipped copy; artifacts and sha256s are the same
     assert [r[:1] + r[2:] for r in new["data_manifest"]] == [r[:1] + r[2:] for r in old["data_manifest"]]
-    moved = ("data.packed_dir", "audit.store")  # the import points these at the imported copy
+    # the import points paths at the imported copies or blanks them (docs/release-bundle.md)
+    moved = ("data.packed_dir", "audit.store", "data.source", "data.work_dir", "ckpt.dir", "train.resume")
     assert [r for r in new["hparams"] if r[0] not in moved] == [r for r in old["hparams"] if r[0] not in moved]
     spike_cols = ", ".join(NEW_SPIKE_COLUMNS)
     from k2repro.audit.store import open_store

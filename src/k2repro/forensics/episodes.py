@@ -28,9 +28,14 @@ SEVERITIES = ("benign", "malignant")
 class EpisodeParams:
     """Horizons and tolerances of episode building and classification (steps unless noted).
 
+    - flags: the robust-z rule (a jump off the trend), the level rule (the value over the
+      long window's median by `threshold` times the noise scale: a ramp over tens of steps,
+      which the trend-corrected prediction follows, still ends far above the level before
+      it), non-finite values, and corroborated extra flags.
     - onset: the first flagged point, moved back over at most `onset_backtrack` points just
       before it whose robust z is >= onset_z (a spike that rises over two steps starts where
-      it starts).
+      it starts), then over at most `ramp_backtrack` points still more than `ramp_z` noise
+      units above the baseline (a ramp starts where it left the noise).
     - baseline: the clean level before onset: the detector's trend-corrected prediction at
       onset, limited to [min, median] of the last `baseline_window` logged points before the
       onset that belong to no earlier episode. It is never extrapolated, so it stays within
@@ -42,8 +47,11 @@ class EpisodeParams:
       a large batch) puts a 0.2% blip at 6 sigma: real, and irrelevant to training.
     - recovered: at the first point after the first flag at or below baseline + tol,
       tol = max(band, recover_frac * (running peak - baseline)), that stays there for
-      `sustain_steps` steps (every point logged in that stretch). An episode not back within
-      `max_extent` steps ends there (a lasting level shift).
+      `sustain_steps` steps (every point logged in that stretch), searched up to
+      `slow_horizon` steps after onset (and at least the next logged point). An episode not
+      back by then is persistent and ends there; the detector's history is then cut: what
+      follows is judged against the new level, not the old one (a lasting level shift is one
+      episode, not one every horizon, and a later spike on the new level is still seen).
     - merge_gap: a flag within merge_gap steps after recovery extends the episode.
     - duration: steps from onset to the last point above the band (+1). On a sparse log the
       recovery is only known to lie before the next logged point: `recovery_steps` is that
@@ -59,14 +67,15 @@ class EpisodeParams:
 
     onset_z: float = 3.0
     onset_backtrack: int = 3
+    ramp_backtrack: int = 64
+    ramp_z: float = 2.0
     recover_sigma: float = 3.0
     band_frac: float = 0.01
-    recover_frac: float = 0.05
+    recover_frac: float = 0.0
     sustain_steps: int = 10
     merge_gap: int = 8
     transient_horizon: int = 50
     slow_horizon: int = 1000
-    max_extent: int = 50_000
     runaway_factor: float = 1.5
     baseline_window: int = 16
 
@@ -104,13 +113,13 @@ class Episode:
     notes: list[str] = field(default_factory=list)
 
 
-def _pre_onset(x: np.ndarray, masked: np.ndarray, onset: int, k: int) -> np.ndarray:
-    """The last k finite values before onset that belong to no earlier episode."""
+def _pre_onset(x: np.ndarray, masked: np.ndarray, onset: int, k: int, cut: int = 0) -> np.ndarray:
+    """The last k finite values before onset (from `cut` on) that belong to no earlier episode."""
     lo = onset
     out: list[np.ndarray] = []
     have = 0
-    while lo > 0 and have < k:
-        a = max(0, lo - 4 * k)
+    while lo > cut and have < k:
+        a = max(cut, lo - 4 * k)
         seg = x[a:lo]
         seg = seg[np.isfinite(seg) & ~masked[a:lo]]
         out.insert(0, seg)
@@ -131,6 +140,27 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+def _tol(band: float, frac: float, runmax: np.ndarray, baseline: float) -> np.ndarray:
+    """The recovery tolerance at each point: the band, or a fraction of the running excess."""
+    if frac <= 0:
+        return np.full(runmax.shape, band)
+    with np.errstate(invalid="ignore"):
+        return np.fmax(band, frac * (runmax - baseline))
+
+
+def _level_ref(x: np.ndarray, steps: np.ndarray, rule: RobustZ) -> np.ndarray:
+    """The median of the long trailing window (step span, at least long_min_points points,
+    current point excluded; NaN before min_history): the level the level rule compares with."""
+    import pandas as pd
+
+    from k2repro.forensics.detect import _rolling, _window_starts
+
+    start = _window_starts(steps, rule.long_window, rule.long_min_points)
+    m = np.array(_rolling(pd.Series(x), start, rule.min_residuals).median().to_numpy(), dtype=np.float64)
+    m[: min(rule.min_history, m.size)] = np.nan
+    return m
+
+
 class _Finder:
     """The sequential search over one signal (state shared by its helpers)."""
 
@@ -142,17 +172,23 @@ class _Finder:
         self.corroborate_z = corroborate_z
         self.xm = x.copy()
         self.masked = np.zeros(x.size, dtype=bool)
+        self.cut = 0  # points before this index are history no longer used (a level shift)
         self.z, self.scale, self.pred = (parts if parts is not None
                                          else robust_z_parts(self.xm, rule, steps))
         self.z, self.scale, self.pred = (np.array(self.z, dtype=np.float64),
                                          np.array(self.scale, dtype=np.float64),
                                          np.array(self.pred, dtype=np.float64))
+        self.level = _level_ref(self.xm, steps, rule)
         self.flags = self._flags(0, x.size)
 
     def _flags(self, lo: int, hi: int) -> np.ndarray:
         z = self.z[lo:hi]
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore"):
             f = np.nan_to_num(z, nan=-np.inf) >= self.rule.threshold
+            # the level rule: a ramp over tens of steps that the trend-corrected prediction
+            # follows still ends far above the long window's median
+            zl = (self.x[lo:hi] - self.level[lo:hi]) / self.scale[lo:hi]
+            f |= np.nan_to_num(zl, nan=-np.inf) >= self.rule.threshold
             f |= ~np.isfinite(self.x[lo:hi])
             if self.extra is not None:
                 f |= self.extra[lo:hi] & (np.nan_to_num(z, nan=-np.inf) >= self.corroborate_z)
@@ -175,6 +211,7 @@ class _Finder:
         if a > 0:  # min_history counts from the start of the log, not of the slice
             z[: max(0, r.min_history - a)] = np.nan
         self.z[lo:hi], self.scale[lo:hi], self.pred[lo:hi] = z[lo - a:], scale[lo - a:], pred[lo - a:]
+        self.level[lo:hi] = _level_ref(self.xm[a:hi], steps[a:hi], r)[lo - a:]
         self.flags[lo:hi] = self._flags(lo, hi)
 
     def run(self, interventions: Sequence[dict]) -> list[Episode]:
@@ -192,12 +229,15 @@ class _Finder:
             out.append(ep)
             self.masked[ep.onset: ep.end + 1] = True
             self.xm[ep.onset: ep.end + 1] = np.nan
+            if not ep.recovered:
+                self.cut = ep.end + 1
+                self.xm[: ep.end + 1] = np.nan
             self._recompute_after(ep.end)
             i = ep.end + 1
         return out
 
     def _baseline(self, onset: int) -> tuple[float, float]:
-        pre = _pre_onset(self.x, self.masked, onset, self.p.baseline_window)
+        pre = _pre_onset(self.x, self.masked, onset, self.p.baseline_window, self.cut)
         if not pre.size:
             return float("nan"), 1e-12
         med, lo = float(np.median(pre)), float(np.min(pre))
@@ -205,6 +245,37 @@ class _Finder:
         baseline = min(max(pb, lo), med)
         noise = float(self.scale[onset]) if np.isfinite(self.scale[onset]) else _noise_of(pre)
         return baseline, noise
+
+    def _slope(self, onset: int) -> float:
+        """The pre-onset trend per step (<= 0: a falling curve; a rise before onset may be the
+        ramp itself, so it never counts), from the medians of the two halves of the clean
+        points before onset."""
+        k = self.p.baseline_window
+        idx = np.flatnonzero(~self.masked[self.cut:onset] & np.isfinite(self.x[self.cut:onset])) + self.cut
+        idx = idx[-k:]
+        if idx.size < 4:
+            return 0.0
+        h = idx.size // 2
+        a, b = idx[:h], idx[h:]
+        ds = float(np.mean(self.steps[b]) - np.mean(self.steps[a]))
+        if ds <= 0:
+            return 0.0
+        return min(0.0, (float(np.median(self.x[b])) - float(np.median(self.x[a]))) / ds)
+
+    def _runaway(self, onset: int, end: int, baseline: float) -> bool:
+        """Not recovered, and the last value is >= runaway_factor x baseline and the
+        episode's maximum (still rising)."""
+        seg = self.x[onset: end + 1]
+        fin = seg[np.isfinite(seg)]
+        last = self.x[end]
+        return bool(np.isfinite(last) and baseline > 0 and fin.size
+                    and last >= self.p.runaway_factor * baseline
+                    and last >= fin.max() - 1e-12 * abs(last))
+
+    def _band(self, baseline: float, noise: float) -> float:
+        if not np.isfinite(baseline):
+            return self.p.recover_sigma * noise
+        return max(self.p.recover_sigma * noise, self.p.band_frac * abs(baseline))
 
     def _recovery(self, first: int, onset: int, stop: int, baseline: float, band: float) -> int | None:
         """First index in (first, stop) back within the band for sustain_steps steps."""
@@ -214,7 +285,7 @@ class _Finder:
             return None
         seg = x[onset:stop]
         runmax = np.fmax.accumulate(np.where(np.isfinite(seg), seg, -np.inf))
-        tol = np.maximum(band, p.recover_frac * (runmax - baseline))
+        tol = _tol(band, p.recover_frac, runmax, baseline)
         ok = np.isfinite(seg) & (seg <= baseline + tol)
         bad = np.concatenate(([0], np.cumsum(~ok)))
         idx = np.arange(lo - onset, seg.size)
@@ -228,18 +299,32 @@ class _Finder:
         n = x.size
         onset = first
         k = 0
-        while (k < p.onset_backtrack and onset - 1 >= 0 and not self.masked[onset - 1]
+        while (k < p.onset_backtrack and onset - 1 >= self.cut and not self.masked[onset - 1]
                and np.isfinite(z[onset - 1]) and z[onset - 1] >= p.onset_z):
             onset -= 1
             k += 1
         baseline, noise = self._baseline(onset)
-        band = max(p.recover_sigma * noise, p.band_frac * abs(baseline)) if np.isfinite(baseline) \
-            else p.recover_sigma * noise
+        band = self._band(baseline, noise)
+        # a ramp: walk the onset back to where the signal left the noise (the baseline is
+        # then taken again from before the new onset, which can only lower it); each earlier
+        # point is compared with the baseline carried back along the falling pre-onset trend
+        for _ in range(3):
+            slope = self._slope(onset)
+            j = onset
+            while (j - 1 >= self.cut and onset - (j - 1) <= p.ramp_backtrack and not self.masked[j - 1]
+                   and np.isfinite(x[j - 1]) and np.isfinite(baseline)
+                   and x[j - 1] > baseline + slope * (steps[j - 1] - steps[onset]) + p.ramp_z * noise):
+                j -= 1
+            if j == onset:
+                break
+            onset = j
+            baseline, noise = self._baseline(onset)
+            band = self._band(baseline, noise)
         nonfinite_first = not np.isfinite(x[first])
         if not nonfinite_first and not (np.isfinite(baseline) and x[first] > baseline + band):
             return None  # inside the noise band of the clean level: not a spike
-        stop = int(np.searchsorted(steps, steps[onset] + p.max_extent, side="right"))
-        stop = min(max(stop, onset + 1), n)
+        stop = int(np.searchsorted(steps, steps[onset] + p.slow_horizon, side="right"))
+        stop = min(max(stop, first + 2, onset + 1), n)
         search_from = first
         while True:
             rec = (self._recovery(search_from, onset, stop, baseline, band)
@@ -251,7 +336,11 @@ class _Finder:
                 continue
             break
         end = max(end, onset)
-        if rec is None:
+        if rec is None and self._runaway(onset, end, baseline):
+            # a run that runs away is one episode up to where it comes back, if ever
+            rec2 = self._recovery(search_from, onset, n, baseline, band)
+            end = rec2 - 1 if rec2 is not None else n - 1
+        elif rec is None:
             # a non-finite value well after the last finite flag is its own (divergence)
             # episode, not the tail of a plateau that began earlier
             nf = np.flatnonzero(~np.isfinite(x[onset + 1: end + 1])) + onset + 1
@@ -261,6 +350,9 @@ class _Finder:
                 last = int(fl[-1]) if fl.size else onset
                 if steps[nf[0]] - steps[last] > p.merge_gap:
                     end = int(nf[0]) - 1
+            if not np.isfinite(x[end]):  # a non-finite stretch is one episode, however long
+                while end + 1 < n and not np.isfinite(x[end + 1]):
+                    end += 1
         seg = x[onset: end + 1]
         nonfin_idx = np.flatnonzero(~np.isfinite(seg))
         nonfin = bool(nonfin_idx.size)
@@ -276,7 +368,7 @@ class _Finder:
         magnitude = (peak_value / baseline if np.isfinite(peak_value) and baseline > 0
                      else float("inf"))
         runmax = np.fmax.accumulate(np.where(np.isfinite(seg), seg, -np.inf))
-        tol = np.maximum(band, p.recover_frac * (runmax - baseline))
+        tol = _tol(band, p.recover_frac, runmax, baseline)
         above = ~np.isfinite(seg) | (seg > baseline + tol)
         last_el = onset + int(np.flatnonzero(above)[-1]) if above.any() else onset
         duration = int(steps[last_el] - steps[onset]) + 1
@@ -288,7 +380,7 @@ class _Finder:
         runaway = (not recovered and np.isfinite(last_val) and baseline > 0
                    and last_val >= p.runaway_factor * baseline and finite_seg.size > 0
                    and last_val >= finite_seg.max() - 1e-12 * abs(last_val))
-        if nonfin or runaway:
+        if (nonfin and not recovered) or runaway:
             cls = "divergence"
         elif recovered and duration <= p.transient_horizon:
             cls = "transient"
@@ -320,9 +412,9 @@ def judge(ep: Episode, p: EpisodeParams, last_step: int, restart: dict | None = 
     `restart`: {run_id, from_step, spiked, at_step, value} of a run restarted from a
     checkpoint before onset (the lineage), or None."""
     what = ep.signal
-    if ep.nonfinite:
+    if ep.nonfinite and ep.cls == "divergence":
         ep.severity = "malignant"
-        ep.reason = f"malignant: {what} became non-finite at step {ep.peak_step}"
+        ep.reason = f"malignant: {what} became non-finite at step {ep.peak_step} and did not come back"
         return
     if ep.cls == "divergence":
         ep.severity = "malignant"
@@ -355,10 +447,14 @@ def judge(ep: Episode, p: EpisodeParams, last_step: int, restart: dict | None = 
                          f"{last_step - ep.onset_step} steps after onset")
         else:
             ep.reason = (f"malignant: not back within the noise band ({band}) "
-                         f"within {min(p.max_extent, last_step - ep.onset_step)} steps")
+                         f"within slow_horizon={p.slow_horizon} steps")
         return
     ep.severity = "benign"
     when = f"after {ep.duration_steps} step{'s' if ep.duration_steps != 1 else ''}"
+    if ep.nonfinite:
+        ep.reason = (f"benign: {what} was non-finite at step {ep.peak_step}, then the run went on "
+                     f"within the noise band ({band}) {when} (an overflowed step, skipped)")
+        return
     if ep.resolution_steps and ep.resolution_steps > max(1, p.sustain_steps):
         when += f" (next logged point {ep.resolution_steps} steps later)"
     ep.reason = f"benign: back within the noise band ({band}) {when}, by itself"

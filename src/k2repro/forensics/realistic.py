@@ -96,6 +96,9 @@ class TrackerRun:
     # noise-free level and noise sigma at every logged point (for checking baselines)
     clean: np.ndarray = field(default_factory=lambda: np.zeros(0))
     sigma: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # noise-free level with every spike's excess (a spike on top of an earlier level shift
+    # has the shifted level as its baseline)
+    level: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 @dataclass
@@ -338,12 +341,12 @@ def build_log(name: str, category: str, seed: int, n_steps: int, sampling: str,
     main = "run-a"
     if restart is None:
         stop = n
-        runs.append(_sampled(main, s, loss, gn, clean, sigma, sampling, rng, incidents, 0, n))
+        runs.append(_sampled(main, s, loss, gn, clean, sigma, sampling, rng, incidents, 0, n, clean + ex))
         labels += [_label(main, sp, e, sigma, stop) for sp, e in parts]
     else:
         spike_step, back, stop_after = restart
         stop = min(n, spike_step + stop_after)
-        runs.append(_sampled(main, s, loss, gn, clean, sigma, sampling, rng, incidents, 0, stop))
+        runs.append(_sampled(main, s, loss, gn, clean, sigma, sampling, rng, incidents, 0, stop, clean + ex))
         labels += [_label(main, sp, e, sigma, stop, restarted=(sp.step == spike_step))
                    for sp, e in parts if sp.step <= stop]
         # the restart: same curve, fresh noise, no spike at spike_step (the data was skipped
@@ -365,7 +368,7 @@ def build_log(name: str, category: str, seed: int, n_steps: int, sampling: str,
         gn2 = grad * gf2 * np.exp(rng.normal(0.0, 0.08, n))
         loss2[nan2] = np.nan
         gn2[nan2] = np.nan
-        b = _sampled("run-b", s, loss2, gn2, clean, sigma, sampling, rng, incidents, c, n)
+        b = _sampled("run-b", s, loss2, gn2, clean, sigma, sampling, rng, incidents, c, n, clean + ex2)
         b.resumed_from, b.resumed_from_step = main, c
         runs.append(b)
         labels += [_label("run-b", sp, e, sigma, n) for sp, e in parts2]
@@ -376,11 +379,12 @@ def build_log(name: str, category: str, seed: int, n_steps: int, sampling: str,
 
 def _sampled(label: str, s: np.ndarray, loss: np.ndarray, gn: np.ndarray, clean: np.ndarray,
              sigma: np.ndarray, mode: str, rng: np.random.Generator, incidents: tuple[int, ...],
-             lo: int, hi: int) -> TrackerRun:
+             lo: int, hi: int, level: np.ndarray | None = None) -> TrackerRun:
     """The logged points of dense steps lo+1..hi (0-based slice lo:hi)."""
     kept, bucket = sample_points(hi - lo, mode, rng, tuple(i - lo for i in incidents))
     idx = kept - 1 + lo
-    run = TrackerRun(label, s[idx], loss[idx], gn[idx], clean=clean[idx], sigma=sigma[idx])
+    lv = clean if level is None else level
+    run = TrackerRun(label, s[idx], loss[idx], gn[idx], clean=clean[idx], sigma=sigma[idx], level=lv[idx])
     if bucket is not None:
         seg = loss[lo:hi]
         fin = np.where(np.isfinite(seg), seg, np.nan)
