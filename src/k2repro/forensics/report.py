@@ -146,6 +146,11 @@ def _fmt(v: Any, nd: int = 4) -> str:
     return str(v)
 
 
+def _signed(v: Any) -> str:
+    """An excess with its own sign ("+0.73", "-0.12"): a "+" glued to a negative number reads "+-"."""
+    return "+" + _fmt(v) if isinstance(v, int | float) and v >= 0 else _fmt(v)
+
+
 def to_markdown(res: ForensicsResult, obj: dict | None = None) -> str:
     o = obj or to_json(res)
     lines = [f"# Loss-spike forensics: run `{res.run_id}`", ""]
@@ -199,7 +204,7 @@ def to_markdown(res: ForensicsResult, obj: dict | None = None) -> str:
                 extra = f"; injected: {smp['injected']}" if smp.get("injected") else ""
                 flags = f"; {', '.join(smp['flags'])}" if smp.get("flags") else ""
                 lines.append(f"  - sample {smp['sample_id']}: loss {_fmt(smp['loss'])}, "
-                             f"+{_fmt(smp['excess_vs_step'])} vs step median{flags}{extra}")
+                             f"{_signed(smp['excess_vs_step'])} vs step median{flags}{extra}")
         for f in s["faults"]:
             lines.append(f"- injected fault at step {f.get('step')}: {_fmt((f.get('detail') or {}).get('kind'))}")
         for iv in s["interventions"]:

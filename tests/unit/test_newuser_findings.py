@@ -1,0 +1,54 @@
+"""Issue 23's findings on the tools side (eval, diff, forensics, runs, config, callback), one
+test per finding, on small stores written by the real sink or the synthetic run writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from k2repro.audit.sink import AuditSink
+from k2repro.audit.store import open_store
+from k2repro.forensics.attribute import DataParams, rank_step_samples
+from k2repro.tools.diff import diff_runs, render_md, render_text
+
+
+def _write(store: Path, run_id: str, source: str, hparams: dict, steps: dict, name: str | None = None,
+           parent: str | None = None) -> None:
+    sink = AuditSink(store, run_id)
+    sink.start({"name": name or run_id, "source": source, "parent_run_id": parent}, hparams, {}, [])
+    sink.log_steps(steps)
+    sink.flush()
+    sink.close()
+
+
+# -- item 8: no "none" divergence for what cannot be compared; signed excess; top samples
+
+
+def test_diff_does_not_claim_no_batch_divergence_when_hashes_cannot_be_compared(tmp_path: Path) -> None:
+    steps = {"step": [1, 2, 3], "loss": [3.0, 2.5, 2.0], "grad_norm": [1.0, 1.0, 1.0]}
+    _write(tmp_path, "hf-a", "api:transformers", {"trainer.learning_rate": 1e-3}, steps)
+    _write(tmp_path, "hf-b", "api:transformers", {"trainer.learning_rate": 1e-3}, steps)
+    with open_store(tmp_path) as s:
+        d = diff_runs(s, "hf-a", s, "hf-b")
+    assert any(x.startswith("batch_hash:") for x in d["cannot_compare"])
+    for text in (render_text(d), render_md(d)):
+        line = next(ln for ln in text.splitlines() if "first batch_hash divergence" in ln)
+        assert "none" not in line and "not compared" in line, line
+        # loss was compared on both sides: "none" is a finding there
+        assert "first loss divergence (bitwise): none" in text
+
+
+def test_top_samples_are_above_the_step_median_and_the_sign_is_printed_once() -> None:
+    # a batch of 6 (smaller than top_n=10): 2 bad samples, 4 ordinary ones
+    loss = np.array([9.0, 8.5, 3.0, 3.1, 2.9, 3.05])
+    ss = pd.DataFrame({"step": 50, "sample_id": np.arange(6), "loss": loss})
+    da = rank_step_samples(ss, typical=3.0, noise=0.05, p=DataParams())
+    med = float(np.median(loss))
+    assert da.samples, da
+    assert all(s["loss"] > med or s["outlier"] for s in da.samples), da.samples
+    assert {s["sample_id"] for s in da.samples[:2]} == {0, 1}
+    from k2repro.forensics.report import _signed
+
+    assert _signed(-0.7307) == "-0.7307" and _signed(0.5) == "+0.5"
