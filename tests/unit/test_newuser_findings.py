@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from k2repro.audit.sink import AuditSink
 from k2repro.audit.store import open_store
+from k2repro.errors import BadInputError
 from k2repro.forensics.attribute import DataParams, rank_step_samples
 from k2repro.tools.diff import diff_runs, render_md, render_text
 
@@ -52,3 +54,26 @@ def test_top_samples_are_above_the_step_median_and_the_sign_is_printed_once() ->
     from k2repro.forensics.report import _signed
 
     assert _signed(-0.7307) == "-0.7307" and _signed(0.5) == "+0.5"
+
+
+# -- item 6: an exact name wins over a prefix; a replay or resumed child never steals the name
+
+
+def test_name_beats_prefix_and_children_do_not_steal_their_parents_name(tmp_path: Path) -> None:
+    steps = {"step": [1, 2], "loss": [3.0, 2.0]}
+    parent = "mine-lr3e-3-20261204-050000-aaaaaa"
+    _write(tmp_path, parent, "train", {}, steps, name="mine-lr3e-3")
+    # a replay: its id starts with the parent's name
+    _write(tmp_path, "mine-lr3e-3-replay-20261204-051000-bbbbbb", "replay", {}, steps,
+           name="mine-lr3e-3-replay", parent=parent)
+    # a resumed run keeps the name
+    _write(tmp_path, "mine-lr3e-3-20261204-052000-cccccc", "train", {}, {"step": [3], "loss": [1.5]},
+           name="mine-lr3e-3", parent=parent)
+    with open_store(tmp_path) as s:
+        assert s.resolve_run_id("mine-lr3e-3") == parent
+        assert s.resolve_run_id("mine-lr3e-3-replay") == "mine-lr3e-3-replay-20261204-051000-bbbbbb"
+        # the query helpers resolve names as the CLI does
+        assert s.steps("mine-lr3e-3")["step"].tolist() == [1, 2]
+        assert s.run("mine-lr3e-3")["run_id"] == parent
+        with pytest.raises(BadInputError, match="ambiguous"):
+            s.resolve_run_id("mine-lr3e-3-2026")
