@@ -6,14 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 
 from k2repro.audit.sink import AuditSink
 from k2repro.audit.store import open_store
 from k2repro.errors import BadInputError
 from k2repro.forensics.attribute import DataParams, rank_step_samples
 from k2repro.tools.diff import diff_runs, render_md, render_text
+from tests.conftest import k2, tiny_overrides
 
 
 def _write(store: Path, run_id: str, source: str, hparams: dict, steps: dict, name: str | None = None,
@@ -77,3 +78,40 @@ def test_name_beats_prefix_and_children_do_not_steal_their_parents_name(tmp_path
         assert s.run("mine-lr3e-3")["run_id"] == parent
         with pytest.raises(BadInputError, match="ambiguous"):
             s.resolve_run_id("mine-lr3e-3-2026")
+
+
+# -- item 12: no command is a usage error; a short train.seq_len is warned about and recorded
+
+
+def test_no_command_prints_help_and_exits_2(capsys) -> None:  # noqa: ANN001
+    from k2repro.cli.main import main
+
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: k2repro" in err and "COMMAND" in err
+
+
+def test_packed_window_note_says_what_a_short_seq_len_drops() -> None:
+    from k2repro.config.load import packed_window_note
+
+    assert packed_window_note(128, 128, "data/packed") is None
+    note = packed_window_note(64, 128, "data/packed")
+    assert note is not None and note["share_used"] == round(65 / 129, 4)
+    assert "train.seq_len=64" in note["message"] and "65 of 129" in note["message"]
+
+
+def test_short_seq_len_warns_once_and_is_recorded_and_errors_print_no_run_id(packed_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    # packed at 32: train.seq_len=64 is a data error found after the config loads
+    r = k2("train", *tiny_overrides(packed_dir, store, **{"train.seq_len": 64}))
+    assert r.returncode == 2 and "train.seq_len" in r.stderr
+    assert "run_id=" not in r.stdout, r.stdout
+    r = k2("train", *tiny_overrides(packed_dir, store, **{"train.seq_len": 16, "train.max_steps": 2}))
+    assert r.returncode == 0, r.stderr
+    warns = [ln for ln in r.stderr.splitlines() if "train.seq_len=16" in ln]
+    assert len(warns) == 1 and "17 of 33" in warns[0], r.stderr
+    with open_store(store) as s:
+        rid = s.runs()["run_id"].iloc[0]
+        ev = s.events(rid, "data_window_cut")
+    assert len(ev) == 1 and '"packed_seq_len": 32' in ev["detail"].iloc[0]

@@ -209,6 +209,23 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _need(0 < d.dedup_threshold <= 1, "data.dedup_threshold", f"must be in (0, 1] (got {d.dedup_threshold})")
 
 
+def packed_window_note(train_seq_len: int, packed_seq_len: int, packed_dir: str | os.PathLike) -> dict | None:
+    """What a `train.seq_len` shorter than the packed windows costs, or None when it costs
+    nothing. Training cuts every window to its first `train.seq_len + 1` tokens and never
+    sees the rest: legal (a short-context warm-up), but silent data loss when unintended, so
+    the trainer warns once and records this as a `data_window_cut` event."""
+    if train_seq_len >= packed_seq_len:
+        return None
+    used = (train_seq_len + 1) / (packed_seq_len + 1)
+    return {
+        "train_seq_len": int(train_seq_len), "packed_seq_len": int(packed_seq_len), "share_used": round(used, 4),
+        "message": (f"train.seq_len={train_seq_len} is shorter than the {packed_seq_len}-token windows packed in "
+                    f"{Path(packed_dir).name}: every sample is cut to its first {train_seq_len + 1} of "
+                    f"{packed_seq_len + 1} tokens ({100 * used:.0f}%), the rest is never trained on "
+                    f"(re-pack with seq_len {train_seq_len} to train on all of it)"),
+    }
+
+
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return asdict(cfg)
 
