@@ -115,3 +115,35 @@ def test_short_seq_len_warns_once_and_is_recorded_and_errors_print_no_run_id(pac
         rid = s.runs()["run_id"].iloc[0]
         ev = s.events(rid, "data_window_cut")
     assert len(ev) == 1 and '"packed_seq_len": 32' in ev["detail"].iloc[0]
+
+
+# -- item 11: Hydra's whole message with the choices; --print-config / --cfg job
+
+
+def test_config_errors_show_hydras_message_and_the_choices(capsys) -> None:  # noqa: ANN001
+    from k2repro.cli.main import main
+
+    assert main(["train", "data.txt_field=content"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Could not override 'data.txt_field'" in err and "did you mean data.text_field?" in err
+    assert "+data.txt_field=content" in err  # Hydra's own hint survives
+    assert main(["train", "model=tinyy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "available options in 'model': 1b, k2_65b, small, tiny" in err and "did you mean model=tiny?" in err
+    assert "Config search path" not in err
+
+
+def test_print_config_prints_the_resolved_config_that_params_loads_back(capsys, tmp_path: Path) -> None:  # noqa: ANN001
+    from k2repro.cli.main import main
+    from k2repro.config.load import load_config, load_params_file
+
+    for flag in (["--cfg", "job"], ["--print-config"]):
+        assert main(["train", *flag, "model=small", "train.max_steps=7"]) == 0
+        out = capsys.readouterr().out
+        assert "max_steps: 7" in out and "name: small" in out and "run_id=" not in out
+    (tmp_path / "p.yaml").write_text(out)
+    assert load_params_file(tmp_path / "p.yaml") == load_config(["model=small", "train.max_steps=7"])
+    assert main(["train", "--cfg", "hydra"]) == 2
+    assert "only 'job' is supported" in capsys.readouterr().err
