@@ -147,3 +147,30 @@ def test_print_config_prints_the_resolved_config_that_params_loads_back(capsys, 
     assert load_params_file(tmp_path / "p.yaml") == load_config(["model=small", "train.max_steps=7"])
     assert main(["train", "--cfg", "hydra"]) == 2
     assert "only 'job' is supported" in capsys.readouterr().err
+
+
+# -- item 7: eval (and replay) say at once, in one line, what they can do for an API run
+
+
+def test_eval_and_replay_on_an_api_run_say_at_once_what_they_can_and_cannot_do(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from k2repro.audit import start
+    from k2repro.cli.main import main
+
+    store = tmp_path / "store"
+    cfg = {"trainer": {"learning_rate": 1e-3, "output_dir": "out", **{f"opt_{i}": i for i in range(60)}},
+           "model": {"hidden_size": 16}}
+    with start(store, config=cfg, name="hf-mine", source="api:transformers", rank=0, world_size=1) as run:
+        for step in (1, 2, 3):
+            run.log_step(step, loss=3.0 / step)
+            ck = tmp_path / "out" / f"checkpoint-{step}"
+            ck.mkdir(parents=True)
+            run.log_checkpoint(step, ck)
+    for argv in (["eval", "hf-mine"], ["replay", "hf-mine", "--from-step", "1", "--to-step", "2"]):
+        assert main([*argv, "--store", str(store)]) == 2
+        err = capsys.readouterr().err.strip()
+        if argv[0] == "eval":
+            assert "its 3 recorded checkpoint(s) are that loop's own folders" in err, err
+        assert len(err.splitlines()) == 1, err
+        assert "recorded by another training loop through the audit API (api:transformers)" in err
+        assert "can: runs, sql, diff, forensics, report; cannot: eval, replay" in err
+        assert "config keys unknown" not in err and "ckpt.interval" not in err

@@ -215,6 +215,11 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         manifest_rows = st.sql("SELECT artifact, sha256 FROM data_manifest WHERE run_id = ?",
                                [run_id]).to_dict("records")
         eval_rows = st.execute(EVAL_ROWS_SQL, [run_id]).fetchall()
+    from k2repro.tools.capability import capability_line
+
+    refuse = capability_line("eval", run_id, row.get("source"), len(recorded))
+    if refuse:  # before its config is read: an API run's config is not k2repro's
+        raise BadInputError(refuse)
     out_root = Path(out_store or root)
     if out_root.is_dir() and not _inside(out_root, root):  # the query layer sees nested roots already
         with open_store(out_root) as st:
@@ -223,7 +228,9 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         raise BadInputError(f"run {run_id} has no resolved config in {root} (imported runs cannot be evaluated)")
     config, dropped = known_keys(json.loads(row["config_json"]))
     if dropped:
-        _eprint(f"eval {run_id}: config keys unknown to this k2repro ignored: {', '.join(dropped)}")
+        more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+        _eprint(f"eval {run_id}: {len(dropped)} config key(s) unknown to this k2repro ignored: "
+                f"{', '.join(dropped[:5])}{more}")
     cfg = from_dict(config)
     ddir = Path(data_dir or cfg.data.packed_dir)
     ds_train, ds_val = PackedDataset(ddir, "train"), PackedDataset(ddir, "val")
