@@ -174,3 +174,97 @@ def test_eval_and_replay_on_an_api_run_say_at_once_what_they_can_and_cannot_do(t
         assert "recorded by another training loop through the audit API (api:transformers)" in err
         assert "can: runs, sql, diff, forensics, report; cannot: eval, replay" in err
         assert "config keys unknown" not in err and "ckpt.interval" not in err
+
+
+# -- item 13: eval and forensics show their phases on stderr; --json stays clean
+
+
+def test_forensics_shows_its_phases_on_stderr_and_keeps_json_clean(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    import json
+
+    from k2repro.cli.main import main
+    from k2repro.forensics.synthetic import InjectedSpike, SyntheticRun, write_run
+
+    write_run(tmp_path / "s", SyntheticRun(run_id="phases", n_steps=200, seed=3,
+                                           spikes=(InjectedSpike("bad_batch", 120),)))
+    assert main(["forensics", "phases", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "o"),
+                 "--json", "--no-html", "--no-spike-rows"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["run_id"] == "phases"
+    err = cap.err
+    assert "forensics phases: detecting episodes" in err
+    assert "forensics phases: 200 steps read, 1 episode(s) analysed" in err
+    assert "forensics phases: writing reports to" in err
+
+
+def test_progress_is_plain_lines_off_a_terminal_and_a_live_bar_on_one() -> None:
+    import io
+
+    from k2repro.cli.progress import Progress
+
+    plain = io.StringIO()
+    with Progress("eval r", stream=plain) as p:
+        p.total(2)
+        p("loading weights")
+        p.advance()
+        p.note("step 1 done")
+    assert plain.getvalue().splitlines() == ["eval r: loading weights", "step 1 done"]
+    tty = io.StringIO()
+    with Progress("eval r", stream=tty, fancy=True) as p:
+        assert p.fancy
+        p.total(2)
+        p("loading weights")
+        p.advance()
+        p.note("step 1 done")
+    assert "step 1 done" in tty.getvalue() and "\x1b[" in tty.getvalue()  # rich drew on the terminal
+
+
+# -- item 9: forensics shows (and measures) what the model trained on, not the displaced sample
+
+
+def test_a_replaced_sample_shows_the_decoded_tokens_the_model_trained_on(tmp_path: Path) -> None:
+    import json
+
+    import k2repro
+    from k2repro.data.dedup import dedup
+    from k2repro.data.pack import pack, sample_text
+    from k2repro.data.packed import PackedDataset
+    from k2repro.data.prepare import prepare
+    from k2repro.data.tokenizer import decode, load_tokenizer, train_tokenizer
+    from k2repro.forensics.analyze import analyze_run
+    from k2repro.forensics.report import write_reports
+    from k2repro.forensics.synthetic import InjectedSpike, SyntheticRun, write_run
+    from k2repro.forensics.textfeat import token_features
+    from k2repro.train.faults import inject_bad_batch
+    from tests.conftest import REPO
+
+    w = tmp_path / "work"
+    prepare(REPO / "data" / "sample", w / "prepared", max_docs=30, val_fraction=0.1)
+    dedup(w / "prepared", w / "dedup")
+    train_tokenizer(w / "dedup", w / "tokenizer", vocab_size=300, min_frequency=2)
+    pack(w / "dedup", w / "tokenizer", w / "packed", seq_len=32)
+    ds = PackedDataset(w / "packed", "train")
+    write_run(tmp_path / "s", SyntheticRun(
+        run_id="inj", n_steps=200, seed=5, batch=8, sample_id_mod=len(ds),
+        extra_hparams={"data.packed_dir": str(w / "packed")}, spikes=(InjectedSpike("bad_batch", 120),)))
+    with k2repro.open_store(tmp_path / "s") as s:
+        res = analyze_run(s, "inj")
+        d = json.loads(s.events("inj", "fault_injected")["detail"].iloc[0])
+    sp = [x for x in res.spikes if x.data and x.data.verdict == "data"][0]
+    assert sp.data.step == 120
+    # what the trainer fed the model at step 120: its own injection applied to the packed batch
+    ids = [((120 - 1) * 8 + j) % len(ds) for j in range(8)]  # the synthetic run's batch at step 120
+    trained = inject_bad_batch(ds.get(ids), np.arange(8), np.array(d["positions"]), 5, d["data_position"],
+                               ds.vocab_size, d["bad_batch_kind"])
+    tok = load_tokenizer(w / "tokenizer")
+    replaced = [x for x in sp.data.samples if x.get("injected")]
+    assert replaced and len(replaced) == len(d["sample_ids"])
+    for smp in replaced:
+        row = trained[d["positions"][d["sample_ids"].index(smp["sample_id"])]]
+        assert smp.get("replaced") is True
+        assert smp["text"] == decode(tok, row).strip("\ufffd")[: len(smp["text"])]
+        original = "\n".join(x["snippet"] for x in sample_text(w / "packed", "train", smp["sample_id"]))
+        assert smp["text"] != original[: len(smp["text"])]
+        assert {k: smp["features"][k] for k in token_features(row)} == token_features(row)
+    html = write_reports(res, tmp_path / "out")["html"].read_text(encoding="utf-8")
+    assert "what the model trained on" in html and "the original sample; the fault replaced it" not in html

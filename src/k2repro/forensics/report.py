@@ -352,7 +352,9 @@ def _spike_html(i: int, sp: Spike, s: dict, plots: bool) -> str:
                         flags = ", ".join(smp.get("flags") or [])
                         row.append(f'<span class="mono">{ftxt}</span>' + (f"<br><b>{_e(flags)}</b>" if flags else ""))
                     elif c == "text":
-                        orig = ('<p class="note">the original sample; the fault replaced it in training</p>'
+                        orig = ('<p class="note">what the model trained on: the tokens the fault put in '
+                                'place of this sample, decoded</p>' if v and smp.get("replaced") else
+                                '<p class="note">the original sample; the fault replaced it in training</p>'
                                 if v and smp.get("injected") else "")
                         row.append(f'{orig}<div class="txt">{_e(v)}</div>' if v else "")
                     else:
