@@ -268,3 +268,26 @@ def test_a_replaced_sample_shows_the_decoded_tokens_the_model_trained_on(tmp_pat
         assert {k: smp["features"][k] for k in token_features(row)} == token_features(row)
     html = write_reports(res, tmp_path / "out")["html"].read_text(encoding="utf-8")
     assert "what the model trained on" in html and "the original sample; the fault replaced it" not in html
+
+
+# -- item 16: `make bench` installs the peers and stops loudly when one does not import
+
+
+def test_bench_installs_its_peers_and_a_missing_peer_stops_the_logger_comparison(monkeypatch, capsys) -> None:  # noqa: ANN001
+    import re
+    import sys
+
+    from tests.conftest import REPO
+
+    make = (REPO / "Makefile").read_text()
+    recipe = re.search(r"^bench: (.+)$", make, re.M)
+    assert recipe, "no bench target"
+    stamp = recipe.group(1).split()[0]
+    rule = re.search(rf"^{re.escape(stamp)}:.*\n((?:\t.*\n)+)", make, re.M)
+    assert rule and "pip install" in rule.group(1) and "bench]" in rule.group(1), rule
+    from bench import logger_throughput as lt
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what an install without the extra looks like
+    assert lt.check_peers(["wandb_offline"]) == 1
+    err = capsys.readouterr().err
+    assert "peer 'wandb_offline' cannot run (wandb: ModuleNotFoundError" in err and "bench extra" in err
