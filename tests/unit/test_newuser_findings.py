@@ -291,3 +291,13 @@ def test_bench_installs_its_peers_and_a_missing_peer_stops_the_logger_comparison
     assert lt.check_peers(["wandb_offline"]) == 1
     err = capsys.readouterr().err
     assert "peer 'wandb_offline' cannot run (wandb: ModuleNotFoundError" in err and "bench extra" in err
+
+
+def test_a_params_file_with_an_unknown_key_names_the_closest_one(tmp_path: Path) -> None:
+    # what `dvc exp run -S data.txt_field=content` leaves in params.yaml
+    from k2repro.config.load import load_params_file
+    from k2repro.errors import ConfigError
+
+    (tmp_path / "params.yaml").write_text("data:\n  txt_field: content\n")
+    with pytest.raises(ConfigError, match=r"did you mean data\.text_field\?; keys of data: name, source"):
+        load_params_file(tmp_path / "params.yaml")

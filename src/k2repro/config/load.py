@@ -178,6 +178,8 @@ def from_dict(data: dict) -> RunConfig:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         msg = _first_line(exc)
+        hint = _schema_hint(str(key)) if key else ""  # a key that does not exist: the ones that do
+        msg = f"{msg}: {hint}" if hint else msg
         raise ConfigError(f"config key '{key}': {msg}" if key else f"config: {msg}") from None
     assert isinstance(cfg, RunConfig)
     return cfg
