@@ -153,6 +153,8 @@ def test_print_config_prints_the_resolved_config_that_params_loads_back(capsys, 
 
 
 def test_eval_and_replay_on_an_api_run_say_at_once_what_they_can_and_cannot_do(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    import json
+
     from k2repro.audit import start
     from k2repro.cli.main import main
 
@@ -174,6 +176,11 @@ def test_eval_and_replay_on_an_api_run_say_at_once_what_they_can_and_cannot_do(t
         assert "recorded by another training loop through the audit API (api:transformers)" in err
         assert "can: runs, sql, diff, forensics, report; cannot: eval, replay" in err
         assert "config keys unknown" not in err and "ckpt.interval" not in err
+    # batch works, with less: it says so in one line on stderr, and --json stays one object
+    assert main(["batch", "hf-mine", "--step", "2", "--store", str(store), "--json"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["step"] == 2
+    assert len(cap.err.strip().splitlines()) == 1 and "`batch` shows only the sample ids" in cap.err, cap.err
 
 
 # -- item 13: eval and forensics show their phases on stderr; --json stays clean

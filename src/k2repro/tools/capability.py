@@ -37,6 +37,20 @@ def describe(source: str | None) -> str:
             "import": f"imported from another tool's logs ({s})"}.get(origin(s), f"trained by k2repro ({s})")
 
 
+#: Tools that work for every source but can do less for a run k2repro did not train.
+PARTIAL = {
+    "batch": "shows only the sample ids and losses the loop logged (run.log_samples); it cannot "
+             "recompute the batch from a seed and data order, or decode text, without a k2repro run",
+}
+
+
+def partial_line(tool: str, run_id: str, source: str | None) -> str:
+    """One line saying what `tool` can still do for a run k2repro did not train (empty if all)."""
+    if origin(source) == "k2repro" or tool not in PARTIAL:
+        return ""
+    return f"run {run_id} was {describe(source)}: `{tool}` {PARTIAL[tool]}"
+
+
 def can_do(tool: str, source: str | None) -> bool:
     return tool not in NEEDS_K2REPRO or origin(source) == "k2repro"
 
@@ -53,4 +67,5 @@ def capability_line(tool: str, run_id: str, source: str | None, n_checkpoints: i
             f"For this run k2repro can: {', '.join(RECORD_TOOLS)}; cannot: {', '.join(NEEDS_K2REPRO)}")
 
 
-__all__ = ["RECORD_TOOLS", "NEEDS_K2REPRO", "origin", "describe", "can_do", "capability_line"]
+__all__ = ["RECORD_TOOLS", "NEEDS_K2REPRO", "PARTIAL", "origin", "describe", "can_do", "capability_line",
+           "partial_line"]
