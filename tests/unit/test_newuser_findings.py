@@ -3,6 +3,7 @@ test per finding, on small stores written by the real sink or the synthetic run 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from k2repro.audit.store import open_store
 from k2repro.errors import BadInputError
 from k2repro.forensics.attribute import DataParams, rank_step_samples
 from k2repro.tools.diff import diff_runs, render_md, render_text
-from tests.conftest import k2, tiny_overrides
+from tests.conftest import tiny_overrides
 
 
 def _write(store: Path, run_id: str, source: str, hparams: dict, steps: dict, name: str | None = None,
@@ -102,15 +103,32 @@ def test_packed_window_note_says_what_a_short_seq_len_drops() -> None:
 
 def test_short_seq_len_warns_once_and_is_recorded_and_errors_print_no_run_id(packed_dir: Path,
                                                                               tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
     store = tmp_path / "store"
-    # packed at 32: train.seq_len=64 is a data error found after the config loads
-    r = k2("train", *tiny_overrides(packed_dir, store, **{"train.seq_len": 64}))
-    assert r.returncode == 2 and "train.seq_len" in r.stderr
-    assert "run_id=" not in r.stdout, r.stdout
-    r = k2("train", *tiny_overrides(packed_dir, store, **{"train.seq_len": 16, "train.max_steps": 2}))
-    assert r.returncode == 0, r.stderr
-    warns = [ln for ln in r.stderr.splitlines() if "train.seq_len=16" in ln]
-    assert len(warns) == 1 and "17 of 33" in warns[0], r.stderr
+    # one process for both launches (one torch import): packed at 32, train.seq_len=64 is a data
+    # error found after the config loads; train.seq_len=16 trains on half of every window
+    script = ("import contextlib, io, json, sys\n"
+              "from k2repro.cli.main import main\n"
+              "res = []\n"
+              "for argv in json.loads(sys.argv[1]):\n"
+              "    out, err = io.StringIO(), io.StringIO()\n"
+              "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+              "        rc = main(['train', *argv])\n"
+              "    res.append([rc, out.getvalue(), err.getvalue()])\n"
+              "print('RESULT ' + json.dumps(res))\n")
+    launches = [tiny_overrides(packed_dir, store, **{"train.seq_len": 64}),
+                tiny_overrides(packed_dir, store, **{"train.seq_len": 16, "train.max_steps": 2})]
+    p = subprocess.run([sys.executable, "-c", script, json.dumps(launches)], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    (rc, out, err), (rc2, out2, err2) = json.loads(p.stdout.split("RESULT ", 1)[1])
+    assert rc == 2 and "train.seq_len" in err and "run_id=" not in out, (out, err)
+    assert rc2 == 0 and "run_id=" in out2, err2
+    warns = [ln for ln in err2.splitlines() if "train.seq_len=16" in ln]
+    assert len(warns) == 1 and "17 of 33" in warns[0], err2
     with open_store(store) as s:
         rid = s.runs()["run_id"].iloc[0]
         ev = s.events(rid, "data_window_cut")
