@@ -19,8 +19,10 @@ conformance, no redaction), to show what the sink's safety costs.
     .venv/bin/python bench/logger_throughput.py            # writes reports/bench/logger.json
     .venv/bin/python bench/logger_throughput.py --quick    # 2,000 steps everywhere (smoke run)
 
-Bench-only packages: `pip install -e '.[bench]'`. A logger that cannot be imported is recorded
-as skipped with the reason.
+Bench-only packages: the `bench` extra (`make bench` installs it). A peer logger that cannot be
+imported stops the full run before anything is measured (exit 1, naming the package): the
+comparison is the point, so it is never quietly shorter. `--check-peers` does only that check;
+`--only NAME ...` runs a subset and needs only those.
 """
 
 from __future__ import annotations
@@ -213,6 +215,9 @@ RUNNERS = {
     "dvclive": run_dvclive,
     "wandb_offline": run_wandb,
 }
+#: The modules each peer logger imports (MLflow's SQLite store needs SQLAlchemy and Alembic).
+PEER_MODULES = {"tensorboardX": ("tensorboardX",), "mlflow_sqlite": ("mlflow", "sqlalchemy", "alembic"),
+                "mlflow_file": ("mlflow",), "dvclive": ("dvclive",), "wandb_offline": ("wandb",)}
 PACKAGES = {"tensorboardX": "tensorboardX", "mlflow_sqlite": "mlflow-skinny", "mlflow_file": "mlflow-skinny",
             "dvclive": "dvclive", "wandb_offline": "wandb", "k2repro_sink": "k2repro", "parquet_sync_per_flush": "pyarrow"}
 
@@ -248,16 +253,53 @@ def spawn(name: str, n: int, timeout: int) -> dict:
     return json.loads(lines[-1])
 
 
+def missing_peers(only: list[str] | None = None) -> dict[str, str]:
+    """{logger: why it cannot run} for the peer loggers (all, or those in `only`) whose modules
+    do not import here; each import is tried for real (an installed but broken package counts)."""
+    import importlib
+
+    out: dict[str, str] = {}
+    for name, modules in PEER_MODULES.items():
+        if only and name not in only:
+            continue
+        for mod in modules:
+            try:
+                importlib.import_module(mod)
+            except Exception as exc:  # noqa: BLE001 - any failure to import means the peer is missing
+                out[name] = f"{mod}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+                break
+    return out
+
+
+def check_peers(only: list[str] | None = None) -> int:
+    """Print one line per missing peer and the fix; 0 when every peer imports, else 1."""
+    miss = missing_peers(only)
+    for name, why in miss.items():
+        print(f"logger_throughput: peer '{name}' cannot run ({why})", file=sys.stderr)
+    if miss:
+        pkgs = sorted({PACKAGES[n] for n in miss} | ({"sqlalchemy", "alembic"} if "mlflow_sqlite" in miss else set()))
+        print(f"logger_throughput: install the bench extra (pip install '.[bench]', or {' '.join(pkgs)}); "
+              "`make bench` does", file=sys.stderr)
+        return 1
+    print("logger_throughput: every peer logger imports: " + ", ".join(
+        n for n in PEER_MODULES if not only or n in only))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="2,000 steps for every logger (smoke run)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these loggers")
+    ap.add_argument("--check-peers", action="store_true",
+                    help="only check that every peer logger imports (exit 1 naming those that do not)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.steps or STEPS)))
         return 0
+    if args.check_peers or check_peers(args.only):
+        return check_peers(args.only) if args.check_peers else 1
 
     def summarize(name: str, runs: list[dict], n: int) -> dict:
         ok = [r for r in runs if "skipped" not in r]

@@ -54,6 +54,7 @@ HF_SCRIPT = textwrap.dedent('''
         tr = Trainer(model=LlamaForCausalLM(cfg), args=args(10), train_dataset=data, callbacks=[cb])
         tr.train()
     out["main"] = cb.run_id
+    out["main_run"] = None if cb.run is None else cb.run.run_id  # the run stays on the callback
     out["hf_losses"] = [h["loss"] for h in tr.state.log_history if "loss" in h]
     out["n_params"] = sum(1 for p in tr.model.parameters() if p.requires_grad)
     cb = K2ReproCallback(store, name="hf-tiny-resumed")
@@ -113,6 +114,7 @@ PL_SCRIPT = textwrap.dedent('''
             tr.fit(module, dl(), ckpt_path=ckpt_path)
         except RuntimeError:
             pass
+        assert cb.run is not None and cb.run.run_id == cb.run_id, "cb.run after fit"
         return cb.run_id
 
     torch.manual_seed(0)
@@ -240,6 +242,7 @@ def test_transformers_trainer_run(runs) -> None:
     with open_store(runs["store"]) as st:
         rid = r["main"]
         _check_filled(st, rid, "api:transformers", 10, [2, 4, 6, 8, 10], r["n_params"], [5, 10])
+        assert r["main_run"] == rid  # cb.run is the run after training, not None (issue 23 item 15)
         assert st.steps(rid)["loss"].tolist() == r["hf_losses"]  # the Trainer's own numbers, exactly
         hp = st.hparams(rid)
         assert hp["trainer.max_steps"] == 10 and hp["trainer.learning_rate"] == 1e-3

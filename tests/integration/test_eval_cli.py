@@ -94,6 +94,10 @@ def test_evals_has_every_metric_for_every_checkpoint(world: dict) -> None:
     # the progress lines
     for step in (20, 40, 60, 80):
         assert re.search(rf"step {step} \(\d/4\): val/loss", world["ws1"].stderr)
+        # and the phases while it works (issue 23 item 13)
+        for phase in ("loading weights", "perplexity over", r"memorization over \d+ training sequences"):
+            assert re.search(rf"step {step} \(\d/4\): {phase}", world["ws1"].stderr), phase
+    assert "4 checkpoint(s) to evaluate" in world["ws1"].stderr
     # the same rows are visible from a root above both stage folders
     assert len(_evals(world["base"], world["run_id"])) >= 2 * 4 * len(METRICS)
 

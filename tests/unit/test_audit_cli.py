@@ -91,10 +91,13 @@ def test_empty_and_missing_store_answer_zero_rows(tmp_path):
     for root in (tmp_path / "missing", tmp_path):
         res = k2("sql", "SELECT * FROM steps", "--store", str(root), "--json")
         assert res.returncode == 0 and json.loads(res.stdout) == []
-        res = k2("runs", "--store", str(root), "--json")
-        assert res.returncode == 0 and json.loads(res.stdout) == []
+    res = k2("runs", "--store", str(tmp_path), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout) == []
+    # `runs` on a store that does not exist is bad input, not "no runs yet" (issue 23 item 12)
+    res = k2("runs", "--store", str(tmp_path / "missing"), "--json")
+    assert res.returncode == 2 and res.stdout == "" and "no store at" in res.stderr
     res = k2("runs", cwd=tmp_path)  # default store: ./runs (missing here)
-    assert res.returncode == 0 and "(0 rows)" in res.stdout
+    assert res.returncode == 2 and "no store at runs" in res.stderr
     assert not (tmp_path / "runs").exists()
 
 

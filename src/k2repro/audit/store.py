@@ -110,7 +110,9 @@ class Store:
         return self.sql("SELECT * FROM runs ORDER BY started_at, run_id")
 
     def run(self, run_id: str) -> dict[str, Any]:
-        """The `runs` row of one run as a dict; BadInputError if the store has no such run."""
+        """The `runs` row of one run (id, name or unique prefix) as a dict; BadInputError if
+        the store has no such run."""
+        run_id = self.resolve_run_id(run_id)
         cur = self.con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
         row = cur.fetchone()
         if row is None:
@@ -118,61 +120,66 @@ class Store:
         return dict(zip([d[0] for d in cur.description], row, strict=True))
 
     def resolve_run_id(self, ref: str) -> str:
-        """An exact run id, else a unique run id prefix, else a unique run name."""
-        ids = [r[0] for r in self.con.execute("SELECT DISTINCT run_id FROM runs_raw").fetchall()]
+        """An exact run id, else an exact run name, else a unique run id prefix.
+
+        A name wins over a prefix because run ids start with the run's name: after one replay
+        (`<name>-replay-...`) the name is a prefix of two ids. Runs sharing a name (a resumed
+        run keeps it) resolve to the one whose parent is not among them: a child never steals
+        its parent's name."""
+        rows = self.con.execute("SELECT DISTINCT run_id, name, parent_run_id FROM runs_raw").fetchall()
+        ids = {r[0] for r in rows}
         if ref in ids:
             return ref
-        hits = [i for i in ids if i.startswith(ref)]
+        named = sorted({r[0] for r in rows if r[1] == ref})
+        if len(named) > 1:
+            parent = {r[0]: r[2] for r in rows}
+            named = [i for i in named if parent.get(i) not in named] or named
+        hits = named or sorted(i for i in ids if i.startswith(ref))
         if len(hits) == 1:
             return hits[0]
         if not hits:
-            hits = [r[0] for r in self.con.execute(
-                "SELECT DISTINCT run_id FROM runs_raw WHERE name = ?", [ref]).fetchall()]
-            if len(hits) == 1:
-                return hits[0]
-        if not hits:
             raise BadInputError(f"no run '{ref}' in store {self.root}")
-        raise BadInputError(f"run '{ref}' is ambiguous in store {self.root}: {', '.join(sorted(hits)[:5])}")
+        raise BadInputError(f"run '{ref}' is ambiguous in store {self.root}: {', '.join(hits[:5])}")
 
-    def _need_run(self, run_id: str) -> None:
-        if self.con.execute("SELECT 1 FROM runs_raw WHERE run_id = ? LIMIT 1", [run_id]).fetchone() is None:
-            raise BadInputError(f"no run '{run_id}' in store {self.root}")
+    def _need_run(self, run_id: str) -> str:
+        """The run id `run_id` names (an id, a name or a unique prefix, as the CLI resolves it)."""
+        return self.resolve_run_id(run_id)
 
     def steps(self, run_id: str) -> pd.DataFrame:
         """The run's `steps` rows ordered by step."""
-        self._need_run(run_id)
+        run_id = self._need_run(run_id)
         return self.sql("SELECT * FROM steps WHERE run_id = ? ORDER BY step", [run_id])
 
     def layer_stats(self, run_id: str, step: int | None = None) -> pd.DataFrame:
-        self._need_run(run_id)
+        run_id = self._need_run(run_id)
         q = "SELECT * FROM layer_stats WHERE run_id = ?" + (" AND step = ?" if step is not None else "")
         return self.sql(q + " ORDER BY step, param", [run_id] + ([step] if step is not None else []))
 
     def sample_stats(self, run_id: str, step: int | None = None) -> pd.DataFrame:
-        self._need_run(run_id)
+        run_id = self._need_run(run_id)
         q = "SELECT * FROM sample_stats WHERE run_id = ?" + (" AND step = ?" if step is not None else "")
         return self.sql(q + " ORDER BY step, batch_pos, sample_id", [run_id] + ([step] if step is not None else []))
 
     def events(self, run_id: str, kind: str | None = None) -> pd.DataFrame:
-        self._need_run(run_id)
+        run_id = self._need_run(run_id)
         q = "SELECT * FROM events WHERE run_id = ?" + (" AND kind = ?" if kind else "")
         return self.sql(q + " ORDER BY time", [run_id] + ([kind] if kind else []))
 
     def checkpoints(self, run_id: str) -> pd.DataFrame:
-        self._need_run(run_id)
+        run_id = self._need_run(run_id)
         return self.sql("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step", [run_id])
 
     def hparams(self, run_id: str) -> dict[str, Any]:
         """Dotted key -> typed value (floats exact), as the run resolved its config."""
         from k2repro.audit.sink import parse_hparam
 
-        self._need_run(run_id)
+        run_id = self._need_run(run_id)
         rows = self.con.execute("SELECT key, value, value_type FROM hparams WHERE run_id = ? ORDER BY key",
                                 [run_id]).fetchall()
         return {k: parse_hparam(v, t) for k, v, t in rows}
 
     def env(self, run_id: str, rank: int = 0) -> dict[str, str]:
-        self._need_run(run_id)
+        run_id = self._need_run(run_id)
         rows = self.con.execute("SELECT key, value FROM env WHERE run_id = ? AND rank = ? ORDER BY key",
                                 [run_id, rank]).fetchall()
         return dict(rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from k2repro.cli.render import jsonable
 
@@ -24,8 +25,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from k2repro.audit.store import open_store
     from k2repro.tools.batch import batch_lookup, render_text
+    from k2repro.tools.capability import partial_line
 
     with open_store(args.store) as store:
         report = batch_lookup(store, args.run, args.step, packed_dir=args.packed_dir, text=not args.no_text)
+        limits = partial_line("batch", report["run_id"], store.run(report["run_id"]).get("source"))
+    if limits:  # stderr: --json stays one object
+        print(f"k2repro batch: {limits}", file=sys.stderr)
     print(json.dumps(jsonable(report), allow_nan=False, ensure_ascii=False) if args.json else render_text(report))
     return 0

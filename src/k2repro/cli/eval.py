@@ -78,12 +78,17 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     results: list[dict] = []
     if plan.todo:
+        print(f"eval {plan.run_id}: {len(plan.todo)} checkpoint(s) to evaluate (files verified against their "
+              f"manifests), {len(plan.skipped)} already done; rows go to {plan.out_store}", file=sys.stderr, flush=True)
         if args.nproc == 1:
+            from k2repro.cli.progress import Progress
             from k2repro.distributed.init import init_distributed
             from k2repro.eval.runner import evaluate
 
-            results = evaluate(plan, init_distributed("auto"))
+            with Progress() as prog:
+                results = evaluate(plan, init_distributed("auto"), progress=prog)
         else:
+            print(f"eval {plan.run_id}: launching {args.nproc} ranks (torchrun)", file=sys.stderr, flush=True)
             code, payload = _launch(plan, args.nproc)
             if code:
                 if "error" in payload:

@@ -116,7 +116,16 @@ def run(args: argparse.Namespace) -> int:
     src = open_source(store)
     # an exact run id, a unique prefix of one, or a unique run name (the pipeline passes its name)
     run_id = src.resolve_run_id(args.run) if hasattr(src, "resolve_run_id") else args.run
-    res = analyze_run(src, run_id, params)
+    from k2repro.cli.progress import Progress
+
+    prog = Progress(f"forensics {run_id}")
+    prog("detecting episodes, then precursors, layers and data for each")
+    try:
+        res = analyze_run(src, run_id, params)
+    finally:
+        prog.close()
+    prog.note(f"forensics {run_id}: {res.n_steps} steps read, {len(res.spikes)} episode(s) analysed "
+              f"[{res.timings.get('total_s', 0.0):.1f}s]")
     if args.replay:
         from k2repro.forensics.causal import causal_check
 
@@ -124,9 +133,13 @@ def run(args: argparse.Namespace) -> int:
         for sp in res.spikes:
             c = causal_check(store, res, sp, progress=lambda m: print(f"[replay] {m}", file=sys.stderr, flush=True))
             res.notes.append(f"causal check, spike at {sp.episode.onset_step}: {c['verdict']}: {c['reason']}")
-    paths = write_reports(res, args.out, html_report=not args.no_html)
-    if not args.no_spike_rows:
-        paths["spikes"] = write_spike_rows(res, args.out_store or args.store)
+    prog = Progress(f"forensics {run_id}")
+    with prog:
+        prog(f"writing reports to {args.out}")
+        paths = write_reports(res, args.out, html_report=not args.no_html)
+        if not args.no_spike_rows:
+            prog(f"writing spike rows to {args.out_store or args.store}")
+            paths["spikes"] = write_spike_rows(res, args.out_store or args.store)
     obj = to_json(res)
     if args.json:
         obj["files"] = {k: str(v) for k, v in paths.items()}

@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv and not argv[0].startswith("-"):
             print(f"k2repro: unknown command '{argv[0]}' (see k2repro --help)", file=sys.stderr)
             return 2
-        parser.parse_args(argv or ["--help"])
+        if not argv:  # no command is a usage error (argparse's convention: help on stderr, exit 2)
+            parser.print_help(sys.stderr)
+            return 2
+        parser.parse_args(argv)
         return 0
     module = importlib.import_module(f"k2repro.cli.{cmds[chosen][0]}")
     try:

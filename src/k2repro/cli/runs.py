@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from k2repro.cli.render import add_format_args, chosen_format, render
 
@@ -23,10 +24,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from k2repro.audit.store import open_store
+    from k2repro.audit.store import default_store, open_store
+    from k2repro.errors import BadInputError
 
     fmt = chosen_format(args)
-    store = open_store(args.store, sandbox=True)
+    root = Path(args.store) if args.store else default_store()
+    if not root.is_dir():  # an empty table would read as "no runs yet" for a mistyped path
+        raise BadInputError(f"no store at {root} (pass --store or set K2REPRO_STORE)")
+    store = open_store(root, sandbox=True)
     try:
         where = "WHERE r.status = ?" if args.status else ""
         cur = store.execute(

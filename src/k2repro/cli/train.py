@@ -30,6 +30,7 @@ Train with Hydra overrides, e.g.
 --config-name NAME   top-level config in conf/ (default: config)
 --params FILE        a composed config as YAML instead of conf/ (the DVC stage reads params.yaml,
                      so that `dvc exp run -S key=value` reaches training)
+--print-config       print the resolved config as YAML and exit (Hydra's `--cfg job` works too)
 Prints run_id=<id>. Exit codes: 0 ok, 2 bad config or input, 3 spike guard abort.
 """
 
@@ -77,11 +78,15 @@ def dry_run(cfg) -> int:  # noqa: ANN001
 
 
 def run_raw(argv: list[str]) -> int:
-    from k2repro.config.load import load_config, load_params_file
+    from k2repro.config.load import load_config, load_params_file, split_print_config, to_yaml
     from k2repro.train.ids import new_run_id
 
+    argv, show = split_print_config(argv)
     name, overrides, params = _split(argv)
     cfg = load_params_file(params, overrides) if params else load_config(overrides, name)
+    if show:
+        print(to_yaml(cfg), end="")
+        return 0
     if cfg.train.dry_run:
         return dry_run(cfg)
     nproc = cfg.parallel.nproc

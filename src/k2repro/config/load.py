@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,94 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def _schema_hint(dotted: str) -> str:
+    """Where a dotted key leaves the schema, the keys that exist there and the closest ones,
+    e.g. "'data' has no key 'txt_field' (did you mean data.text_field?; keys of data: ...)"."""
+    import dataclasses
+    import difflib
+
+    node: Any = RunConfig()
+    done: list[str] = []
+    for part in dotted.lstrip("+~").split("."):
+        if not dataclasses.is_dataclass(node):
+            return ""
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            where = ".".join(done)
+            close = difflib.get_close_matches(part, names, n=2, cutoff=0.6)
+            mean = f"did you mean {' or '.join((where + '.' if where else '') + c for c in close)}?; " if close else ""
+            return (f"{repr(where) if where else 'the config'} has no key '{part}' "
+                    f"({mean}keys of {where or 'the config'}: {', '.join(names)})")
+        done.append(part)
+        node = getattr(node, part)
+    return ""
+
+
+_OPTIONS = re.compile(r"Available options in '([^']+)':\s*\n((?:[ \t]+\S[^\n]*\n?)+)")
+_MISSING = re.compile(r"Could not find '([^']+)/([^'/]+)'")
+_OVERRIDE = re.compile(r"Could not override '([^']+)'")
+
+
+def hydra_message(exc: BaseException) -> str:
+    """Hydra's whole message on one line, with what it leaves out: the options of a config
+    group ("model=tinyy": 1b, k2_65b, small, tiny; did you mean tiny?) and, for a key that does
+    not exist, the keys that do. Its 'Config search path' tail (paths of this machine) is dropped."""
+    import difflib
+
+    text = str(exc).split("Config search path:")[0]
+    options: list[str] = []
+    m = _OPTIONS.search(text)
+    if m:
+        options = [ln.strip() for ln in m.group(2).splitlines() if ln.strip()]
+        text = text[: m.start()] + f"available options in '{m.group(1)}': {', '.join(options)}" + text[m.end():]
+    miss = _MISSING.search(text)
+    if miss and options:
+        close = difflib.get_close_matches(miss.group(2), options, n=1, cutoff=0.6)
+        if close:
+            text += f" (did you mean {miss.group(1)}={close[0]}?)"
+    over = _OVERRIDE.search(text)
+    if over:
+        hint = _schema_hint(over.group(1))
+        if not hint and exc.__cause__ is not None:
+            hint = _first_line(exc.__cause__)
+        if hint:
+            text = text[: over.end()] + f": {hint}" + text[over.end():]
+    parts = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return "; ".join(p.rstrip(".;") for p in parts) or type(exc).__name__
+
+
+PRINT_CONFIG_FLAGS = ("--print-config", "--cfg job", "--cfg=job", "-c job")
+
+
+def split_print_config(argv: list[str]) -> tuple[list[str], bool]:
+    """Take `--print-config` (or Hydra's own `--cfg job` / `-c job`) out of a command line:
+    print the resolved config and exit instead of training. `--cfg hydra|all` ask for Hydra's
+    runtime section, which k2repro does not use (it composes, it does not run a Hydra app)."""
+    out: list[str] = []
+    show = False
+    it = iter(argv)
+    for a in it:
+        if a == "--print-config":
+            show = True
+        elif a in ("--cfg", "-c") or a.startswith("--cfg="):
+            what = a.split("=", 1)[1] if "=" in a else next(it, "")
+            if what != "job":
+                raise ConfigError(f"{a.split('=')[0]} {what or '(nothing)'}: only 'job' is supported (the resolved "
+                                  "training config; k2repro has no Hydra runtime section), or use --print-config")
+            show = True
+        else:
+            out.append(a)
+    return out, show
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved, validated config as YAML, in the schema's order (what `--print-config`
+    prints; loadable again with `--params`)."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
 def compose_dict(overrides: list[str] | None = None, config_name: str = "config") -> dict:
     """Compose the plain YAML tree (no schema): what DVC writes to params.yaml."""
     from hydra import compose, initialize_config_dir
@@ -72,7 +161,7 @@ def compose_dict(overrides: list[str] | None = None, config_name: str = "config"
         with initialize_config_dir(config_dir=str(directory), version_base=None):
             cfg = compose(config_name=config_name, overrides=overrides)
     except Exception as exc:  # Hydra raises several types; all are user errors here
-        raise ConfigError(f"config: {_first_line(exc)}") from None
+        raise ConfigError(f"config: {hydra_message(exc)}") from None
     finally:
         GlobalHydra.instance().clear()
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
@@ -89,6 +178,8 @@ def from_dict(data: dict) -> RunConfig:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         msg = _first_line(exc)
+        hint = _schema_hint(str(key)) if key else ""  # a key that does not exist: the ones that do
+        msg = f"{msg}: {hint}" if hint else msg
         raise ConfigError(f"config key '{key}': {msg}" if key else f"config: {msg}") from None
     assert isinstance(cfg, RunConfig)
     return cfg
@@ -207,6 +298,23 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _need(d.vocab_size <= m.vocab_size, "data.vocab_size",
           f"must be <= model.vocab_size = {m.vocab_size} (got {d.vocab_size})")
     _need(0 < d.dedup_threshold <= 1, "data.dedup_threshold", f"must be in (0, 1] (got {d.dedup_threshold})")
+
+
+def packed_window_note(train_seq_len: int, packed_seq_len: int, packed_dir: str | os.PathLike) -> dict | None:
+    """What a `train.seq_len` shorter than the packed windows costs, or None when it costs
+    nothing. Training cuts every window to its first `train.seq_len + 1` tokens and never
+    sees the rest: legal (a short-context warm-up), but silent data loss when unintended, so
+    the trainer warns once and records this as a `data_window_cut` event."""
+    if train_seq_len >= packed_seq_len:
+        return None
+    used = (train_seq_len + 1) / (packed_seq_len + 1)
+    return {
+        "train_seq_len": int(train_seq_len), "packed_seq_len": int(packed_seq_len), "share_used": round(used, 4),
+        "message": (f"train.seq_len={train_seq_len} is shorter than the {packed_seq_len}-token windows packed in "
+                    f"{Path(packed_dir).name}: every sample is cut to its first {train_seq_len + 1} of "
+                    f"{packed_seq_len + 1} tokens ({100 * used:.0f}%), the rest is never trained on "
+                    f"(re-pack with seq_len {train_seq_len} to train on all of it)"),
+    }
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -215,6 +215,11 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         manifest_rows = st.sql("SELECT artifact, sha256 FROM data_manifest WHERE run_id = ?",
                                [run_id]).to_dict("records")
         eval_rows = st.execute(EVAL_ROWS_SQL, [run_id]).fetchall()
+    from k2repro.tools.capability import capability_line
+
+    refuse = capability_line("eval", run_id, row.get("source"), len(recorded))
+    if refuse:  # before its config is read: an API run's config is not k2repro's
+        raise BadInputError(refuse)
     out_root = Path(out_store or root)
     if out_root.is_dir() and not _inside(out_root, root):  # the query layer sees nested roots already
         with open_store(out_root) as st:
@@ -223,7 +228,9 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         raise BadInputError(f"run {run_id} has no resolved config in {root} (imported runs cannot be evaluated)")
     config, dropped = known_keys(json.loads(row["config_json"]))
     if dropped:
-        _eprint(f"eval {run_id}: config keys unknown to this k2repro ignored: {', '.join(dropped)}")
+        more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+        _eprint(f"eval {run_id}: {len(dropped)} config key(s) unknown to this k2repro ignored: "
+                f"{', '.join(dropped[:5])}{more}")
     cfg = from_dict(config)
     ddir = Path(data_dir or cfg.data.packed_dir)
     ds_train, ds_val = PackedDataset(ddir, "train"), PackedDataset(ddir, "val")
@@ -342,6 +349,8 @@ def evaluate(plan: EvalPlan, info: Any, progress: Callable[[str], None] | None =
     set_determinism(cfg.train.deterministic)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     seq_len, k = int(s["seq_len"]), int(s["k"])
+    say = progress if (progress and info.is_main) else (lambda _m: None)
+    say(f"eval {plan.run_id}: loading data and building the model")
     val = load_val(PackedDataset(plan.data_dir, "val"), seq_len, int(s["val_windows"]))
     train = PackedDataset(plan.data_dir, "train")
     model = build_model(cfg, info.device)
@@ -349,15 +358,20 @@ def evaluate(plan: EvalPlan, info: Any, progress: Callable[[str], None] | None =
         apply_fsdp(model, "fp32")  # evaluation in fp32 at every world size, so results agree
     results = []
     total = len(plan.todo)
+    if hasattr(progress, "total") and info.is_main:
+        progress.total(total)  # type: ignore[union-attr]
     for i, ck in enumerate(plan.todo, 1):
         t0 = time.perf_counter()
         path = Path(ck.path)
+        say(f"eval {plan.run_id} step {ck.step} ({i}/{total}): loading weights")
         load_model_weights(model, path)
         seen = seen_sample_ids(cfg.train.seed, len(train), cfg.train.global_batch_size, cfg.train.max_steps,
                                ck.step, _deferred(path))
         ids = memorization_sample(int(s["mem_seed"]), len(train), seen, int(s["mem_samples"]))
         windows = train.get(ids, seq_len)
+        say(f"eval {plan.run_id} step {ck.step} ({i}/{total}): perplexity over {len(val.tokens)} validation windows")
         ppl = held_out_loss(model, val, info.device, plan.batch_size, info.rank, info.world_size)
+        say(f"eval {plan.run_id} step {ck.step} ({i}/{total}): memorization over {len(ids)} training sequences")
         matched = greedy_match(model, windows, k, info.device, plan.batch_size, info.rank, info.world_size)
         rows = perplexity_metrics(ppl) + memorization_metrics(matched, k)
         tokens = ck.step * cfg.train.global_batch_size * seq_len
@@ -374,8 +388,11 @@ def evaluate(plan: EvalPlan, info: Any, progress: Callable[[str], None] | None =
         if progress and info.is_main:
             m = res["metrics"]
             mem = "".join(f" {k} {m[k]:.3f}" for k in ("mem/exact_match", "mem/matched_prefix") if k in m)
-            progress(f"eval {plan.run_id} step {ck.step} ({i}/{total}): val/loss {m['val/loss']:.4f} "
-                     f"val/ppl {m['val/ppl']:.3f}{mem} [{dt:.1f}s]")
+            line = (f"eval {plan.run_id} step {ck.step} ({i}/{total}): val/loss {m['val/loss']:.4f} "
+                    f"val/ppl {m['val/ppl']:.3f}{mem} [{dt:.1f}s]")
+            getattr(progress, "note", progress)(line)
+            if hasattr(progress, "advance"):
+                progress.advance()  # type: ignore[union-attr]
     return results
 
 

@@ -624,10 +624,21 @@ class _TextContext:
         self.ds = None
         self.dir: str | None = None
         self._sample_text = None
+        self._tokenizer: Any = None
         cands: list[tuple[str, str]] = []
         if p.data_dir:
             cands.append((p.data_dir, "--data-dir"))
         hp = src.hparams()
+        self._hp = hp
+        # samples a recorded fault replaced: (step, sample id) -> (batch position, data position, kind)
+        self._replaced: dict[tuple[int, int], tuple[int, int, str]] = {}
+        for f in res.faults:
+            d = f.get("detail") or {}
+            if d.get("kind") != "bad_batch" or d.get("data_position") is None or f.get("step") is None:
+                continue
+            for sid, pos in zip(d.get("sample_ids") or [], d.get("positions") or [], strict=False):
+                self._replaced[(int(f["step"]), int(sid))] = (int(pos), int(d["data_position"]),
+                                                              str(d.get("bad_batch_kind") or "random"))
         if hp.get("data.packed_dir"):
             cands.append((str(hp["data.packed_dir"]), "hparams data.packed_dir"))
         manifest = src.manifest()
@@ -679,10 +690,52 @@ class _TextContext:
             self._sample_text = None
             return None
 
-    def features(self, sid: int, with_text: bool) -> tuple[dict, str | None, list[str]]:
+    def trained_tokens(self, sid: int, step: int | None) -> np.ndarray | None:
+        """The tokens the model trained on in place of sample `sid` at `step` when a recorded
+        fault replaced it (None: it trained on the packed sample). Regenerated from the fault's
+        event and the run's seed as the trainer made them (train/faults.py)."""
+        hit = self._replaced.get((int(step), int(sid))) if step is not None else None
+        if hit is None or self.ds is None:
+            return None
+        seed = self._hp.get("train.seed")
+        if seed is None:
+            self.notes.append("sample text: the run records no train.seed; a replaced sample is shown as packed")
+            self._replaced.clear()
+            return None
+        from k2repro.train.faults import degenerate_sample
+
+        position, data_position, kind = hit
+        seq_len = int(self._hp.get("train.seq_len") or self.ds.seq_len)
+        return degenerate_sample(int(seed), data_position, position, seq_len + 1, self.ds.vocab_size, kind)
+
+    def _decode(self, toks: np.ndarray) -> str | None:
+        if self._sample_text is None:
+            return None
+        try:
+            if self._tokenizer is None:
+                from k2repro.data.pack import tokenizer_path
+                from k2repro.data.tokenizer import load_tokenizer
+
+                self._tokenizer = load_tokenizer(tokenizer_path(self.dir or ""))
+            from k2repro.data.tokenizer import decode
+
+            return decode(self._tokenizer, toks).strip("\ufffd")
+        except Exception as exc:  # noqa: BLE001 - text is a courtesy; report once and go on
+            self.notes.append(f"sample text: {type(exc).__name__}: {exc}; features are computed on token ids only")
+            self._sample_text = None
+            return None
+
+    def features(self, sid: int, with_text: bool, step: int | None = None) -> tuple[dict, str | None, list[str]]:
         assert self.ds is not None
         if not 0 <= sid < len(self.ds):
             return {}, None, []
+        replaced = self.trained_tokens(sid, step)
+        if replaced is not None:  # what the model saw, not the packed sample the fault displaced
+            f = token_features(replaced)
+            text = self._decode(replaced) if with_text else None
+            if text is not None:
+                f.update(text_features(text))
+            return f, text, self.ds.docs_of(sid) if with_text else []
         toks = self.ds.get([sid])[0]
         f = token_features(toks)
         docs = self._docs(sid) if with_text else None
@@ -700,7 +753,7 @@ class _TextContext:
         pick = step_ids
         if len(pick) > 64:
             pick = [pick[i] for i in np.linspace(0, len(pick) - 1, 64).astype(int)]
-        feats = [self.features(s, with_text=self._sample_text is not None)[0] for s in pick]
+        feats = [self.features(s, with_text=self._sample_text is not None, step=data.step)[0] for s in pick]
         med: dict[str, float] = {}
         for k in {k for f in feats for k in f}:
             vals = [f[k] for f in feats if k in f and f[k] is not None and np.isfinite(f[k])]
@@ -708,7 +761,9 @@ class _TextContext:
                 med[k] = round(float(np.median(vals)), 4)
         data.batch_feature_median = med
         for s in data.samples:
-            f, text, docs = self.features(s["sample_id"], with_text=True)
+            f, text, docs = self.features(s["sample_id"], with_text=True, step=data.step)
+            if self.trained_tokens(s["sample_id"], data.step) is not None:
+                s["replaced"] = True  # text and features are of the fault's tokens
             s["features"] = f
             s["flags"] = feature_flags(f, med)
             s["doc_ids"] = docs

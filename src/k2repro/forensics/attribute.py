@@ -227,7 +227,10 @@ def rank_step_samples(ss: Any, typical: float, noise: float, p: DataParams,
          "loss": _r(r.loss, 6), "n_tokens": int(r.n_tokens) if "n_tokens" in df.columns and np.isfinite(r.n_tokens) else None,
          "excess_vs_step": _r(r.excess_vs_step, 6), "excess_vs_run": _r(r.excess_vs_run, 6),
          "z": _r(r.z, 3), "outlier": bool(r.z >= p.outlier_z)}
-        for r in df.head(max(p.top_n, len(outl))).itertuples(index=False)
+        # the top samples are those above the step's median (and every outlier): in a batch
+        # smaller than top_n the tail would otherwise list below-median samples as "top"
+        for r in df[(df["excess_vs_step"] > 0) | (df["z"] >= p.outlier_z)].head(max(p.top_n, len(outl)))
+        .itertuples(index=False)
     ]
     noise_floor = p.min_excess_sigma * noise if np.isfinite(noise) else 0.0
     if excess <= noise_floor or excess <= 0:

@@ -193,6 +193,11 @@ def _fmt(v: Any, nd: int = 4) -> str:
     return str(v)
 
 
+def _signed(v: Any) -> str:
+    """An excess with its own sign ("+0.73", "-0.12"): a "+" glued to a negative number reads "+-"."""
+    return "+" + _fmt(v) if isinstance(v, int | float) and v >= 0 else _fmt(v)
+
+
 def _summary_line(i: int, s: dict) -> str:
     att = [k for k, v in (s.get("attributed") or {}).items() if v]
     return (f"| {i} | {s['signal']} | {s['onset_step']} | {s['peak_step']} | {s.get('duration_steps', '-')} "
@@ -317,7 +322,7 @@ def _spike_md(i: int, s: dict) -> list[str]:
             extra = f"; injected: {smp['injected']}" if smp.get("injected") else ""
             flags = f"; {', '.join(smp['flags'])}" if smp.get("flags") else ""
             lines.append(f"  - sample {smp['sample_id']}: loss {_fmt(smp['loss'])}, "
-                         f"+{_fmt(smp['excess_vs_step'])} vs step median{flags}{extra}")
+                         f"{_signed(smp['excess_vs_step'])} vs step median{flags}{extra}")
     for f in s["faults"]:
         lines.append(f"- injected fault at step {f.get('step')}: {_fmt((f.get('detail') or {}).get('kind'))}")
     for iv in s["interventions"]:
@@ -489,7 +494,9 @@ def _spike_html(i: int, sp: Spike, s: dict, plots: bool) -> str:
                         flags = ", ".join(smp.get("flags") or [])
                         row.append(f'<span class="mono">{ftxt}</span>' + (f"<br><b>{_e(flags)}</b>" if flags else ""))
                     elif c == "text":
-                        orig = ('<p class="note">the original sample; the fault replaced it in training</p>'
+                        orig = ('<p class="note">what the model trained on: the tokens the fault put in '
+                                'place of this sample, decoded</p>' if v and smp.get("replaced") else
+                                '<p class="note">the original sample; the fault replaced it in training</p>'
                                 if v and smp.get("injected") else "")
                         row.append(f'{orig}<div class="txt">{_e(v)}</div>' if v else "")
                     else:

@@ -111,7 +111,9 @@ def generate(spec: SyntheticRun) -> dict[str, Any]:
             excess_all[fol] += 0.3 * s.size * np.exp(-(after[fol] - 1) / s.decay)
             events.append({"step": s.step, "kind": "fault_injected", "severity": "warning",
                            "detail": {"kind": "bad_batch", "bad_batch_kind": "random",
-                                      "sample_ids": [int(sid(s.step, j)) for j in pos]}})
+                                      "sample_ids": [int(sid(s.step, j)) for j in pos],
+                                      # as the trainer records it: batch positions, data position
+                                      "positions": [int(j) for j in pos], "data_position": s.step}})
         elif s.kind == "lr_spike":
             lr_fac[k] *= s.size if s.size > 1 else 50.0
             fol = after >= 1

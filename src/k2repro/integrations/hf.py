@@ -10,7 +10,7 @@ The callback turns the Trainer's own hooks into `k2repro.audit.start` calls (doc
   other numeric logs go to `metrics`;
 - on_save: `checkpoints`, and `k2repro_audit.json` (run id, step) in the checkpoint folder so a
   resumed run names its parent;
-- on_train_end: ends the run. The Trainer has no exception hook: use the callback as a context
+- on_train_end: ends the run; `cb.run` (and `cb.run_id`) keep naming it afterwards. The Trainer has no exception hook: use the callback as a context
   manager around `trainer.train()` to record a failure with its traceback (otherwise the sink
   marks the run failed when the process exits).
 
@@ -46,8 +46,11 @@ class K2ReproCallback(TrainerCallback):
         self.store, self.name, self.layer_stats_every = store, name, int(layer_stats_every)
         self.flush_every, self.extra_config, self.data_manifest = flush_every, config, data_manifest
         self.run_id_arg, self.secrets = run_id, secrets
+        #: The latest run this callback started: live during training, closed (and still
+        #: here, for `run.run_id` and queries) after it; None before the first fit.
         self.run: AuditRun | None = None
-        self.run_id: str | None = None  # the latest run this callback started
+        self.run_id: str | None = None  # the same run's id
+        self._active: AuditRun | None = None  # the run being recorded, None between fits
         self._last_logged = 0
         self._t_logged = time.perf_counter()
         self._tokens_seen = 0
@@ -55,7 +58,7 @@ class K2ReproCallback(TrainerCallback):
     # -- Trainer hooks ------------------------------------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if self.run is not None:
+        if self._active is not None:
             return
         mcfg = getattr(model, "config", None)
         config = {"trainer": args, "model": mcfg if mcfg is not None else {},
@@ -69,7 +72,7 @@ class K2ReproCallback(TrainerCallback):
             parent = _parent_of(Path(args.output_dir) / f"checkpoint-{state.global_step}")
         import transformers
 
-        self.run = start(self.store, config=config, name=self.name or _name(args), rank=args.process_index,
+        self._active = self.run = start(self.store, config=config, name=self.name or _name(args), rank=args.process_index,
                          world_size=args.world_size, run_id=self.run_id_arg, source="api:transformers",
                          data_manifest=self.data_manifest, flush_every=self.flush_every, secrets=self.secrets,
                          parent_run_id=parent, resumed_from_step=resumed,
@@ -79,9 +82,9 @@ class K2ReproCallback(TrainerCallback):
                              "sample_stats": "the Trainer reduces the loss over the batch before any callback "
                                              "sees it (override compute_loss and call run.log_samples)",
                              "steps.batch_hash": "the Trainer's callbacks never see the batch's sample ids"})
-        self.run_id = self.run.run_id
+        self.run_id = self._active.run_id
         if parent is not None:
-            self.run.log_event("resume", step=resumed, parent_run_id=parent)
+            self._active.log_event("resume", step=resumed, parent_run_id=parent)
         self._last_logged = int(state.global_step)
         self._t_logged = time.perf_counter()
         self._tokens_seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
@@ -89,11 +92,11 @@ class K2ReproCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
                               optimizer: Any = None, **kwargs: Any) -> None:
         step = state.global_step + 1
-        if self.run is not None and self.layer_stats_every and step % self.layer_stats_every == 0:
-            self.run.log_layer_stats(step, model, optimizer)
+        if self._active is not None and self.layer_stats_every and step % self.layer_stats_every == 0:
+            self._active.log_layer_stats(step, model, optimizer)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if self.run is None or not logs:
+        if self._active is None or not logs:
             return
         step = int(state.global_step)
         numeric = {k: v for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -103,21 +106,21 @@ class K2ReproCallback(TrainerCallback):
             seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
             tokens = (seen - self._tokens_seen) // n if seen > self._tokens_seen else None
             extra = {k: v for k, v in numeric.items() if k not in ("loss", "grad_norm", "learning_rate")}
-            self.run.log_step(step, loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+            self._active.log_step(step, loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
                               tokens=tokens, step_time_s=(now - self._t_logged) / n, **extra)
             self._last_logged, self._t_logged, self._tokens_seen = step, now, seen
-        elif numeric and self.run.rank == 0:  # evaluation and the end-of-training summary
-            self.run.sink.log_metrics({"step": [step] * len(numeric), "name": list(numeric),
+        elif numeric and self._active.rank == 0:  # evaluation and the end-of-training summary
+            self._active.sink.log_metrics({"step": [step] * len(numeric), "name": list(numeric),
                                        "value": [float(v) for v in numeric.values()],
-                                       "rank": [self.run.rank] * len(numeric)})
+                                       "rank": [self._active.rank] * len(numeric)})
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.run is None:
+        if self._active is None:
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.run.rank == 0 and path.is_dir():
-            (path / MARKER).write_text(json.dumps({"run_id": self.run.run_id, "step": int(state.global_step)}))
-        self.run.log_checkpoint(int(state.global_step), path)
+        if self._active.rank == 0 and path.is_dir():
+            (path / MARKER).write_text(json.dumps({"run_id": self._active.run_id, "step": int(state.global_step)}))
+        self._active.log_checkpoint(int(state.global_step), path)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.close()
@@ -126,8 +129,8 @@ class K2ReproCallback(TrainerCallback):
 
     def close(self, status: str = "completed", error: str | None = None) -> None:
         """End the run (the next `train()` starts a new one)."""
-        if self.run is not None:
-            run, self.run = self.run, None
+        if self._active is not None:
+            run, self._active = self._active, None
             run.close(status, error)
 
     def __enter__(self) -> K2ReproCallback:

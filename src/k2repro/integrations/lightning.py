@@ -11,7 +11,8 @@ The callback turns Lightning's own hooks into `k2repro.audit.start` calls (docs/
   the world size);
 - on_save_checkpoint: puts `{"run_id", "step"}` under `checkpoint["k2repro"]` (a resume names its
   parent) and logs a `checkpoints` row once the file is written (ModelCheckpoint's path);
-- on_exception: ends the run as failed with the traceback; on_fit_end: completed.
+- on_exception: ends the run as failed with the traceback; on_fit_end: completed. `callback.run`
+  (and `callback.run_id`) keep naming the run afterwards.
 
 Per-sample losses and the batch's sample ids are not visible to a callback: `sample_stats` and
 `steps.batch_hash` are recorded as absent unless the module calls `callback.run.log_samples`.
@@ -54,8 +55,11 @@ class K2ReproCallback(Callback):
         self.store, self.name, self.layer_stats_every = store, name, int(layer_stats_every)
         self.flush_every, self.extra_config, self.data_manifest = flush_every, config, data_manifest
         self.run_id_arg, self.count_tokens, self.secrets = run_id, count_tokens, secrets
+        #: The latest run this callback started: live during training, closed (and still
+        #: here, for `run.run_id` and queries) after it; None before the first fit.
         self.run: AuditRun | None = None
-        self.run_id: str | None = None  # the latest run this callback started
+        self.run_id: str | None = None  # the same run's id
+        self._active: AuditRun | None = None  # the run being recorded, None between fits
         self._resume: dict | None = None
         self._reset()
 
@@ -76,7 +80,7 @@ class K2ReproCallback(Callback):
         self._resume = {"parent": info.get("run_id"), "step": checkpoint.get("global_step", info.get("step"))}
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.run is not None:
+        if self._active is not None:
             return
         import lightning
 
@@ -90,7 +94,7 @@ class K2ReproCallback(Callback):
         if self.extra_config:
             config["user"] = self.extra_config
         resume = self._resume or {}
-        self.run = start(self.store, config=config, name=self.name or type(pl_module).__name__,
+        self._active = self.run = start(self.store, config=config, name=self.name or type(pl_module).__name__,
                          rank=trainer.global_rank, world_size=trainer.world_size, run_id=self.run_id_arg,
                          source="api:lightning", data_manifest=self.data_manifest, flush_every=self.flush_every,
                          secrets=self.secrets, parent_run_id=resume.get("parent"),
@@ -98,10 +102,10 @@ class K2ReproCallback(Callback):
                          hash_exclude=["trainer.default_root_dir"],
                          facts={"audit.adapter": "lightning", "lightning.version": lightning.__version__},
                          absent={"steps.batch_hash": "Lightning's callbacks never see the batch's sample ids"})
-        self.run_id = self.run.run_id
+        self.run_id = self._active.run_id
         self._resume = None
         if resume.get("parent"):
-            self.run.log_event("resume", step=resume.get("step"), parent_run_id=resume["parent"])
+            self._active.log_event("resume", step=resume.get("step"), parent_run_id=resume["parent"])
         self._reset()
         self._last_step = int(trainer.global_step)
 
@@ -109,16 +113,16 @@ class K2ReproCallback(Callback):
         self._log_saved_checkpoints(trainer)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if self.run is None:
+        if self._active is None:
             return
         step = trainer.global_step + 1
         self._gn = grad_norm(pl_module)
         self._lr = float(optimizer.param_groups[0]["lr"])
         if self.layer_stats_every and step % self.layer_stats_every == 0:
-            self.run.log_layer_stats(step, pl_module, optimizer)
+            self._active.log_layer_stats(step, pl_module, optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.run is None:
+        if self._active is None:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if loss is not None and hasattr(loss, "detach"):
@@ -127,36 +131,36 @@ class K2ReproCallback(Callback):
             self._n_loss += 1
         n = self.count_tokens(batch) if self.count_tokens is not None else None
         if n is not None:
-            self._tokens += n * self.run.world_size
+            self._tokens += n * self._active.world_size
         step = int(trainer.global_step)
         if step <= self._last_step:  # accumulating gradients: no optimizer step yet
             return
         now = time.perf_counter()
-        self.run.log_step(step, loss=None if self._loss_sum is None else self._loss_sum / self._n_loss,
+        self._active.log_step(step, loss=None if self._loss_sum is None else self._loss_sum / self._n_loss,
                           lr=self._lr, grad_norm=self._gn, tokens=self._tokens or None,
                           step_time_s=(now - self._t_step) / (step - self._last_step))
         self._last_step, self._t_step = step, now
         self._loss_sum, self._n_loss, self._tokens, self._gn = None, 0, 0, None
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
-        if self.run is None:
+        if self._active is None:
             return
-        checkpoint["k2repro"] = {"run_id": self.run.run_id, "step": int(trainer.global_step)}
+        checkpoint["k2repro"] = {"run_id": self._active.run_id, "step": int(trainer.global_step)}
         self._ckpt_pending.append((int(trainer.global_step), time.time()))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._log_saved_checkpoints(trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        if self.run is not None:
-            run, self.run = self.run, None
+        if self._active is not None:
+            run, self._active = self._active, None
             run.close("failed", "".join(traceback.format_exception(type(exception), exception,
                                                                    exception.__traceback__)))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.run is not None:
+        if self._active is not None:
             self._log_saved_checkpoints(trainer)
-            run, self.run = self.run, None
+            run, self._active = self._active, None
             run.close("completed")
 
     # -- internals ----------------------------------------------------------------------------
@@ -164,7 +168,7 @@ class K2ReproCallback(Callback):
     def _log_saved_checkpoints(self, trainer: Any) -> None:
         """on_save_checkpoint runs before the file exists and without its path: log it once
         ModelCheckpoint has written it (its `_last_checkpoint_saved`/`last_model_path`)."""
-        if not self._ckpt_pending or self.run is None:
+        if not self._ckpt_pending or self._active is None:
             return
         paths = []
         for cb in getattr(trainer, "checkpoint_callbacks", []) or []:
@@ -174,7 +178,7 @@ class K2ReproCallback(Callback):
                     paths.append(Path(p))
         for step, t in self._ckpt_pending:
             fresh = [p for p in paths if p.stat().st_mtime >= t - 1.0]
-            self.run.log_checkpoint(step, fresh[0] if fresh else None)
+            self._active.log_checkpoint(step, fresh[0] if fresh else None)
         self._ckpt_pending = []
 
 

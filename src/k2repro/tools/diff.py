@@ -194,7 +194,11 @@ def _fmt(v: Any) -> str:
     return s if len(s) <= 60 else s[:59] + "…"
 
 
-def _step(v: Any) -> str:
+def _step(v: Any, compared: int | None = None) -> str:
+    """A divergence step; "none" only when some common step was compared (0 compared means
+    the column cannot be compared: saying "none" would claim the runs agree)."""
+    if v is None and compared == 0:
+        return "not compared (see cannot compare)"
     return "none" if v is None else str(v)
 
 
@@ -223,10 +227,12 @@ def _curve_lines(r: dict) -> list[str]:
     lines = [
         f"steps: A {c['steps_a']}, B {c['steps_b']}, common {c['steps_common']}"
         + (f" ({c['first_common_step']}..{c['last_common_step']})" if c["steps_common"] else ""),
-        f"first batch_hash divergence: {_step(c['first_batch_divergence_step'])}",
-        f"first loss divergence (bitwise): {_step(c['first_loss_divergence_step'])}",
-        f"first loss divergence (beyond {c['tolerance']:g} relative): {_step(c['first_loss_divergence_step_tol'])}",
-        f"first grad_norm divergence (bitwise): {_step(c['first_grad_norm_divergence_step'])}",
+        f"first batch_hash divergence: {_step(c['first_batch_divergence_step'], c['batch_hash_compared'])}",
+        f"first loss divergence (bitwise): {_step(c['first_loss_divergence_step'], c['loss_compared'])}",
+        f"first loss divergence (beyond {c['tolerance']:g} relative): "
+        f"{_step(c['first_loss_divergence_step_tol'], c['loss_compared'])}",
+        f"first grad_norm divergence (bitwise): "
+        f"{_step(c['first_grad_norm_divergence_step'], c['grad_norm_compared'])}",
     ]
     if c["loss_max_abs_diff"] is not None:
         lines.append(f"loss |A-B|: max {c['loss_max_abs_diff']:.6g}, mean {c['loss_mean_abs_diff']:.6g}")

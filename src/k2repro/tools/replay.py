@@ -165,11 +165,11 @@ def plan_replay(store: Store, ref: str, from_step: int, to_step: int, tolerance:
     rid = store.resolve_run_id(ref)
     row = store.run(rid)
     source = row.get("source") or "train"
-    if source.startswith("import"):
-        raise BadInputError(f"run '{rid}' was imported ({source}): it has no config or checkpoints to replay from")
-    if source.startswith("api"):
-        raise BadInputError(f"run '{rid}' was recorded by another training loop through k2repro.audit ({source}): "
-                            "k2repro can compare and explain it but not re-run it")
+    from k2repro.tools.capability import capability_line
+
+    refuse = capability_line("replay", rid, source)
+    if refuse:
+        raise BadInputError(refuse)
     if not row.get("config_json"):
         raise BadInputError(f"run '{rid}' recorded no config: nothing to replay")
     if from_step < 1 or to_step < from_step:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch only where a tensor is made: forensics regenerates samples without it
+    import torch
 
 PURPOSE_FAULT = 7
 
@@ -48,4 +51,6 @@ def maybe_kill(faults, step: int, rank: int, phase: str) -> None:  # noqa: ANN00
 
 
 def nan_tensor(like: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.full_like(like, float("nan"))

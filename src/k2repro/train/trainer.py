@@ -93,6 +93,11 @@ class Trainer:
             raise BadInputError(
                 f"config key 'train.seq_len': {t.seq_len} exceeds the packed window "
                 f"{self.data.seq_len} of {cfg.data.packed_dir} (re-run `k2repro data pack`)")
+        from k2repro.config.load import packed_window_note
+
+        self.window_note = packed_window_note(t.seq_len, self.data.seq_len, cfg.data.packed_dir)
+        if self.window_note and info.is_main:
+            print(f"k2repro train: warning: {self.window_note['message']}", file=sys.stderr, flush=True)
         if self.data.vocab_size > cfg.model.vocab_size:
             raise BadInputError(
                 f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
@@ -198,6 +203,8 @@ class Trainer:
         if self.parent_run_id and info.is_main:
             self.sink.log_event("resume", step=self.start_step, detail={
                 "parent_run_id": self.parent_run_id, "checkpoint": self.resumed_from})
+        if self.window_note and info.is_main:
+            self.sink.log_event("data_window_cut", severity="warning", detail=self.window_note)
 
     # ---- one step -----------------------------------------------------------------------------
     def _local_batches(self, step: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
@@ -585,12 +592,12 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> tuple[int, str, l
     rid = run_id or os.environ.get("K2REPRO_RUN_ID") or new_run_id(cfg.run.name)
     rid = broadcast_object(rid, info)
     try:
-        if info.is_main:
-            print(f"run_id={rid}", flush=True)
         trainer = Trainer(cfg, info, rid)
         if cfg.train.resume:
             trainer.resume(cfg.train.resume)
         trainer.start_audit()
+        if info.is_main:  # once the run is recorded: an error before it names no run
+            print(f"run_id={rid}", flush=True)
         history = trainer.fit()
         barrier(info)
         if trainer.sink is not None:
