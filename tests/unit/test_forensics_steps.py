@@ -252,3 +252,25 @@ def test_on_a_log_of_every_step_the_step_windows_are_the_guards_point_windows() 
     warm = p.long_window + p.short_window
     assert np.allclose(z_pts[warm:], z_steps[warm:], equal_nan=True)
     assert np.array_equal(robust_z(x, p).flags[warm:], (np.nan_to_num(z_steps, nan=-np.inf) >= p.threshold)[warm:])
+
+
+def test_peers_rules_are_shown_beside_k2repros_episodes(tmp_path: Path) -> None:
+    """A 5x spike lasting 20 steps: OLMo-core's 6-sigma rule and llm-foundry's 2x-for-5-steps
+    rule fire inside k2repro's episode, Megatron-LM's 10x rule does not; on a clean stretch
+    none fires; the report has the side-by-side table."""
+    steps = np.arange(1, 3_001)
+    x = clean_loss(steps, 13)
+    x[2_000:2_020] = 5.0 * x[2_000:2_020]
+    _write(tmp_path, "p", steps, x)
+    res = analyze_run(k2repro.open_store(tmp_path), "p")
+    (ep,) = [sp.episode for sp in res.spikes if sp.episode.signal == "loss"]
+    assert abs(ep.onset_step - 2_001) <= 2
+    assert res.peers["olmo_core"]["k2repro_episodes_matched"] == 1
+    assert res.peers["llm_foundry"]["k2repro_episodes_matched"] == 1
+    assert res.peers["megatron"]["n_fired"] == 0
+    assert any("olmo_core's guard would have fired here" in n for n in ep.notes)
+    from k2repro.forensics.report import to_json, to_markdown
+
+    obj = to_json(res)
+    assert set(obj["peers"]) == {"olmo_core", "llm_foundry", "megatron"}
+    assert "## Peers' rules on this run" in to_markdown(res, obj)

@@ -64,6 +64,8 @@ class ForensicsParams:
     # read the logical run: the ancestors' steps up to each resume point come first, so a
     # run resumed, rolled back or imported as restart segments reads as one curve
     lineage: bool = True
+    # show where peers' built-in guards (OLMo-core, llm-foundry, Megatron-LM) would fire
+    peers: bool = True
     # a detector that flags more than this share of points gets a note saying why it does
     # not open episodes
     noisy_share: float = 0.02
@@ -166,6 +168,7 @@ class ForensicsResult:
     flags: dict[str, np.ndarray] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
+    peers: dict[str, dict] = field(default_factory=dict)
     segments: list[dict] = field(default_factory=list)
     restarts: list[dict] = field(default_factory=list)
 
@@ -244,11 +247,47 @@ def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = Forens
     res.timings["episodes_s"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
+    if p.peers:
+        res.peers = peer_summary(st, eps, p)
+    res.timings["peers_s"] = time.perf_counter() - t3
+    t3 = time.perf_counter()
     _attribute_all(res, src, st, eps, dets, interventions, p)
     res.timings["attribute_s"] = time.perf_counter() - t3
     res.notes.append("causal check (--replay): not run")
     res.timings["total_s"] = time.perf_counter() - t0
     return res
+
+
+PEER_RULES = {
+    "olmo_core": "loss or grad norm over 6 sigma of the trailing 128 steps (skip the step)",
+    "llm_foundry": "loss over 2x the trailing 100-step mean for 5 steps in a row (stop the run)",
+    "megatron": "loss over 10x the largest of the first 100 steps, or non-finite (stop the run)",
+}
+
+
+def peer_summary(st: dict[str, np.ndarray], eps: list[Episode], p: ForensicsParams) -> dict[str, dict]:
+    """Where the built-in guards of OLMo-core, llm-foundry and Megatron-LM would have fired
+    on the same logged points (forensics.peers has each rule as its source code has it),
+    and which of k2repro's episodes each one's firings fall in."""
+    from k2repro.forensics.peers import run_peers
+
+    steps = st["step"]
+    sig = {k: (steps, st[k]) for k in ("loss", "grad_norm") if k in st and _finite_any(st[k])}
+    out: dict[str, dict] = {}
+    for peer, peps in run_peers(sig).items():
+        fired = sorted({pe.onset_step for pe in peps})
+        hit = [i for i, e in enumerate(eps)
+               if any(e.onset_step - 2 <= pe.onset_step <= max(e.end_step, e.onset_step) + 2 for pe in peps)]
+        for i in hit:
+            eps[i].notes.append(f"{peer}'s guard would have fired here")
+        out[peer] = {"rule": PEER_RULES.get(peer, ""), "n_episodes": len(peps),
+                     "n_fired": int(sum(pe.n_fired for pe in peps)), "fired_steps": fired[:50],
+                     "episodes": [pe.to_dict() for pe in peps[:50]],
+                     "k2repro_episodes_matched": len(hit),
+                     "outside_k2repro_episodes": sum(
+                         1 for pe in peps if not any(e.onset_step - 2 <= pe.onset_step <= max(e.end_step, e.onset_step) + 2
+                                                     for e in eps))}
+    return out
 
 
 def _read_steps(src: RunSource, res: ForensicsResult, p: ForensicsParams) -> dict[str, np.ndarray]:

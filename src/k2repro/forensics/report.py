@@ -130,7 +130,7 @@ def to_json(res: ForensicsResult) -> dict[str, Any]:
         "impossible": res.impossible,
         "notes": res.notes,
         "faults": res.faults,
-        "peers": getattr(res, "peers", None),
+        "peers": res.peers,
         "params": res.params.to_dict(),
     })
 
@@ -280,9 +280,12 @@ def to_markdown(res: ForensicsResult, obj: dict | None = None) -> str:
 def peer_lines(peers: dict) -> list[str]:
     """Where the built-in guards of other trainers would have fired on the same run."""
     out = ["## Peers' rules on this run", "",
-           "| rule | fired (points) | episodes | first steps |", "|---|---|---|---|"]
+           "What the built-in guard of each trainer would have done on the same logged points.", "",
+           "| rule | fired (points) | episodes | in k2repro's episodes | outside them | first steps |",
+           "|---|---|---|---|---|---|"]
     for name, d in peers.items():
         out.append(f"| {name}: {d.get('rule', '')} | {d.get('n_fired', 0)} | {d.get('n_episodes', 0)} "
+                   f"| {d.get('k2repro_episodes_matched', 0)} | {d.get('outside_k2repro_episodes', 0)} "
                    f"| {_fmt((d.get('fired_steps') or [])[:8])} |")
     return out
 
