@@ -276,18 +276,21 @@ def peer_summary(st: dict[str, np.ndarray], eps: list[Episode], p: ForensicsPara
     out: dict[str, dict] = {}
     for peer, peps in run_peers(sig).items():
         fired = sorted({pe.onset_step for pe in peps})
-        hit = [i for i, e in enumerate(eps)
-               if any(e.onset_step - 2 <= pe.onset_step <= max(e.end_step, e.onset_step) + 2 for pe in peps)]
+        hit = [i for i, e in enumerate(eps) if any(_within(pe.onset_step, e) for pe in peps)]
         for i in hit:
             eps[i].notes.append(f"{peer}'s guard would have fired here")
         out[peer] = {"rule": PEER_RULES.get(peer, ""), "n_episodes": len(peps),
                      "n_fired": int(sum(pe.n_fired for pe in peps)), "fired_steps": fired[:50],
                      "episodes": [pe.to_dict() for pe in peps[:50]],
                      "k2repro_episodes_matched": len(hit),
-                     "outside_k2repro_episodes": sum(
-                         1 for pe in peps if not any(e.onset_step - 2 <= pe.onset_step <= max(e.end_step, e.onset_step) + 2
-                                                     for e in eps))}
+                     "outside_k2repro_episodes": sum(1 for pe in peps
+                                                     if not any(_within(pe.onset_step, e) for e in eps))}
     return out
+
+
+def _within(step: int, e: Episode, slack: int = 2) -> bool:
+    """A peer firing at `step` falls in episode `e` (give or take `slack` steps)."""
+    return e.onset_step - slack <= step <= max(e.end_step, e.onset_step) + slack
 
 
 def _read_steps(src: RunSource, res: ForensicsResult, p: ForensicsParams) -> dict[str, np.ndarray]:
@@ -504,8 +507,7 @@ def _attribute_all(res: ForensicsResult, src: RunSource, st: dict[str, np.ndarra
     avail = _Availability(src, st, p)
     res.impossible.extend(avail.lines)
     order = sorted(range(len(eps)), key=lambda i: -_mag_key(eps[i]))
-    detailed = {i for i in order if eps[i].signal == p.signal}
-    detailed = set([i for i in order if i in detailed][: p.max_detailed])
+    detailed = set([i for i in order if eps[i].signal == p.signal][: p.max_detailed])
     if len(eps) > p.max_detailed:
         res.notes.append(f"{len(eps)} episodes: the {p.max_detailed} largest are analysed in detail "
                          f"(max_detailed), the others are listed with their class only")

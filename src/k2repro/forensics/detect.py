@@ -187,14 +187,20 @@ def robust_z_parts(x: Any, p: RobustZ = RobustZ(), steps: Any = None
         pred = _trailing(s, p.short_window, max(1, p.short_window // 2)).median().shift(1)
     r = s - pred
     roll = _trailing(r, p.long_window, p.min_residuals)
-    center = roll.median().shift(1)
-    spread = (roll.quantile(0.75) - roll.quantile(0.25)).shift(1) / 2.0
+    return _scores(r, roll.median().shift(1),
+                   (roll.quantile(0.75) - roll.quantile(0.25)).shift(1) / 2.0, pred, p)
+
+
+def _scores(r: Any, center: Any, spread: Any, pred: Any, p: RobustZ
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z, scale, pred) from the residuals and their trailing center and spread: the one
+    place the scale floors and min_history apply, whatever the windows were."""
     pred_a = pred.to_numpy()
     scale = np.maximum(
         np.maximum(MAD_TO_SIGMA * spread.to_numpy(), p.rel_floor * np.abs(pred_a)), p.abs_floor
     )
     z = (r.to_numpy() - center.to_numpy()) / scale
-    z[: min(p.min_history, a.shape[0])] = np.nan
+    z[: min(p.min_history, z.shape[0])] = np.nan
     return z, scale, pred_a
 
 
@@ -248,15 +254,7 @@ def _robust_z_steps(a: np.ndarray, steps: np.ndarray, p: RobustZ
                         max(1, p.short_min_points // 2)).median()
     r = s - pred
     roll = _rolling(r, _window_starts(steps, p.long_window, p.long_min_points), p.min_residuals)
-    center = roll.median()
-    spread = (roll.quantile(0.75) - roll.quantile(0.25)) / 2.0
-    pred_a = pred.to_numpy()
-    scale = np.maximum(
-        np.maximum(MAD_TO_SIGMA * spread.to_numpy(), p.rel_floor * np.abs(pred_a)), p.abs_floor
-    )
-    z = (r.to_numpy() - center.to_numpy()) / scale
-    z[: min(p.min_history, a.shape[0])] = np.nan
-    return z, scale, pred_a
+    return _scores(r, roll.median(), (roll.quantile(0.75) - roll.quantile(0.25)) / 2.0, pred, p)
 
 
 def _trailing_windows(a: np.ndarray, w: int, start: int, stop: int) -> np.ndarray:
