@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from k2repro.forensics.rolling import trailing_quantiles
+
 # 1.4826 * MAD estimates the standard deviation of normal noise.
 MAD_TO_SIGMA = 1.4826
 
@@ -153,11 +155,6 @@ def _finite_or_nan(x: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(x), x, np.nan)
 
 
-def _trailing(series: Any, window: int, min_periods: int) -> Any:
-    # pandas' rolling window ends at the current point; shift(1) makes it strictly trailing.
-    return series.rolling(window, min_periods=min_periods)
-
-
 def robust_z_parts(x: Any, p: RobustZ = RobustZ(), steps: Any = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z, scale, pred) for every point; NaN where undefined. O(n log w).
@@ -166,8 +163,6 @@ def robust_z_parts(x: Any, p: RobustZ = RobustZ(), steps: Any = None
     `steps` (the step of each point, increasing): windows become step spans (see `RobustZ`);
     without it, or where every step is logged, windows count points.
     """
-    import pandas as pd
-
     a = np.asarray(x, dtype=np.float64)
     if a.ndim not in (1, 2):
         raise ValueError("robust_z takes a 1-D signal or a 2-D array of column signals")
@@ -178,30 +173,31 @@ def robust_z_parts(x: Any, p: RobustZ = RobustZ(), steps: Any = None
             raise ValueError("robust_z: steps and values differ in length")
         if st.size > 1 and not np.all(np.diff(st) == 1):
             return _robust_z_steps(a, st, p)
-    s = pd.Series(a) if a.ndim == 1 else pd.DataFrame(a)
+    idx = np.arange(a.shape[0], dtype=np.int64)
     if p.trend:
         h = p.short_window // 2
-        m = _trailing(s, h, max(1, h // 2)).median().shift(1)
-        pred = m + (m - m.shift(h)) * ((h + 1) / (2 * h))
+        (m,) = trailing_quantiles(a, np.maximum(idx - h, 0), (0.5,), max(1, h // 2))
+        prev = np.full_like(m, np.nan)
+        prev[h:] = m[:-h] if h else m
+        pred = m + (m - prev) * ((h + 1) / (2 * h))
     else:
-        pred = _trailing(s, p.short_window, max(1, p.short_window // 2)).median().shift(1)
-    r = s - pred
-    roll = _trailing(r, p.long_window, p.min_residuals)
-    return _scores(r, roll.median().shift(1),
-                   (roll.quantile(0.75) - roll.quantile(0.25)).shift(1) / 2.0, pred, p)
+        (pred,) = trailing_quantiles(a, np.maximum(idx - p.short_window, 0), (0.5,),
+                                     max(1, p.short_window // 2))
+    return _residual_scores(a, pred, np.maximum(idx - p.long_window, 0), p)
 
 
-def _scores(r: Any, center: Any, spread: Any, pred: Any, p: RobustZ
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(z, scale, pred) from the residuals and their trailing center and spread: the one
-    place the scale floors and min_history apply, whatever the windows were."""
-    pred_a = pred.to_numpy()
-    scale = np.maximum(
-        np.maximum(MAD_TO_SIGMA * spread.to_numpy(), p.rel_floor * np.abs(pred_a)), p.abs_floor
-    )
-    z = (r.to_numpy() - center.to_numpy()) / scale
+def _residual_scores(a: np.ndarray, pred: np.ndarray, long_start: np.ndarray, p: RobustZ
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z, scale, pred) from the prediction: the residuals' trailing center and spread over
+    the long windows, then the one place the scale floors and min_history apply, whatever
+    the windows were."""
+    r = a - pred
+    center, q25, q75 = trailing_quantiles(r, long_start, (0.5, 0.25, 0.75), p.min_residuals)
+    spread = (q75 - q25) / 2.0
+    scale = np.maximum(np.maximum(MAD_TO_SIGMA * spread, p.rel_floor * np.abs(pred)), p.abs_floor)
+    z = (r - center) / scale
     z[: min(p.min_history, z.shape[0])] = np.nan
-    return z, scale, pred_a
+    return z, scale, pred
 
 
 def _window_starts(steps: np.ndarray, span: int, min_points: int) -> np.ndarray:
@@ -212,49 +208,29 @@ def _window_starts(steps: np.ndarray, span: int, min_points: int) -> np.ndarray:
     return np.clip(np.minimum(start, idx - min_points), 0, None)
 
 
-def _rolling(frame: Any, start: np.ndarray, min_periods: int) -> Any:
-    """pandas rolling over the windows [start[t], t) (variable, trailing, current excluded)."""
-    from pandas.api.indexers import BaseIndexer
-
-    class _Bounds(BaseIndexer):
-        def get_window_bounds(self, num_values: int = 0, min_periods: int | None = None,
-                              center: bool | None = None, closed: str | None = None,
-                              step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-            return self.start, self.end
-
-    end = np.arange(start.size, dtype=np.int64)
-    return frame.rolling(_Bounds(start=start, end=end), min_periods=min_periods)
-
-
 def _robust_z_steps(a: np.ndarray, steps: np.ndarray, p: RobustZ
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`robust_z_parts` with windows as step spans (irregular logs)."""
-    import pandas as pd
-
-    s = pd.Series(a) if a.ndim == 1 else pd.DataFrame(a)
     n = steps.size
     if p.trend:
         h = p.short_window // 2
         b1 = _window_starts(steps, h, max(2, p.short_min_points // 2))
-        m1 = _rolling(s, b1, 1).median()
+        (m1,) = trailing_quantiles(a, b1, (0.5,), 1)
         # the mean step of each window: where the median sits on the step axis
         cs = np.concatenate(([0.0], np.cumsum(steps, dtype=np.float64)))
         cnt = np.arange(n) - b1
         with np.errstate(invalid="ignore", divide="ignore"):
             c1 = (cs[np.arange(n)] - cs[b1]) / cnt
-        m0 = m1.iloc[b1].set_axis(m1.index) if a.ndim == 1 else m1.iloc[b1].set_axis(m1.index, axis=0)
-        c0 = c1[b1]
-        ok = (b1 > 0) & (cnt > 0) & (np.arange(n) - b1 > 0)
+        m0, c0 = m1[b1], c1[b1]
+        ok = (b1 > 0) & (cnt > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             f = np.where(ok & (c1 > c0), (steps - c1) / (c1 - c0), np.nan)
-        slope = (m1 - m0).mul(f, axis=0)
-        pred = m1 + slope.where(slope.notna(), 0.0)
+        slope = (m1 - m0) * (f if a.ndim == 1 else f[:, None])
+        pred = m1 + np.where(np.isnan(slope), 0.0, slope)
     else:
-        pred = _rolling(s, _window_starts(steps, p.short_window, p.short_min_points),
-                        max(1, p.short_min_points // 2)).median()
-    r = s - pred
-    roll = _rolling(r, _window_starts(steps, p.long_window, p.long_min_points), p.min_residuals)
-    return _scores(r, roll.median(), (roll.quantile(0.75) - roll.quantile(0.25)) / 2.0, pred, p)
+        (pred,) = trailing_quantiles(a, _window_starts(steps, p.short_window, p.short_min_points),
+                                     (0.5,), max(1, p.short_min_points // 2))
+    return _residual_scores(a, pred, _window_starts(steps, p.long_window, p.long_min_points), p)
 
 
 def _trailing_windows(a: np.ndarray, w: int, start: int, stop: int) -> np.ndarray:

@@ -151,12 +151,11 @@ def _tol(band: float, frac: float, runmax: np.ndarray, baseline: float) -> np.nd
 def _level_ref(x: np.ndarray, steps: np.ndarray, rule: RobustZ) -> np.ndarray:
     """The median of the long trailing window (step span, at least long_min_points points,
     current point excluded; NaN before min_history): the level the level rule compares with."""
-    import pandas as pd
-
-    from k2repro.forensics.detect import _rolling, _window_starts
+    from k2repro.forensics.detect import _window_starts
+    from k2repro.forensics.rolling import trailing_quantiles
 
     start = _window_starts(steps, rule.long_window, rule.long_min_points)
-    m = np.array(_rolling(pd.Series(x), start, rule.min_residuals).median().to_numpy(), dtype=np.float64)
+    (m,) = trailing_quantiles(x, start, (0.5,), rule.min_residuals)
     m[: min(rule.min_history, m.size)] = np.nan
     return m
 

@@ -129,15 +129,14 @@ def llm_foundry_fires(steps: Any, x: Any, window: int = 100, multiplier: float =
         # false, for as long as it stays there; a NaN loss is no outlier and resets the count
         outlier = active & fin & (n_bad == 0) & (v >= multiplier * mean)
     fired = np.zeros(s.size, dtype=bool)
-    run_start = -1
-    for i in range(s.size):
-        if outlier[i]:
-            if run_start < 0:
-                run_start = i
-            if s[i] - s[run_start] + 1 >= patience + 1:
-                fired[i] = True
-        else:
-            run_start = -1
+    # runs of consecutive outlier points (any other point resets the count): each point
+    # fires once its run spans patience + 1 steps
+    oi = np.flatnonzero(outlier)
+    if oi.size:
+        opens = np.ones(oi.size, dtype=bool)
+        opens[1:] = oi[1:] != oi[:-1] + 1
+        run_start = oi[np.maximum.accumulate(np.where(opens, np.arange(oi.size), 0))]
+        fired[oi[s[oi] - s[run_start] + 1 >= patience + 1]] = True
     if loss_cap is not None:
         high = fin & (v > loss_cap)
         ch = np.concatenate(([0], np.cumsum(high)))

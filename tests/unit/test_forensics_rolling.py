@@ -1,0 +1,67 @@
+"""The fast trailing quantiles (SciPy rank filter) give pandas' answers on every window:
+full, head, NaN-holding, variable (step-span) windows, and minimum counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from k2repro.forensics.detect import RobustZ, _window_starts, robust_z_parts
+from k2repro.forensics.rolling import _pandas_quantiles, _slow_points, trailing_quantiles
+
+QS = (0.5, 0.25, 0.75)
+
+
+def _same(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(np.isnan(x), np.isnan(y))
+        np.testing.assert_allclose(x[~np.isnan(x)], y[~np.isnan(y)], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("w", [7, 8, 128])
+def test_fixed_windows_with_nans_equal_pandas(w: int) -> None:
+    rng = np.random.default_rng(w)
+    a = rng.standard_t(3, size=30_000)
+    a[[5, 900, 17_000, 29_999]] = np.nan
+    a[20_000:20_300] = np.nan  # a gap longer than the window
+    start = np.maximum(np.arange(a.size) - w, 0)
+    slow = _slow_points(a, start, w)
+    assert slow.size < a.size // 20  # the fast path serves this log
+    _same(trailing_quantiles(a, start, QS, 8), _pandas_quantiles(a, start, QS, 8))
+
+
+def test_step_span_windows_equal_pandas() -> None:
+    """A log every 4 steps with a gap: windows widened to a minimum count of points."""
+    rng = np.random.default_rng(3)
+    steps = np.arange(40_000, dtype=np.int64) * 4
+    steps[25_000:] += 10_000
+    a = 2.0 + rng.normal(0, 0.05, steps.size)
+    start = _window_starts(steps, 128, 64)
+    _same(trailing_quantiles(a, start, QS, 8), _pandas_quantiles(a, start, QS, 8))
+
+
+def test_min_count_above_window_gives_nan() -> None:
+    a = np.random.default_rng(1).normal(size=10_000)
+    start = np.maximum(np.arange(a.size) - 16, 0)
+    out = trailing_quantiles(a, start, (0.5,), 32)[0]
+    assert np.isnan(out).all()
+
+
+def test_robust_z_unchanged_by_the_fast_path() -> None:
+    """robust_z over a long log equals the pandas-only computation on the same log."""
+    import k2repro.forensics.rolling as rolling
+
+    rng = np.random.default_rng(5)
+    n = 50_000
+    x = 2 + np.exp(-np.arange(n) / 8_000) + rng.normal(0, 0.02, n)
+    x[[7_000, 31_000]] = [4.0, np.nan]
+    fast = robust_z_parts(x, RobustZ())
+    saved = rolling._FAST_MIN_POINTS
+    rolling._FAST_MIN_POINTS = n + 1  # every call through pandas
+    try:
+        slow = robust_z_parts(x, RobustZ())
+    finally:
+        rolling._FAST_MIN_POINTS = saved
+    for f, s in zip(fast, slow, strict=True):
+        assert np.array_equal(np.isnan(f), np.isnan(s))
+        np.testing.assert_allclose(f[~np.isnan(f)], s[~np.isnan(s)], rtol=1e-9, atol=1e-12)
