@@ -21,6 +21,7 @@ from k2repro.forensics.attribute import (
     LayerParams,
     data_attribution,
     layer_attribution,
+    update_ratio,
 )
 from k2repro.forensics.detect import (
     Detection,
@@ -586,7 +587,7 @@ def _detail(sp: Spike, src: RunSource, st: dict[str, np.ndarray], p: ForensicsPa
     if avail.layers:
         ls = _layer_window(src, ep, p, avail)
         sp.layers = layer_attribution(ls, ep.onset_step, ep.peak_step, p.rule, p.precursors, p.layers)
-        ur = _update_ratio(ls)
+        ur = update_ratio(ls)
         if ur is not None:
             c = first_crossing("update_ratio", ur[0], ur[1], ep.onset_step, ep.peak_step, p.rule, p.precursors)
             if c:
@@ -632,28 +633,12 @@ def _layer_window(src: RunSource, ep: Episode, p: ForensicsParams, avail: _Avail
         ls = src.layer_window(lo, hi)
         if len(ls) == 0:
             return ls
-        us = np.unique(ls["step"].to_numpy())
+        us = ls.steps
         est = int(np.median(np.diff(us))) if us.size > 1 else every
         if est <= every:
             return ls
         every = est
     return ls
-
-
-def _update_ratio(ls: Any) -> tuple[np.ndarray, np.ndarray] | None:
-    """The model's update/param ratio per logged step: ||update|| / ||params|| over all
-    tensors (falls back to the mean of per-tensor ratios)."""
-    if ls is None or len(ls) == 0:
-        return None
-    if {"update_norm", "param_norm"} <= set(ls.columns) and ls["update_norm"].notna().any():
-        g = ls.assign(u2=ls["update_norm"] ** 2, p2=ls["param_norm"] ** 2).groupby("step")[["u2", "p2"]].sum()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            v = np.sqrt(g["u2"].to_numpy()) / np.sqrt(g["p2"].to_numpy())
-        return g.index.to_numpy(dtype=np.int64), v
-    if "update_ratio" in ls.columns and ls["update_ratio"].notna().any():
-        g = ls.groupby("step")["update_ratio"].mean()
-        return g.index.to_numpy(dtype=np.int64), g.to_numpy(dtype=np.float64)
-    return None
 
 
 class _TextContext:

@@ -9,6 +9,7 @@ the excess in a few samples; an optimizer-side spike (an lr spike) raises every 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,8 +17,8 @@ import numpy as np
 
 from k2repro.forensics.detect import RobustZ, robust_z_rows
 from k2repro.forensics.precursors import PrecursorParams, crossing_start
+from k2repro.forensics.source import LayerWindow
 
-LAYER_STATS = ("grad_norm", "update_ratio", "grad_max_abs", "update_norm", "param_norm")
 JUMP_STATS = ("grad_norm", "update_ratio", "grad_max_abs", "update_norm")
 
 
@@ -49,25 +50,24 @@ class LayerAttribution:
 
 
 def layer_attribution(
-    ls: Any,
+    ls: LayerWindow | None,
     onset_step: int,
     peak_step: int,
     rule: RobustZ,
     pre: PrecursorParams,
     p: LayerParams = LayerParams(),
 ) -> LayerAttribution:
-    """`ls`: a pandas DataFrame of layer_stats rows around the episode (columns step, param
-    and any of LAYER_STATS)."""
+    """`ls`: the layer_stats rows around the episode (source.LayerWindow)."""
     out = LayerAttribution()
     if ls is None or len(ls) == 0:
         out.note = "no layer_stats rows around the episode"
         return out
-    steps_all = np.sort(ls["step"].unique())
+    steps_all = ls.steps
     out.interval = int(np.median(np.diff(steps_all))) if steps_all.size > 1 else 1
     lo = onset_step - p.jump_lead
     hi = max(peak_step, onset_step + out.interval - 1)
-    in_win = steps_all[(steps_all >= lo) & (steps_all <= hi)]
-    if in_win.size == 0:
+    in_win = (steps_all >= lo) & (steps_all <= hi)
+    if not in_win.any():
         after = steps_all[steps_all >= onset_step]
         if after.size == 0:
             out.note = f"no layer_stats row at or after onset (logged every {out.interval} steps)"
@@ -75,60 +75,82 @@ def layer_attribution(
         hi = int(after[0])
         out.note = (f"no layer_stats row in steps {lo}..{max(peak_step, onset_step)}; "
                     f"used the next logged step {hi} (logged every {out.interval} steps)")
-    before = steps_all[steps_all < lo][-p.pre_points:]
+        in_win = (steps_all >= lo) & (steps_all <= hi)
+    before = np.flatnonzero(steps_all < lo)[-p.pre_points:]
     if before.size == 0:
         out.note = "no layer_stats rows before onset to compare against"
         return out
-    stats = [c for c in JUMP_STATS if c in ls.columns and ls[c].notna().any()]
-    pre_rows = ls[ls["step"].isin(before)]
-    win_rows = ls[(ls["step"] >= lo) & (ls["step"] <= hi)]
-    base = pre_rows.groupby("param")[stats].median()
-    peak = win_rows.groupby("param")[stats].max()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = (peak / base.reindex(peak.index)).replace([np.inf, -np.inf], np.nan)
-    jump = ratio.max(axis=1, skipna=True)
-    order = jump.sort_values(ascending=False, na_position="last")
-    for param in order.index[: p.top_n]:
-        row = {"param": str(param), "jump": _r(order[param])}
-        for c in stats:
-            row[f"{c}_ratio"] = _r(ratio.at[param, c])
+    stats = [c for c in JUMP_STATS if ls.has(c)]
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN params: NaN, as pandas
+        # per stat: max over the onset window / median before it, for every param
+        ratio = np.stack([np.nanmax(ls.stats[c][in_win], axis=0) / np.nanmedian(ls.stats[c][before], axis=0)
+                          for c in stats], axis=1) if stats else np.full((len(ls.params), 0), np.nan)
+        ratio[~np.isfinite(ratio)] = np.nan
+        jump = np.nanmax(ratio, axis=1) if stats else np.full(len(ls.params), np.nan)
+    # params logged in the onset window, by jump (largest first, NaN last; ties by name)
+    seen = np.flatnonzero(np.isfinite(np.stack([ls.stats[c][in_win] for c in stats])).any(axis=(0, 1))) \
+        if stats else np.zeros(0, dtype=np.int64)
+    key = np.where(np.isnan(jump[seen]), np.inf, -jump[seen])
+    order = seen[np.argsort(key, kind="stable")]
+    jumps = {ls.params[j]: float(jump[j]) for j in order}
+    for j in order[: p.top_n]:
+        row = {"param": ls.params[j], "jump": _r(jump[j])}
+        for k, c in enumerate(stats):
+            row[f"{c}_ratio"] = _r(ratio[j, k])
         out.top.append(row)
 
     # first to cross: each param's grad_norm under the robust-z rule, walked back like a
     # precursor crossing
-    if "grad_norm" in ls.columns and ls["grad_norm"].notna().any():
-        wide = ls.pivot_table(index="step", columns="param", values="grad_norm", aggfunc="first")
-        wide = wide.sort_index()
-        wsteps = wide.index.to_numpy(dtype=np.int64)
+    if ls.has("grad_norm"):
+        wide = ls.stats["grad_norm"]
+        wsteps = steps_all
         r = replace(rule, threshold=pre.layer_threshold, direction="up")
         lo_c = int(np.searchsorted(wsteps, onset_step - pre.lookback, side="left"))
         hi_c = int(np.searchsorted(wsteps, max(peak_step, hi), side="right"))
-        z = robust_z_rows(wide.to_numpy(dtype=np.float64), lo_c, hi_c, r)
+        z = robust_z_rows(wide, lo_c, hi_c, r)
         best: tuple | None = None
         gap = max(pre.max_gap, 2 * out.interval)
-        for j, param in enumerate(wide.columns):
+        for j, param in enumerate(ls.params):
             c = crossing_start(z[:, j], lo_c, wsteps, onset_step, pre.layer_threshold, gap)
             if c is None:
                 continue
-            key = (int(wsteps[c]), -float(order.get(param, 0.0) or 0.0))
-            if best is None or key < best[0]:
-                best = (key, str(param), int(wsteps[c]), float(z[c - lo_c, j]))
+            jv = jumps.get(param, 0.0)
+            key_j = (int(wsteps[c]), -(jv if np.isfinite(jv) else 0.0))
+            if best is None or key_j < best[0]:
+                best = (key_j, param, int(wsteps[c]), float(z[c - lo_c, j]))
         if best is not None:
             out.first_to_cross = {"param": best[1], "step": best[2],
                                   "lead_steps": int(onset_step - best[2]), "z": _r(best[3])}
 
         # heatmap: log10 of grad_norm over its pre-onset median, top params by jump
-        hp = [q for q in order.index if q in wide.columns][: p.heatmap_params]
-        hs = wide.index[(wide.index >= onset_step - p.heat_before * out.interval)
-                        & (wide.index <= max(peak_step, hi) + p.heat_after * out.interval)]
-        sub = wide.loc[hs, hp]
-        med = wide.loc[wide.index.isin(before), hp].median()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            heat = np.log10((sub / med).to_numpy(dtype=np.float64).T)
-        out.heat_params = [str(q) for q in hp]
-        out.heat_steps = hs.to_numpy(dtype=np.int64)
+        hp = order[: p.heatmap_params]
+        hs = (wsteps >= onset_step - p.heat_before * out.interval) \
+            & (wsteps <= max(peak_step, hi) + p.heat_after * out.interval)
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(wide[before][:, hp], axis=0)
+            heat = np.log10(wide[hs][:, hp] / med).T
+        out.heat_params = [ls.params[j] for j in hp]
+        out.heat_steps = wsteps[hs]
         out.heat = np.where(np.isfinite(heat), heat, np.nan)
     return out
+
+
+def update_ratio(ls: LayerWindow | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The model's update/param ratio per logged step: ||update|| / ||params|| over all
+    tensors (falls back to the mean of per-tensor ratios)."""
+    if ls is None or len(ls) == 0:
+        return None
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if ls.has("update_norm") and "param_norm" in ls.stats:
+            u2 = np.nansum(ls.stats["update_norm"] ** 2, axis=1)
+            p2 = np.nansum(ls.stats["param_norm"] ** 2, axis=1)
+            return ls.steps, np.sqrt(u2) / np.sqrt(p2)
+        if ls.has("update_ratio"):
+            return ls.steps, np.nanmean(ls.stats["update_ratio"], axis=1)
+    return None
 
 
 def _r(v: Any, nd: int = 4) -> float | None:

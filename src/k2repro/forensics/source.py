@@ -7,6 +7,7 @@ never loaded. Works on any DuckDB connection with those views (a Store's `.con`)
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,41 @@ import numpy as np
 RUN_COLUMNS = ("run_id", "name", "status", "source", "started_at", "ended_at", "parent_run_id",
                "resumed_from_step", "world_size", "config_hash", "git_commit")
 STEP_SIGNALS = ("loss", "grad_norm", "lr", "loss_max", "loss_std", "logz_mean")
+LAYER_COLUMNS = ("grad_norm", "param_norm", "update_norm", "update_ratio", "grad_max_abs")
+
+
+@dataclass
+class LayerWindow:
+    """layer_stats rows around an episode as matrices: `stats[c][i, j]` is column c at
+    `steps[i]` for parameter `params[j]` (NaN where not logged). Steps ascend and params
+    are sorted, so each analysis is a few numpy reductions, not a pandas pivot per episode."""
+
+    steps: np.ndarray
+    params: list[str]
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(cls, step: Any, param: Any, cols: dict[str, Any]) -> LayerWindow:
+        step = np.asarray(step, dtype=np.int64)
+        if step.size == 0:
+            return cls(np.zeros(0, dtype=np.int64), [], {c: np.zeros((0, 0)) for c in cols})
+        steps, si = np.unique(step, return_inverse=True)
+        params, pi = np.unique(np.asarray(param, dtype=object).astype(str), return_inverse=True)
+        stats = {}
+        for c, v in cols.items():
+            m = np.full((steps.size, params.size), np.nan)
+            # a (step, param) logged twice keeps its last row, as the steps table does
+            m[si, pi] = np.ma.filled(np.ma.asarray(v, dtype=np.float64), np.nan)
+            stats[c] = m
+        return cls(steps, [str(q) for q in params], stats)
+
+    def __len__(self) -> int:
+        return int(self.steps.size)
+
+    def has(self, c: str) -> bool:
+        """Column c was read and holds a value somewhere in the window."""
+        m = self.stats.get(c)
+        return m is not None and bool(np.isfinite(m).any())
 
 
 def open_source(path: str | os.PathLike) -> Any:
@@ -114,25 +150,17 @@ class RunSource:
             out[c] = arr if keep.all() else arr[keep]
         return out
 
-    def layer_window(self, lo: int, hi: int) -> Any:
-        """layer_stats rows with lo <= step <= hi (pandas DataFrame)."""
+    def layer_window(self, lo: int, hi: int) -> LayerWindow:
+        """layer_stats rows with lo <= step <= hi, as step x param matrices."""
         have = self.columns("layer_stats")
-        cols = [c for c in ("grad_norm", "param_norm", "update_norm", "update_ratio", "grad_max_abs")
-                if c in have]
+        cols = [c for c in LAYER_COLUMNS if c in have]
         sel = ", ".join(f"{c}::DOUBLE AS {c}" for c in cols)
-        return self._q(
-            f"SELECT step::BIGINT AS step, param, {sel} FROM layer_stats "
-            "WHERE run_id = ? AND step BETWEEN ? AND ? ORDER BY step, param",
+        res = self._q(
+            f"SELECT step::BIGINT AS step, param::VARCHAR AS param{', ' if sel else ''}{sel} "
+            "FROM layer_stats WHERE run_id = ? AND step BETWEEN ? AND ?",
             [int(lo), int(hi)],
-        ).df()
-
-    def layer_steps(self, lo: int, hi: int) -> np.ndarray:
-        """The distinct steps with layer_stats in [lo, hi]."""
-        r = self._q(
-            "SELECT DISTINCT step::BIGINT AS step FROM layer_stats WHERE run_id = ? "
-            "AND step BETWEEN ? AND ? ORDER BY step", [int(lo), int(hi)],
         ).fetchnumpy()
-        return np.asarray(r["step"], dtype=np.int64)
+        return LayerWindow.from_rows(res["step"], res["param"], {c: res[c] for c in cols})
 
     def samples(self, lo: int, hi: int) -> Any:
         have = self.columns("sample_stats")
