@@ -61,6 +61,20 @@ def test_a_fixed_interval_log_of_a_clean_curve_gives_no_spike() -> None:
     assert eps == [], [(e.onset_step, e.reason) for e in eps]
 
 
+@pytest.mark.parametrize("dip", [0.03, -0.03])
+def test_a_gap_in_the_log_is_not_extrapolated_over(dip: float) -> None:
+    """Every step logged, then 1,500 steps missing (a crash, an export hole): the trend of the
+    last points before the gap must not be projected across it (it once gave z = 214 on a
+    normal loss). The last 8 points before the gap sit `dip` below the 8 before them, well
+    within the noise of the loss, a trend that means nothing 1,500 steps later."""
+    steps = np.concatenate([np.arange(1, 14_263), np.arange(15_783, 18_000)])
+    x = 2.6 + np.random.default_rng(0).normal(0.0, 0.025, steps.size)
+    gap = int(np.searchsorted(steps, 15_783))
+    x[gap - 8: gap] -= dip
+    eps = find_episodes(steps, x)
+    assert eps == [], [(e.onset_step, e.cls, e.max_z, e.reason) for e in eps]
+
+
 def test_a_real_spike_then_normal_loss_one_episode_with_an_honest_baseline() -> None:
     """The 65B case: a 3x spike at 120k recovering over ~3,000 steps, sampled sparsely with a
     dense burst around it. One episode, its baseline the pre-spike level, none after it."""

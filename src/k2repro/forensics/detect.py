@@ -46,7 +46,8 @@ class RobustZ:
               h = short_window // 2 (with `trend=False`: median(x[t-short_window : t]))
     (indices are points of a log with a point at every step; with `steps` given, each window
     holds the points of its step span, widened to at least its minimum number of points, and
-    the trend is extrapolated over the distance in steps between the halves' mean steps)
+    the trend is extrapolated over the distance in steps between the halves' mean steps,
+    at most the distance between the halves: a gap in the log is not extrapolated over)
     r_t     = x_t - pred_t
     over the residuals of the trailing long window R = r[t-long_window : t] (NaNs ignored):
     center  = median(R); mad = (q75(R) - q25(R)) / 2   (equals the MAD for symmetric noise)
@@ -224,7 +225,9 @@ def _robust_z_steps(a: np.ndarray, steps: np.ndarray, p: RobustZ
         m0, c0 = m1[b1], c1[b1]
         ok = (b1 > 0) & (cnt > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            f = np.where(ok & (c1 > c0), (steps - c1) / (c1 - c0), np.nan)
+            # at most one window's change: across a gap in the log the trend of the last
+            # points says nothing about the level thousands of steps later
+            f = np.where(ok & (c1 > c0), np.minimum((steps - c1) / (c1 - c0), 1.0), np.nan)
         slope = (m1 - m0) * (f if a.ndim == 1 else f[:, None])
         pred = m1 + np.where(np.isnan(slope), 0.0, slope)
     else:
