@@ -209,21 +209,23 @@ def rank_step_samples(ss: Any, typical: float, noise: float, p: DataParams,
     the episode; outliers are judged against them (enough of them: at least 4 x the batch),
     else against the step's own samples."""
     out = DataAttribution(typical_loss=_r(typical, 6))
-    df = ss[np.isfinite(ss["loss"].to_numpy(dtype=np.float64))].copy()
+    # numpy over the step's few rows: pandas costs ~10 ms a call on an 8-row frame
+    loss_all = ss["loss"].to_numpy(dtype=np.float64)
+    fin = np.isfinite(loss_all)
     out.step = int(ss["step"].iloc[0]) if len(ss) else None
-    out.n_samples = len(df)
-    if len(df) == 0:
+    out.n_samples = n = int(fin.sum())
+    if n == 0:
         out.reason = "no finite per-sample losses at this step"
         return out
-    loss = df["loss"].to_numpy(dtype=np.float64)
-    if "n_tokens" in df.columns and df["n_tokens"].notna().all() and df["n_tokens"].sum() > 0:
-        w = df["n_tokens"].to_numpy(dtype=np.float64)
-    else:
-        w = np.ones_like(loss)
+    loss = loss_all[fin]
+    sid = ss["sample_id"].to_numpy(dtype=np.int64)[fin]
+    rank = ss["rank"].to_numpy()[fin] if "rank" in ss.columns else None
+    ntok = ss["n_tokens"].to_numpy(dtype=np.float64)[fin] if "n_tokens" in ss.columns else None
+    w = ntok if ntok is not None and np.isfinite(ntok).all() and ntok.sum() > 0 else np.ones_like(loss)
     w = w / w.sum()
     med = float(np.median(loss))
     ref = reference[np.isfinite(reference)] if reference is not None else np.zeros(0)
-    if ref.size >= max(4 * len(df), 16):
+    if ref.size >= max(4 * n, 16):
         out.outlier_reference = f"{ref.size} per-sample losses of the steps before the episode"
     else:
         ref = loss
@@ -231,28 +233,26 @@ def rank_step_samples(ss: Any, typical: float, noise: float, p: DataParams,
     rmed = float(np.median(ref))
     sc = max(1.4826 * float(np.median(np.abs(ref - rmed))), 1e-12, 1e-6 * abs(rmed))
     zs = (loss - rmed) / sc
-    df["excess_vs_step"] = loss - med
-    df["excess_vs_run"] = loss - typical
-    df["z"] = zs
-    df["_w"] = w
-    df = df.sort_values(["excess_vs_step", "sample_id"], ascending=[False, True], kind="mergesort")
-    outl = df[df["z"] >= p.outlier_z]
-    excess = float(np.sum(w * (loss - typical)))
-    contrib = float(np.sum(outl["_w"] * (outl["loss"] - typical)))
+    ex_step, ex_run = loss - med, loss - typical
+    order = np.lexsort((sid, -ex_step))  # by excess over the step's median, then sample id
+    is_out = zs >= p.outlier_z
+    excess = float(np.sum(w * ex_run))
+    contrib = float(np.sum(w[is_out] * ex_run[is_out]))
     out.excess = _r(excess, 6)
     out.step_median = _r(med, 6)
-    out.n_outliers = len(outl)
-    out.outlier_ids = [int(s) for s in outl["sample_id"]]
+    out.n_outliers = int(is_out.sum())
+    out.outlier_ids = [int(sid[i]) for i in order if is_out[i]]
     out.top_share = _r(contrib / excess, 4) if excess > 0 else None
+    # the top samples are those above the step's median (and every outlier): in a batch
+    # smaller than top_n the tail would otherwise list below-median samples as "top"
+    top = [i for i in order if ex_step[i] > 0 or is_out[i]][: max(p.top_n, out.n_outliers)]
     out.samples = [
-        {"sample_id": int(r.sample_id), "rank": int(getattr(r, "rank", -1)) if "rank" in df.columns else None,
-         "loss": _r(r.loss, 6), "n_tokens": int(r.n_tokens) if "n_tokens" in df.columns and np.isfinite(r.n_tokens) else None,
-         "excess_vs_step": _r(r.excess_vs_step, 6), "excess_vs_run": _r(r.excess_vs_run, 6),
-         "z": _r(r.z, 3), "outlier": bool(r.z >= p.outlier_z)}
-        # the top samples are those above the step's median (and every outlier): in a batch
-        # smaller than top_n the tail would otherwise list below-median samples as "top"
-        for r in df[(df["excess_vs_step"] > 0) | (df["z"] >= p.outlier_z)].head(max(p.top_n, len(outl)))
-        .itertuples(index=False)
+        {"sample_id": int(sid[i]), "rank": int(rank[i]) if rank is not None else None,
+         "loss": _r(loss[i], 6),
+         "n_tokens": int(ntok[i]) if ntok is not None and np.isfinite(ntok[i]) else None,
+         "excess_vs_step": _r(ex_step[i], 6), "excess_vs_run": _r(ex_run[i], 6),
+         "z": _r(zs[i], 3), "outlier": bool(is_out[i])}
+        for i in top
     ]
     noise_floor = p.min_excess_sigma * noise if np.isfinite(noise) else 0.0
     if excess <= noise_floor or excess <= 0:
@@ -262,14 +262,14 @@ def rank_step_samples(ss: Any, typical: float, noise: float, p: DataParams,
     elif out.n_outliers == 0:
         out.verdict = "not_data"
         out.reason = (f"step {out.step}: no sample stands out (robust z >= {p.outlier_z:g}); the "
-                      f"excess loss {excess:.3g} is spread over all {len(df)} samples")
-    elif out.n_outliers > p.max_outlier_frac * len(df):
+                      f"excess loss {excess:.3g} is spread over all {n} samples")
+    elif out.n_outliers > p.max_outlier_frac * n:
         out.verdict = "not_data"
-        out.reason = (f"step {out.step}: {out.n_outliers} of {len(df)} samples stand out: the batch "
+        out.reason = (f"step {out.step}: {out.n_outliers} of {n} samples stand out: the batch "
                       f"as a whole is off")
     elif contrib / excess >= p.share:
         out.verdict = "data"
-        out.reason = (f"step {out.step}: the top {out.n_outliers} of {len(df)} samples account for "
+        out.reason = (f"step {out.step}: the top {out.n_outliers} of {n} samples account for "
                       f"{100 * contrib / excess:.0f}% of the step's excess loss {excess:.3g}")
     else:
         out.verdict = "not_data"
