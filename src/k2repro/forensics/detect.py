@@ -268,7 +268,13 @@ def robust_z_rows(x: Any, start: int, stop: int, p: RobustZ = RobustZ()) -> np.n
     """z of rows start..stop-1 of `x` (n x k: one series per column), equal to
     robust_z_parts(x)[0][start:stop] up to rounding, at a cost proportional to the rows asked
     for, not to n: the per-layer precursors need a few dozen rows of 100 series."""
-    a = _finite_or_nan(np.asarray(x, dtype=np.float64))
+    x = np.asarray(x, dtype=np.float64)
+    # rows before `base` reach no window of rows start.. (and min_history lies before start):
+    # slice them off, so a call on a million-point signal costs what its rows need
+    base = max(0, start - max(p.long_window + 2 * p.short_window, p.min_history))
+    if base > 0:
+        return robust_z_rows(x[base:stop], start - base, stop - base, p)
+    a = _finite_or_nan(x)
     if a.ndim == 1:
         a = a[:, None]
     n = a.shape[0]
