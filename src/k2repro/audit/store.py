@@ -8,6 +8,7 @@ import torch, pandas or pyarrow: `k2repro sql` and `k2repro runs` stay fast.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -23,6 +24,8 @@ from k2repro.errors import BadInputError
 if TYPE_CHECKING:  # pragma: no cover
     import duckdb
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 #: Times a query is run again when a segment vanished under it (a folder swap).
 VANISHED_RETRIES = 5
@@ -220,6 +223,12 @@ def open_store(path: str | Path | None = None, *, sandbox: bool = False, check_v
         from k2repro.audit.migrate import check_store
 
         check_store(root)
+    if root.is_dir():  # an interrupted compaction is finished or rolled back before any query
+        from k2repro.audit.compact import pending_swaps, recover_swaps
+
+        if pending_swaps(root):
+            for msg in recover_swaps(root):
+                log.warning("store %s: %s", root, msg)
     con = duckdb.connect(":memory:", config={
         "autoinstall_known_extensions": "false", "autoload_known_extensions": "false"})
     con.execute("SET TimeZone = 'UTC'")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from k2repro.audit import schema as S
+from k2repro.audit.manifest import record_file
 from k2repro.audit.redact import REDACTED, Redactor, is_secret_name
 from k2repro.audit.runid import check_run_id
 from k2repro.errors import BadInputError
@@ -251,6 +252,8 @@ def write_segment(table_dir: Path, name: str, tbl: pa.Table, on_write: WriteHook
             os.close(fd)
     if on_write is not None:
         on_write(table_dir.name, tmp)
+    # The checksum is recorded before the rename: every segment a reader can see has one.
+    record_file(table_dir.parent, f"{table_dir.name}/{name}", tmp, fsync=fsync)
     os.replace(tmp, final)
     return final
 
