@@ -82,3 +82,15 @@ def test_four_identical_imports_started_together_make_one_run(tmp_path: Path) ->
     assert sorted(created) == [False, False, False, True]
     r = k2("sql", "SELECT count(*) AS n FROM runs", "--store", str(store), "--json")
     assert json.loads(r.stdout) == [{"n": 1}]
+
+
+def test_a_store_path_with_glob_characters_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """Issue 24 #9: `--store 'dir[1]'` imported (rc 0) and then every query failed."""
+    src = tmp_path / "m.csv"
+    write_generic_csv(src, n=10)
+    store = tmp_path / "dir[1]"
+    r = k2("import", "csv", str(src), "--store", str(store))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "glob characters" in r.stderr and "Traceback" not in r.stderr and not store.exists()
+    q = k2("sql", "SELECT count(*) FROM steps", "--store", str(store))
+    assert q.returncode == 2 and "glob characters" in q.stderr and len(q.stderr.strip().splitlines()) == 1

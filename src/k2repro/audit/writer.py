@@ -279,6 +279,22 @@ def store_meta_current(root: Path) -> bool:
     return stamp == _meta_stamp() and (root / DUCKDB_FILE).exists()
 
 
+GLOB_CHARS = "[]?*{}"
+
+
+def check_store_path(root: str | Path) -> Path:
+    """Refuse a store path with glob characters: views find segments by glob patterns built
+    from the store's absolute path, and DuckDB would read `dir[1]` as a character class (the
+    import succeeded, then every query failed or found nothing). A store path never needs them."""
+    root = Path(root)
+    full = str(root.resolve()) if root.exists() or root.parent.exists() else str(root.absolute())
+    bad = sorted({c for c in full if c in GLOB_CHARS})
+    if bad:
+        raise BadInputError(f"store path {str(root)!r} contains {' '.join(bad)}: a store path cannot hold "
+                            f"glob characters ({' '.join(GLOB_CHARS)}); rename or move the folder")
+    return root
+
+
 def ensure_store(root: str | Path) -> Path:
     """Create the store root with one empty typed segment per table (so every view's glob
     matches from the start: an empty table reads as 0 typed rows) and the DuckDB database
@@ -287,7 +303,7 @@ def ensure_store(root: str | Path) -> Path:
 
     from k2repro.audit.views import HEARTBEAT_DIR
 
-    root = Path(root)
+    root = check_store_path(root)
     if store_meta_current(root):
         return root
     try:  # never restamp a newer store with this (older) schema: audit/migrate.py

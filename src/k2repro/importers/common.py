@@ -425,7 +425,9 @@ def commit_runs(store_root: str | Path, runs: Sequence[ImportedRun], name: str,
     runs written before it are removed again. `links` (importers/stitch.py) set each linked
     run's parent and resume step and add a `stitch` event to it; what they link is part of the
     options hash, so the same content linked differently is refused, not duplicated."""
-    root = Path(store_root)
+    from k2repro.audit.writer import check_store_path
+
+    root = check_store_path(store_root)
     if not runs:
         raise BadInputError("nothing to import")
     for r in runs:  # every value against its column's limits, before anything is written
