@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from k2repro.audit import schema as S
 from k2repro.audit.manifest import record_file
-from k2repro.audit.redact import REDACTED, Redactor, is_secret_name
+from k2repro.audit.redact import REDACTED, Redactor, is_secret_name, scrub_table
 from k2repro.audit.runid import check_run_id
 from k2repro.errors import BadInputError
 
@@ -231,6 +231,7 @@ def write_segment(table_dir: Path, name: str, tbl: pa.Table, on_write: WriteHook
     """One Parquet segment, written as `.<name>.tmp` then renamed to `<name>`."""
     import pyarrow.parquet as pq
 
+    tbl = scrub_table(tbl)  # credentials by value, whoever writes (audit/redact.py)
     table_dir.mkdir(parents=True, exist_ok=True)
     final = table_dir / name
     tmp = table_dir / f".{name}.tmp"
