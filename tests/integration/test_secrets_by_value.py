@@ -16,6 +16,7 @@ from pathlib import Path
 from k2repro.audit.redact import scrub_text
 from k2repro.audit.store import open_store
 from tests.conftest import k2
+from tests.integration.test_store_redaction import _git
 
 DB_PW = "Pl4ntedDbPassw0rd"
 GH = "ghp_" + "Pl4nted0GitHub0Token0Value0000000001"
@@ -49,12 +50,6 @@ CHILD = textwrap.dedent("""
         sink.log_event("note", step=1, detail={"msg": "pushed with " + gl, "commit": commit})
         raise RuntimeError("upload failed: " + slack + " " + jwt + " " + aws)
 """)
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
-                   env=dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e",
-                            GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@e"))
 
 
 def test_planted_credentials_are_found_by_value_everywhere(tmp_path: Path) -> None:
