@@ -764,9 +764,14 @@ def corrupt_section(work: Path, packed: Path, fixture_store: Path, run_id: str, 
     log(f"corrupt: data: {sum(c['detected'] for c in cases[n1:])}/{len(cases) - n1} detected")
     for c in cases:
         c.pop("dir", None)
+    # Issue 24 #13: a verification that says OK must mean every byte was checked, so every store
+    # corruption verify-store misses is a campaign failure, not a statistic.
+    vs = [c for c in seg_cases if c["how"] == "k2repro verify-store"]
+    missed = [f"{c['artefact']} {c['file']} {c['damage']}" for c in vs if not c["detected"]]
     return {"cases": cases, "detected": sum(c["detected"] for c in cases),
             "named": sum(c["named"] for c in cases), "clean": sum(bool(c.get("clean_error")) for c in cases),
-            "total": len(cases)}
+            "total": len(cases), "verify_store": {"detected": len(vs) - len(missed), "total": len(vs),
+                                                  "missed": missed}}
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -1293,6 +1298,10 @@ def summarize(res: dict) -> dict:
     if cor:
         s["corruption"] = (f"{cor['detected']}/{cor['total']} detected, {cor['named']} naming the file, "
                            f"{cor.get('clean', 0)} with a clean one-line error")
+        vs = cor.get("verify_store")
+        if vs:
+            s["store corruption, verify-store"] = (f"{vs['detected']}/{vs['total']} detected"
+                                                   + (f" (FAILED: missed {', '.join(vs['missed'])})" if vs["missed"] else ""))
     inp = res.get("inputs")
     if inp:
         s["bad inputs"] = f"{inp['ok']}/{inp['total']} clean (expected exit code, no traceback, nothing written)"
@@ -1374,7 +1383,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {out / 'reliability.md'} and reliability.json in {res['wall_s'] / 60:.1f} min")
     for k_, v in res["summary"].items():
         log(f"  {k_}: {v}")
-    return 1 if res["errors"] else 0
+    missed = ((res.get("corrupt") or {}).get("verify_store") or {}).get("missed")
+    return 1 if res["errors"] or missed else 0
 
 
 if __name__ == "__main__":

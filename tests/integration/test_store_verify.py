@@ -68,9 +68,9 @@ def test_a_deleted_segment_is_named(store: Path) -> None:
     rc, out, err = _verify(store)
     assert rc == 1
     assert out["runs"][0]["problems"] == [
-        f"rank 0: segment {segs[0].name} is missing (its numbers run to 7 with this one absent)"]
+        f"layer_stats/{segs[0].name}: missing (its checksum is recorded, the file is gone)"]
     text = k2("verify-store", "--store", str(store))
-    assert text.returncode == 1 and f"segment {segs[0].name} is missing" in text.stdout
+    assert text.returncode == 1 and f"layer_stats/{segs[0].name}: missing" in text.stdout
 
 
 def test_a_deleted_newest_segment_is_named_and_a_killed_rank_is_not_claimed(store: Path) -> None:
@@ -79,14 +79,57 @@ def test_a_deleted_newest_segment_is_named_and_a_killed_rank_is_not_claimed(stor
     close) verify-store says what it could not check instead of calling it fine."""
     newest = max((store / "run-v").glob("*/r0-*.parquet"), key=lambda p: p.name)
     assert newest.parent.name == "run_end"
+    data = newest.read_bytes()
     newest.unlink()
     rc, out, _ = _verify(store)
     assert rc == 1 and out["runs"][0]["problems"] == [
-        f"rank 0: segment {newest.name} is missing (its numbers run to 7 with this one absent)"]
+        f"run_end/{newest.name}: missing (its checksum is recorded, the file is gone)"]
     hb = store / "run-v" / "_heartbeat" / "r0.json"
     hb.write_text(json.dumps({k: v for k, v in json.loads(hb.read_text()).items() if k != "last_seq"}))
+    rc, out, _ = _verify(store)  # without the heartbeat's count the manifest still names it
+    assert rc == 1 and out["runs"][0]["problems"] == [
+        f"run_end/{newest.name}: missing (its checksum is recorded, the file is gone)"]
+    # a writer killed between recording and renaming leaves its temp file: in flight, not damage
+    (newest.parent / f".{newest.name}.tmp").write_bytes(data)
     rc, out, _ = _verify(store)
-    assert rc == 0 and out["runs"][0]["unchecked"] and "newest segment" in out["runs"][0]["unchecked"][0]
+    assert rc == 0, out
+    assert any("newest segment" in u for u in out["runs"][0]["unchecked"])
+    assert any("not renamed into place" in u for u in out["runs"][0]["unchecked"])
+
+
+def test_every_byte_is_checked_against_the_recorded_checksum(store: Path) -> None:
+    """Issue 24 #13: a flip in the footer's key-value metadata (no page CRC covers it), a
+    truncated segment, a copied-in segment and a folder in place of a segment are all named."""
+    run = store / "run-v"
+    segs = sorted((run / "layer_stats").glob("*.parquet"))
+    data = bytearray(segs[1].read_bytes())
+    pos = bytes(data).rindex(b"k2repro.schema_version") + 2  # inside the footer's metadata key
+    data[pos] ^= 0x01
+    segs[1].write_bytes(bytes(data))
+    segs[2].write_bytes(segs[2].read_bytes()[:-100])
+    (run / "layer_stats" / "r0-00000099.parquet").write_bytes(segs[0].read_bytes())
+    hp = next((run / "hparams").glob("*.parquet"))
+    hp.unlink()
+    hp.mkdir()
+    rc, out, err = _verify(store)
+    assert rc == 1
+    probs = "\n".join(out["runs"][0]["problems"])
+    assert f"layer_stats/{segs[1].name}: " in probs and "differs from the recorded checksum" in probs
+    assert f"layer_stats/{segs[2].name}: " in probs
+    assert "layer_stats/r0-00000099.parquet: no checksum recorded" in probs
+    assert f"hparams/{hp.name}: not a segment file (a folder)" in probs
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_store_without_manifests_still_verifies_and_says_so(store: Path) -> None:
+    """Runs written before segment checksums existed: not failed, not claimed as checked."""
+    import shutil
+
+    shutil.rmtree(store / "run-v" / "_manifest")
+    rc, out, _ = _verify(store)
+    assert rc == 0 and out["ok"]
+    assert out["runs"][0]["unchecked"] == [
+        "no checksums recorded for 8 segment(s) (written before k2repro recorded segment checksums)"]
 
 
 def test_bad_input_exits_2(store: Path, tmp_path: Path) -> None:

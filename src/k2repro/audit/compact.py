@@ -23,11 +23,14 @@ Segments of different schema versions are not merged together (see audit.migrate
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import json
 import os
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +107,73 @@ def _carry(src: Path, dst: Path, done: set[str]) -> None:
             os.link(e, dst / e.name, follow_symlinks=False)
 
 
+JOURNAL_DIR = "_k2repro/journal"
+#: Fault injection (tests, the fault campaign): `<point>:<seconds>` sleeps at that point of a
+#: folder swap (`journaled`, `renamed-old`, `renamed-new`, `exchanged`) so a test can SIGKILL the
+#: process there. Unset in normal use.
+FAULT_ENV = "K2REPRO_SWAP_FAULT"
+
+
+def _fault(point: str) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec.partition(":")[0] == point:
+        print(f"k2repro: swap fault point {point} reached", file=sys.stderr, flush=True)
+        time.sleep(float(spec.partition(":")[2] or 60))
+
+
+def _store_root(path: Path) -> Path:
+    """The store root above `path` (the folder holding `_k2repro/schema`); else the folder
+    above the run folder, where a store root normally is."""
+    for parent in Path(path).resolve().parents:
+        if (parent / "_k2repro" / "schema").is_dir():
+            return parent
+    return Path(path).resolve().parent.parent
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_journal(table_dir: Path, new: Path, old: Path | None, new_names: list[str],
+                   done: list[str]) -> Path:
+    """Record an exchange before its first rename, so an interrupted one can be finished or
+    rolled back (`recover_swaps`): without it, a kill between the offline renames left the
+    table folder gone and its rows in a hidden `.<table>.old-*` folder that no query reads."""
+    root = _store_root(table_dir)
+    jdir = root / JOURNAL_DIR
+    jdir.mkdir(parents=True, exist_ok=True)
+    body = {"run_dir": os.path.relpath(table_dir.parent.resolve(), root), "table": table_dir.name,
+            "new": new.name, "old": old.name if old else None, "new_names": new_names, "done": done}
+    path = jdir / f"swap-{time.time_ns():020d}-{secrets.token_hex(4)}.json"
+    tmp = jdir / f".{path.name}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(body, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(jdir)
+    return path
+
+
+def _manifest_changes(table_dir: Path, new: Path) -> list[tuple[str, str | None, int]]:
+    """Manifest lines for an exchange: a checksum for every segment of the new folder that the
+    old one lacks, a removal for every old segment the new folder drops."""
+    from k2repro.audit.manifest import file_digest
+
+    old_names = {f.name for f in _segments(table_dir)}
+    new_names = {f.name for f in _segments(new)}
+    out: list[tuple[str, str | None, int]] = []
+    for name in sorted(new_names - old_names):
+        sha, size = file_digest(new / name)
+        out.append((f"{table_dir.name}/{name}", sha, size))
+    out += [(f"{table_dir.name}/{n}", None, -1) for n in sorted(old_names - new_names)]
+    return out
+
+
 def swap_table_dir(table_dir: Path, build: Callable[[Path], list[str]], offline: bool = False) -> None:
     """Replace `table_dir` by a new folder in one atomic exchange.
 
@@ -111,29 +181,135 @@ def swap_table_dir(table_dir: Path, build: Callable[[Path], list[str]], offline:
     accounts for (merged, migrated or linked). Files that appear in `table_dir` meanwhile
     (another process appended a segment) are linked into the new folder before the swap, and
     any that slip in between are moved over after it. `offline=True` swaps with two plain
-    renames instead (a moment without the folder: only when nobody queries)."""
+    renames instead (a moment without the folder: only when nobody queries).
+
+    Before the first rename the swap is journaled (`<store>/_k2repro/journal/`) and the run's
+    segment manifest gets the new segments' checksums; a kill at any point is finished or
+    rolled back by `recover_swaps` (every open of the store, every gc)."""
+    from k2repro.audit.manifest import record
+
     table_dir = Path(table_dir)
     if _in_flight(table_dir):
         raise TableBusy(f"{table_dir}: a segment is being written ({_in_flight(table_dir)[0]})")
     new = table_dir.parent / f".{table_dir.name}.swap-{secrets.token_hex(4)}"
     new.mkdir()
+    journal: Path | None = None
     try:
         done = set(build(new))
         _carry(table_dir, new, done)  # everything else, and segments appended while we built
         if _in_flight(table_dir):
             raise TableBusy(f"{table_dir}: a segment is being written")
-        if offline:
-            old = table_dir.parent / f".{table_dir.name}.old-{secrets.token_hex(4)}"
+        changes = _manifest_changes(table_dir, new)
+        old = table_dir.parent / f".{table_dir.name}.old-{secrets.token_hex(4)}" if offline else None
+        journal = _write_journal(table_dir, new, old,
+                                 [Path(rel).name for rel, sha, _ in changes if sha], sorted(done))
+        record(table_dir.parent, "compact", changes, fsync=True)
+        _fault("journaled")
+        if old is not None:
             os.rename(table_dir, old)
+            _fault("renamed-old")
             os.rename(new, table_dir)
+            _fault("renamed-new")
             os.rename(old, new)
         else:
             _exchange(new, table_dir)
+            _fault("exchanged")
         for f in _segments(new):  # the old folder now: anything that slipped in moves over
             if f.name not in done and not (table_dir / f.name).exists():
                 os.rename(f, table_dir / f.name)
-    finally:
+    except BaseException:
+        if journal is None:
+            shutil.rmtree(new, ignore_errors=True)
+        else:  # finish or roll back now; what cannot be done here waits for recover_swaps
+            with contextlib.suppress(Exception):
+                _finish_one(_store_root(table_dir), journal)
+        raise
+    shutil.rmtree(new, ignore_errors=True)
+    journal.unlink(missing_ok=True)
+
+
+class InterruptedSwap(BadInputError):
+    """A folder swap was interrupted and could not be finished here (a read-only store)."""
+
+
+def pending_swaps(root: Path) -> list[Path]:
+    """Journals of swaps that have not finished (cheap: one folder listing)."""
+    jdir = Path(root) / JOURNAL_DIR
+    return sorted(jdir.glob("swap-*.json")) if jdir.is_dir() else []
+
+
+def _finish_one(root: Path, journal: Path) -> str:
+    """Finish (the new folder is in place or complete beside it) or roll back (the old folder
+    never left) one journaled swap; returns what was done."""
+    from k2repro.audit.manifest import record
+
+    j = json.loads(journal.read_text())
+    run_dir = (root / j["run_dir"]).resolve()
+    for key in ("table", "new"):
+        if not isinstance(j.get(key), str) or "/" in j[key] or j[key] in ("", ".", ".."):
+            raise ValueError(f"journal {journal.name}: bad {key}")
+    if root.resolve() not in run_dir.parents:
+        raise ValueError(f"journal {journal.name}: run folder outside the store")
+    table_dir, new = run_dir / j["table"], run_dir / j["new"]
+    old = run_dir / j["old"] if j.get("old") else None
+    new_names = set(j.get("new_names") or [])
+    done = set(j.get("done") or [])
+    if not table_dir.exists():  # killed between the offline renames: the new folder is complete
+        if new.is_dir():
+            os.rename(new, table_dir)
+        elif old is not None and old.is_dir():
+            os.rename(old, table_dir)
+    if not table_dir.is_dir():
+        raise ValueError(f"journal {journal.name}: {table_dir.name} is gone with no copy to restore")
+    present = {f.name for f in _segments(table_dir)}
+    if new_names and not (new_names & present):  # the old folder never left: roll back
         shutil.rmtree(new, ignore_errors=True)
+        record(run_dir, "compact", [(f"{j['table']}/{n}", None, -1) for n in sorted(new_names)], fsync=True)
+        action = "rolled back"
+    else:
+        for side in (new, old):  # the old folder: anything that slipped in moves over, then it goes
+            if side is None or not side.is_dir():
+                continue
+            for f in _segments(side):
+                if f.name not in done and f.name not in present:
+                    os.rename(f, table_dir / f.name)
+            shutil.rmtree(side, ignore_errors=True)
+        action = "finished"
+    journal.unlink(missing_ok=True)
+    return f"{action} the interrupted compaction of {os.path.relpath(table_dir, root)}"
+
+
+def restore_hidden_tables(run_dir: Path) -> list[str]:
+    """Put back a table folder that an unjournaled swap (a k2repro before the journal, killed
+    between its offline renames) left only as a hidden `.<table>.old-*` (or `.swap-*`)
+    folder. The `.old-*` folder is the complete old table; it wins over a swap folder."""
+    run_dir = Path(run_dir)
+    restored: list[str] = []
+    for table in S.TABLES:
+        if (run_dir / table).exists():
+            continue
+        hidden = sorted(run_dir.glob(f".{table}.old-*")) or sorted(run_dir.glob(f".{table}.swap-*"))
+        hidden = [h for h in hidden if h.is_dir() and not h.is_symlink()]
+        if hidden:
+            os.rename(hidden[0], run_dir / table)
+            restored.append(f"{run_dir.name}/{table} from {hidden[0].name}")
+    return restored
+
+
+def recover_swaps(root: str | Path) -> list[str]:
+    """Finish or roll back every interrupted folder swap of the store. Raises InterruptedSwap
+    (one line, with what to run) when that cannot be done here, so that no query answers
+    from a table whose rows sit in a hidden folder."""
+    root = Path(root)
+    done: list[str] = []
+    for journal in pending_swaps(root):
+        try:
+            done.append(_finish_one(root, journal))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InterruptedSwap(f"store {root}: an interrupted compaction ({journal.name}) could not be "
+                                  f"finished ({exc}); run `k2repro gc --compact` with write access to the "
+                                  f"store") from None
+    return done
 
 
 def _groups(table_dir: Path, small_bytes: int) -> dict[tuple[str, int], list[Path]]:
@@ -218,5 +394,5 @@ def require_exchange(root: Path, offline: bool) -> None:
                         f"pass --offline when nobody queries the store")
 
 
-__all__ = ["compact_run", "plan_run", "swap_table_dir", "exchange_supported", "new_segment_name",
+__all__ = ["restore_hidden_tables", "recover_swaps", "pending_swaps", "InterruptedSwap", "FAULT_ENV", "compact_run", "plan_run", "swap_table_dir", "exchange_supported", "new_segment_name",
            "require_exchange", "SMALL_BYTES", "TableBusy"]

@@ -8,6 +8,14 @@ Two rules, applied by the sink to everything it writes so that callers cannot fo
 2. Every such value (at least MIN_SECRET_LEN characters), collected from the environment and
    the config, is scrubbed wherever it appears inside any other string: env, hparams, argv,
    git diff, tracebacks, event details.
+3. By value, whatever its name (`scrub_text`): credentials in the formats of common providers
+   and URLs with user:password, found by Yelp's `detect-secrets` provider plugins (GitHub,
+   AWS, Slack, GitLab, JWT, private keys, basic-auth URLs, OpenAI, PyPI), plus the formats
+   detect-secrets 1.5 lacks (Hugging Face `hf_...`, fine-grained GitHub `github_pat_...`,
+   `sk-...` keys without OpenAI's marker, such as `sk-proj-` and Anthropic's `sk-ant-`), and
+   whole private-key blocks. No entropy plugin: sha256 sums, batch hashes, commit and run ids
+   look random and must stay intact. `write_segment` applies it to every string column of
+   every segment; reports, bundles and CLI error messages go through it too.
 """
 
 from __future__ import annotations
@@ -60,6 +68,116 @@ def is_secret_name(name: str) -> bool:
     return False
 
 
+# ----------------------------------------------------------------------------- by value
+
+#: A cheap first pass (RE2, vectorised by Arrow; also Python `re`): a string that matches none
+#: of these holds none of the formats below, so the detectors run on few strings.
+PREFILTER = (r"gh[pousr]_|github_pat_|hf_|sk-|pypi-|A3T|ABIA|ACCA|AKIA|ASIA|(?i:aws)|xox|hooks\.slack"
+             r"|glpat-|gldt-|glft-|glsoat-|glrt-|GR1348941|glcbt-|glimt-|glptt-|glagent-|eyJ|PRIVATE KEY"
+             r"|://[^/\s@]*:[^/\s@]*@")
+_PREFILTER = re.compile(PREFILTER)
+#: Formats detect-secrets 1.5 has no plugin for (see the module docstring).
+_EXTRA = re.compile(r"\bhf_[A-Za-z0-9]{30,}|\bgithub_pat_[A-Za-z0-9_]{22,}|\bsk-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_]{20,}")
+_KEY_BLOCK = re.compile(r"-----BEGIN[A-Z ]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END[A-Z ]*PRIVATE KEY(?: BLOCK)?-----|\Z)",
+                        re.S)
+_PLUGINS: list[Any] | None = None
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.+/=")
+
+
+def _plugins() -> list[Any]:
+    """The provider-format plugins of detect-secrets (built once)."""
+    global _PLUGINS
+    if _PLUGINS is None:
+        from detect_secrets.plugins.aws import AWSKeyDetector
+        from detect_secrets.plugins.basic_auth import BasicAuthDetector
+        from detect_secrets.plugins.github_token import GitHubTokenDetector
+        from detect_secrets.plugins.gitlab_token import GitLabTokenDetector
+        from detect_secrets.plugins.jwt import JwtTokenDetector
+        from detect_secrets.plugins.openai import OpenAIDetector
+        from detect_secrets.plugins.private_key import PrivateKeyDetector
+        from detect_secrets.plugins.pypi_token import PypiTokenDetector
+        from detect_secrets.plugins.slack import SlackDetector
+
+        _PLUGINS = [c() for c in (AWSKeyDetector, BasicAuthDetector, GitHubTokenDetector, GitLabTokenDetector,
+                                  JwtTokenDetector, OpenAIDetector, PrivateKeyDetector, PypiTokenDetector,
+                                  SlackDetector)]
+    return _PLUGINS
+
+
+def find_secrets(text: str) -> list[str]:
+    """Credential values in `text` by their format, longest first."""
+    if not text or not _PREFILTER.search(text):
+        return []
+    found: set[str] = set()
+    for plugin in _plugins():
+        if plugin.secret_type == "Private Key":
+            continue  # the whole block: scrub_text
+        password_only = plugin.secret_type == "Basic Auth Credentials"
+        for rx in plugin.denylist:  # the plugins' own patterns; the whole match, not its group
+            for m in rx.finditer(text):
+                if password_only:
+                    found.add(m.group(1))
+                    continue
+                end = m.end()
+                while end < len(text) and text[end] in _TOKEN_CHARS:  # a lazy JWT tail, a longer token
+                    end += 1
+                found.add(text[m.start():end])
+    found.update(m.group(0) for m in _EXTRA.finditer(text))
+    found = {v for v in found if len(v) >= 4}
+    return sorted(found, key=len, reverse=True)
+
+
+def scrub_text(text: str) -> str:
+    """Replace every credential found by its value (`find_secrets`, whole private-key blocks)
+    with REDACTED. The one by-value scrubber of everything k2repro writes."""
+    if not isinstance(text, str) or not text or not _PREFILTER.search(text):
+        return text
+    if "PRIVATE KEY" in text:
+        text = _KEY_BLOCK.sub(REDACTED, text)
+    for v in find_secrets(text):
+        text = text.replace(v, REDACTED)
+    return text
+
+
+def scrub_column(arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """`scrub_text` over a string column: Arrow's RE2 prefilter picks the few candidate
+    strings, Python scrubs only those."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if len(arr) == 0 or arr.null_count == len(arr):
+        return arr
+    hit = pc.match_substring_regex(arr, PREFILTER)
+    if not pc.any(hit).as_py():
+        return arr
+    values = arr.to_pylist()
+    mask = hit.to_pylist()
+    out = [scrub_text(v) if m else v for v, m in zip(values, mask, strict=True)]
+    return pa.array(out, type=arr.type)
+
+
+def scrub_table(tbl: pa.Table) -> pa.Table:
+    """`scrub_column` over every string column of a table."""
+    import pyarrow as pa
+
+    for i, f in enumerate(tbl.schema):
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            col = tbl.column(i)
+            new = scrub_column(col)
+            if new is not col:
+                tbl = tbl.set_column(i, f, new)
+    return tbl
+
+
+def scrub_obj(obj: Any) -> Any:
+    """`scrub_text` over every string (keys too) of a JSON-like object."""
+    if isinstance(obj, Mapping):
+        return {scrub_obj(k) if isinstance(k, str) else k: scrub_obj(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [scrub_obj(x) for x in obj]
+    return scrub_text(obj) if isinstance(obj, str) else obj
+
+
 class Redactor:
     """Holds the secret values of a run and scrubs them from strings and Arrow arrays."""
 
@@ -102,6 +220,8 @@ class Redactor:
                     self.add_from_mapping(v, key + ".")
             elif is_secret_name(key):
                 self._add_leaf(v)
+            elif isinstance(v, str):  # a credential by format (a URL's password): scrubbed wherever else it shows
+                self.add(*find_secrets(v))
 
     def _add_all_leaves(self, v: Any) -> None:
         if isinstance(v, Mapping):
@@ -125,24 +245,22 @@ class Redactor:
         return bool(self._ordered)
 
     def scrub(self, text: str) -> str:
-        """Replace every known secret value inside `text`."""
-        if not self._ordered or not text:
+        """Replace every known secret value inside `text`, then every credential by format."""
+        if not text:
             return text
         for s in self._ordered:
             if s in text:
                 text = text.replace(s, REDACTED)
-        return text
+        return scrub_text(text)
 
     def scrub_array(self, arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
         """Vectorised `scrub` over a string column."""
-        if not self._ordered:
-            return arr
         import pyarrow.compute as pc
 
         for s in self._ordered:
             if pc.any(pc.match_substring(arr, s)).as_py():
                 arr = pc.replace_substring(arr, pattern=s, replacement=REDACTED)
-        return arr
+        return scrub_column(arr)
 
     def redact_value(self, name: str, value: Any) -> Any:
         """Name rule first, then scrubbing of strings."""

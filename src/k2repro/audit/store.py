@@ -8,6 +8,7 @@ import torch, pandas or pyarrow: `k2repro sql` and `k2repro runs` stay fast.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -17,12 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from k2repro.audit import schema as S
 from k2repro.audit.views import HEARTBEAT_DIR, all_view_sql, heartbeat_glob, sql_literal, table_glob
-from k2repro.audit.writer import RUN_MARKER, ensure_store, store_meta_current
+from k2repro.audit.writer import RUN_MARKER, check_store_path, ensure_store, store_meta_current
 from k2repro.errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import duckdb
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 #: Times a query is run again when a segment vanished under it (a folder swap).
 VANISHED_RETRIES = 5
@@ -67,6 +70,7 @@ class Store:
         self.con = con
         self.sandboxed = sandboxed
         self.retries = 0  # queries run again because a segment vanished under them
+        self._tmpdir: str | None = None  # the sandbox's private DuckDB temp folder
 
     # -- raw access
     def execute(self, query: str, params: list | dict | None = None) -> duckdb.DuckDBPyConnection:
@@ -199,6 +203,11 @@ class Store:
 
     def close(self) -> None:
         self.con.close()
+        if self._tmpdir:
+            import shutil
+
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
 
     def __enter__(self) -> Store:
         return self
@@ -215,11 +224,17 @@ def open_store(path: str | Path | None = None, *, sandbox: bool = False, check_v
     extension install/load, no configuration changes."""
     import duckdb
 
-    root = Path(path) if path is not None else default_store()
+    root = check_store_path(Path(path) if path is not None else default_store())
     if check_version and root.is_dir():  # a newer store, or an older one read wrongly: refuse (audit/migrate.py)
         from k2repro.audit.migrate import check_store
 
         check_store(root)
+    if root.is_dir():  # an interrupted compaction is finished or rolled back before any query
+        from k2repro.audit.compact import pending_swaps, recover_swaps
+
+        if pending_swaps(root):
+            for msg in recover_swaps(root):
+                log.warning("store %s: %s", root, msg)
     con = duckdb.connect(":memory:", config={
         "autoinstall_known_extensions": "false", "autoload_known_extensions": "false"})
     con.execute("SET TimeZone = 'UTC'")
@@ -247,6 +262,12 @@ def open_store(path: str | Path | None = None, *, sandbox: bool = False, check_v
     for stmt in all_view_sql(prefix, have, explicit=current, local_host=socket.gethostname()):
         store.execute(stmt)  # binding a view reads segment footers: same races, same errors
     if sandbox:
+        # DuckDB spills to `<cwd>/.tmp` by default, a folder `read_text` could then reach: a
+        # private folder (0700) of this process instead, removed by close().
+        import tempfile
+
+        store._tmpdir = tempfile.mkdtemp(prefix="k2repro-sql-")
+        con.execute(f"SET temp_directory = {sql_literal(store._tmpdir)}")
         allowed = [str(root.resolve()) + os.sep] if exists else []
         con.execute(f"SET allowed_directories = [{', '.join(sql_literal(a) for a in allowed)}]")
         con.execute("SET enable_external_access = false")

@@ -8,6 +8,11 @@ checksum) and a deleted segment just takes its rows with it. Two checks close th
   truncated file, or a broken footer is named; the footer's min/max statistics (what DuckDB
   prunes by) are checked against the values read. (Segments written before the checksums existed
   are still read whole: structural damage is found, a flip inside a page is not.)
+- Every segment's sha256 and size, recorded by its writer before it renamed the segment into
+  place (`_manifest/`, audit/manifest.py), must match: this covers every byte (footers,
+  dictionary pages, bytes a page CRC does not cover), truncation, and a segment deleted
+  whole, whatever its name. Runs written before the manifest existed are reported as
+  "no checksums recorded", not as fine and not as damaged.
 - Segment names carry each rank's write sequence (`r<rank>-<seq>.parquet`, one counter per
   rank over all tables of a run, the open segment rewritten under its own name), so the
   numbers a rank used must run 0, 1, 2, ... without a hole: a missing number is a deleted
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from k2repro.audit import schema as S
+from k2repro.audit.manifest import COMPLETE_MARK
 
 SEQ_NAME = re.compile(r"^r(\d+)-(\d{8})\.parquet$")
 
@@ -75,17 +81,80 @@ def read_segment(path: Path) -> None:
         start += group.num_rows
 
 
+def _check_manifest(run_dir: Path, on_disk: dict[str, Path], out: RunCheck) -> None:
+    """Every segment against the checksums its writers recorded (audit/manifest.py): a
+    changed byte, a truncated or extended file, a segment recorded but gone, a segment no
+    writer recorded. Run folders from before the manifest are reported as not checked."""
+    from k2repro.audit.manifest import MANIFEST_DIR, file_digest, load
+
+    entries = load(run_dir) or {}
+    complete = (run_dir / MANIFEST_DIR / COMPLETE_MARK).exists()
+    unrecorded = 0
+    named = {p.split(": ", 1)[0] for p in out.problems}  # one finding per file
+    for rel, path in sorted(on_disk.items()):
+        if rel in named:
+            continue
+        e = entries.get(rel)
+        if e is None or not e.digests:
+            if complete:
+                out.problems.append(f"{rel}: no checksum recorded (not written by k2repro's writer, or "
+                                    f"its manifest line is gone)")
+            else:
+                unrecorded += 1
+            continue
+        try:
+            sha, size = file_digest(path)
+        except OSError as exc:
+            out.problems.append(f"{rel}: unreadable: {exc.strerror or exc}")
+            continue
+        if (sha, size) in e.digests:
+            continue
+        sizes = sorted({s for _, s in e.digests})
+        if size not in sizes:
+            out.problems.append(f"{rel}: {size} bytes, recorded {' or '.join(map(str, sizes))} "
+                                f"({'truncated' if size < min(sizes) else 'changed size'})")
+        else:
+            out.problems.append(f"{rel}: sha256 {sha[:16]}... differs from the recorded checksum "
+                                f"(a changed byte)")
+    if unrecorded:
+        out.unchecked.append(f"no checksums recorded for {unrecorded} segment(s) (written before k2repro "
+                             f"recorded segment checksums)")
+    for rel, e in sorted(entries.items()):
+        if e.removed or not e.digests or rel in on_disk:
+            continue
+        table, _, name = rel.partition("/")
+        if (run_dir / table / f".{name}.tmp").exists():
+            out.unchecked.append(f"{rel}: recorded, not renamed into place (its writer died mid-write)")
+        elif (run_dir / rel).is_dir():
+            continue  # named below as a folder
+        else:
+            out.problems.append(f"{rel}: missing (its checksum is recorded, the file is gone)")
+
+
 def check_run(run_dir: Path) -> RunCheck:
-    """Read every segment of one run folder and check each rank's sequence for holes."""
+    """Read every segment of one run folder, check it against its recorded checksum, and check
+    each rank's sequence for holes."""
     out = RunCheck(run_dir)
     seqs: dict[int, set[int]] = {}
     renamed: set[str] = set()
+    on_disk: dict[str, Path] = {}
+    for hidden in sorted(run_dir.glob(".*.old-*")) + sorted(run_dir.glob(".*.swap-*")):
+        table = hidden.name[1:].split(".", 1)[0]
+        if hidden.is_dir() and table in S.TABLES and not (run_dir / table).is_dir():
+            out.problems.append(f"{table}/: missing, its segments sit in the hidden folder {hidden.name} "
+                                f"(an interrupted compaction: `k2repro gc --compact` restores it)")
     tables = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name in S.TABLES)
     for tdir in tables:
         for f in sorted(tdir.iterdir()):
-            if not f.is_file() or not f.name.endswith(".parquet") or f.name.startswith("."):
+            if not f.name.endswith(".parquet") or f.name.startswith("."):
+                continue
+            if not f.is_file():
+                out.problems.append(f"{tdir.name}/{f.name}: not a segment file "
+                                    f"({'a folder' if f.is_dir() else 'not a regular file'}), its rows "
+                                    f"are not read")
                 continue
             out.segments += 1
+            on_disk[f"{tdir.name}/{f.name}"] = f
             try:
                 read_segment(f)
             except Exception as exc:  # noqa: BLE001 - any reader failure is the finding
@@ -96,6 +165,7 @@ def check_run(run_dir: Path) -> RunCheck:
                 seqs.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
             elif f.name.startswith("r") and "-" in f.name:
                 renamed.add(f.name.split("-", 1)[0])  # compacted: r0-c<time>...
+    _check_manifest(run_dir, on_disk, out)
     last = _last_seqs(run_dir)
     for rank in sorted(set(seqs) | set(last)):
         used = seqs.get(rank, set())
@@ -108,6 +178,8 @@ def check_run(run_dir: Path) -> RunCheck:
                                  "before close(), or an older k2repro wrote it)")
         holes = sorted(set(range(top + 1)) - used)
         for h in holes:
+            if any(f"/r{rank}-{h:08d}.parquet: " in p for p in out.problems):
+                continue  # already named with its table by the manifest check
             out.problems.append(f"rank {rank}: segment r{rank}-{h:08d}.parquet is missing "
                                 f"(its numbers run to {top} with this one absent)")
     if 0 in seqs and not (run_dir / "runs").is_dir():
@@ -134,12 +206,14 @@ def _last_seqs(run_dir: Path) -> dict[int, int]:
 def verify_store(root: str | Path, run_ids: list[str] | None = None) -> list[RunCheck]:
     """Check the runs of a store (all, or those named). Raises BadInputError for a store
     that does not exist or a run id it does not hold."""
+    from k2repro.audit.compact import recover_swaps
     from k2repro.audit.migrate import run_markers
     from k2repro.errors import BadInputError
 
     root = Path(root)
     if not root.is_dir():
         raise BadInputError(f"store {root} does not exist")
+    recover_swaps(root)  # an interrupted compaction is finished or rolled back first
     dirs = run_markers(root)
     if run_ids:
         by_id = {d.name: d for d in dirs}

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from k2repro.audit import schema as S
-from k2repro.audit.redact import REDACTED, Redactor, is_secret_name
+from k2repro.audit.manifest import record_file
+from k2repro.audit.redact import REDACTED, Redactor, is_secret_name, scrub_table
 from k2repro.audit.runid import check_run_id
 from k2repro.errors import BadInputError
 
@@ -230,6 +231,7 @@ def write_segment(table_dir: Path, name: str, tbl: pa.Table, on_write: WriteHook
     """One Parquet segment, written as `.<name>.tmp` then renamed to `<name>`."""
     import pyarrow.parquet as pq
 
+    tbl = scrub_table(tbl)  # credentials by value, whoever writes (audit/redact.py)
     table_dir.mkdir(parents=True, exist_ok=True)
     final = table_dir / name
     tmp = table_dir / f".{name}.tmp"
@@ -251,6 +253,8 @@ def write_segment(table_dir: Path, name: str, tbl: pa.Table, on_write: WriteHook
             os.close(fd)
     if on_write is not None:
         on_write(table_dir.name, tmp)
+    # The checksum is recorded before the rename: every segment a reader can see has one.
+    record_file(table_dir.parent, f"{table_dir.name}/{name}", tmp, fsync=fsync)
     os.replace(tmp, final)
     return final
 
@@ -276,6 +280,22 @@ def store_meta_current(root: Path) -> bool:
     return stamp == _meta_stamp() and (root / DUCKDB_FILE).exists()
 
 
+GLOB_CHARS = "[]?*{}"
+
+
+def check_store_path(root: str | Path) -> Path:
+    """Refuse a store path with glob characters: views find segments by glob patterns built
+    from the store's absolute path, and DuckDB would read `dir[1]` as a character class (the
+    import succeeded, then every query failed or found nothing). A store path never needs them."""
+    root = Path(root)
+    full = str(root.resolve()) if root.exists() or root.parent.exists() else str(root.absolute())
+    bad = sorted({c for c in full if c in GLOB_CHARS})
+    if bad:
+        raise BadInputError(f"store path {str(root)!r} contains {' '.join(bad)}: a store path cannot hold "
+                            f"glob characters ({' '.join(GLOB_CHARS)}); rename or move the folder")
+    return root
+
+
 def ensure_store(root: str | Path) -> Path:
     """Create the store root with one empty typed segment per table (so every view's glob
     matches from the start: an empty table reads as 0 typed rows) and the DuckDB database
@@ -284,7 +304,7 @@ def ensure_store(root: str | Path) -> Path:
 
     from k2repro.audit.views import HEARTBEAT_DIR
 
-    root = Path(root)
+    root = check_store_path(root)
     if store_meta_current(root):
         return root
     try:  # never restamp a newer store with this (older) schema: audit/migrate.py

@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return int(module.run(args) or 0)
     except K2ReproError as exc:
-        print(f"k2repro {chosen}: error: {exc}", file=sys.stderr)
+        from k2repro.audit.redact import scrub_text
+
+        print(f"k2repro {chosen}: error: {scrub_text(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

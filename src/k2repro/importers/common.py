@@ -11,6 +11,7 @@ written); with different options it is refused, so the store never holds a dupli
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -18,13 +19,14 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from k2repro.errors import BadInputError
+from k2repro.importers.values import check_run_values, check_step_range, show
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -154,6 +156,7 @@ class ImportedRun:
     ended_at: float | None = None
     world_size: int | None = None
     config: dict[str, Any] | None = None            # what the source holds as its config
+    line_of: Any = None                             # row -> source line, for error messages
 
     def event(self, kind: str, step: int | None = None, severity: str = "info",
               time_s: float | None = None, **detail: Any) -> None:
@@ -228,6 +231,7 @@ def steps_from_float(path: str, x: np.ndarray, divisor: float, offset: int, line
         raise bad(path, line_of(i), f"{what} value missing or not finite")
     q = x / divisor
     r = np.rint(q)
+    check_step_range(path, r + offset, line_of, what)
     off = np.flatnonzero(np.abs(q - r) > 1e-6 * np.maximum(1.0, np.abs(q)))
     if off.size:
         i = int(off[0])
@@ -421,18 +425,46 @@ def commit_runs(store_root: str | Path, runs: Sequence[ImportedRun], name: str,
     runs written before it are removed again. `links` (importers/stitch.py) set each linked
     run's parent and resume step and add a `stitch` event to it; what they link is part of the
     options hash, so the same content linked differently is refused, not duplicated."""
-    from k2repro.audit.runid import new_run_id
-    from k2repro.audit.writer import write_run_tables
+    from k2repro.audit.writer import check_store_path
 
-    root = Path(store_root)
+    root = check_store_path(store_root)
     if not runs:
         raise BadInputError("nothing to import")
+    for r in runs:  # every value against its column's limits, before anything is written
+        check_run_values(r)
     if links:
         from k2repro.importers.stitch import describe
 
         options = {**options, "links": describe(runs, links)}
     opt_hash = options_hash(options)
     ids = [identity(r) for r in runs]
+    with import_lock(root):
+        return _commit_locked(root, runs, name, opt_hash, ids, argv, links)
+
+
+@contextlib.contextmanager
+def import_lock(root: Path) -> Iterator[None]:
+    """One import at a time per store: "already imported?" and the write are one step, so
+    identical imports started together make one run (without it, four made two in one try
+    of three). An flock on the store folder itself: nothing is created in the store, and the
+    kernel drops the lock when a killed import dies."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _commit_locked(root: Path, runs: Sequence[ImportedRun], name: str, opt_hash: str, ids: list[str],
+                   argv: Sequence[str] | None, links: Sequence[Link]) -> list[ImportResult]:
+    """commit_runs under the store's import lock."""
+    from k2repro.audit.runid import new_run_id
+    from k2repro.audit.writer import write_run_tables
+
     prior = _existing(root, ids)
     for r, ident in zip(runs, ids, strict=True):
         if ident in prior and prior[ident][2] != opt_hash:
@@ -506,7 +538,10 @@ def csv_sample(path: Path, n: int = 2000) -> list[list[str]]:
         next(r, None)
         try:
             return [row for row in islice(r, n) if row]
-        except csv.Error:
+        except csv.Error as exc:
+            if "field limit" in str(exc):  # a cell over 131,072 characters: say so, never echo it
+                raise bad(path, r.line_num, f"a cell is longer than {csv.field_size_limit():,} characters, "
+                                            f"more than a metrics file holds") from None
             return []
 
 
@@ -540,7 +575,7 @@ def _duckdb_csv_error(path: Path, exc: Exception) -> BadInputError:
     if (m2 := re.search(r"Expected Number of Columns: (\d+) Found: (\d+)", text)):
         msg = f"expected {m2.group(1)} fields, found {m2.group(2)} (truncated or malformed line)"
     elif (m3 := re.search(r'converting column "(.*?)"\. Could not convert string "(.*?)" to', text, re.S)):
-        msg = f"column {m3.group(1)!r}: {m3.group(2)!r} is not a number"
+        msg = f"column {m3.group(1)!r}: {show(m3.group(2))} is not a number"
     elif "unterminated quote" in text.lower() or "quote" in text.lower() and "Line" in text:
         msg = "unterminated quoted value"
     else:

@@ -29,6 +29,7 @@ from k2repro.importers.common import (
     sha256_background,
     steps_from_float,
 )
+from k2repro.importers.values import show, time_ok, to_datetime
 from k2repro.importers.wandb_csv import StepAxis
 
 KIND = "csv"
@@ -119,18 +120,21 @@ def _read_jsonl(path: Path, names: NameMap) -> tuple[list[str], dict[str, Any], 
                 continue
             try:
                 obj = json.loads(line)
+                flat = _flatten(obj) if isinstance(obj, dict) else None
             except json.JSONDecodeError as exc:
                 raise bad(path, lineno, f"not a JSON object ({exc.msg}; truncated line?)") from None
-            if not isinstance(obj, dict):
+            except RecursionError:
+                raise bad(path, lineno, "JSON nested too deeply (a metrics line holds flat values)") from None
+            if flat is None:
                 raise bad(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-            for k, v in _flatten(obj).items():
+            for k, v in flat.items():
                 if isinstance(v, str):
                     target = names.target(k)[0]
                     if target == "time":
                         pass  # ISO time strings, cast below
                     elif target in STEP_COLUMNS or target == "step" or k in columns:
                         if not is_number(v):
-                            raise bad(path, lineno, f"key {k!r}: {v!r} is not a number")
+                            raise bad(path, lineno, f"key {show(k)}: {show(v)} is not a number")
                         v = float(v)
                     else:
                         text_cols.add(k)
@@ -139,7 +143,7 @@ def _read_jsonl(path: Path, names: NameMap) -> tuple[list[str], dict[str, Any], 
                     text_cols.add(k)
                     continue
                 elif k in text_cols and v is not None:
-                    raise bad(path, lineno, f"key {k!r}: {v!r} in a column that held text before")
+                    raise bad(path, lineno, f"key {show(k)}: {show(v)} in a column that held text before")
                 if k in text_cols:
                     continue
                 col = columns.get(k)
@@ -159,8 +163,13 @@ def _read_jsonl(path: Path, names: NameMap) -> tuple[list[str], dict[str, Any], 
         if names.target(k)[0] is None:
             continue
         target = names.target(k)[0]
+        if target == "time":
+            for i, v in enumerate(vals):
+                if not time_ok(v):
+                    raise bad(path, lines[i], f"time {show(v)} is not a time k2repro can store (epoch "
+                                              f"seconds between years 1 and 9999, or an ISO 8601 date)")
         if target == "time" and any(isinstance(v, str) for v in vals):
-            data[k] = pa.array(vals).cast(pa.timestamp("us", tz="UTC"))
+            data[k] = pa.array([to_datetime(v) for v in vals], type=pa.timestamp("us", tz="UTC"))
             continue
         conv = [None if v is None else (1.0 if v is True else 0.0 if v is False else float(v))
                 for v in vals]
@@ -181,7 +190,7 @@ def _assemble(path: Path, fmt: str, cols: list[str], data: dict[str, Any], line_
         raise bad(path, None, "no data rows")
     steps = steps_from_float(str(path), x, axis.resolved_divisor(), axis.offset, line_of, what=step_col)
     check_steps(str(path), steps, line_of, what=step_col)
-    run = ImportedRun(KIND, str(path), sha, steps=pa.array(steps, type=pa.int64()))
+    run = ImportedRun(KIND, str(path), sha, steps=pa.array(steps, type=pa.int64()), line_of=line_of)
     mapped: dict[str, str] = {}
     for c in cols[1:]:
         target, scale = names.target(c)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from k2repro.audit import schema as S
+from k2repro.audit.redact import scrub_obj, scrub_text
 from k2repro.errors import BadInputError, CheckpointError, VerificationFailed
 from k2repro.tools import lineage
 
@@ -145,10 +146,11 @@ def _stitch(per_run: dict[str, pa.Table], chain: list[dict[str, Any]]) -> pa.Tab
 def _write_parquet(tbl: pa.Table, path: Path) -> None:
     import pyarrow.parquet as pq
 
+    from k2repro.audit.redact import scrub_table
     from k2repro.audit.writer import COMPRESSION
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(tbl, path, compression=COMPRESSION)
+    pq.write_table(scrub_table(tbl), path, compression=COMPRESSION)  # a store from before by-value scrubbing
 
 
 def _order_by(table: str) -> str:
@@ -714,8 +716,9 @@ def export_run(store_root: str | Path | None, ref: str, out: str | Path, checkpo
                     "SELECT run_id, rank, key, value FROM env WHERE list_contains(?, run_id) ORDER BY 1, 2, 3",
                     [ids]).fetchall():
                 env[rid].setdefault(str(rank), {})[key] = value
+        env = scrub_obj(env)  # credentials by value (audit/redact.py), also from older stores
         (stage / "env.json").write_text(json.dumps(env, indent=1, sort_keys=True) + "\n")
-        configs = {r["run_id"]: json.loads(r["config_json"]) for r in chain if r["config_json"]}
+        configs = {r["run_id"]: scrub_obj(json.loads(r["config_json"])) for r in chain if r["config_json"]}
         if ids[0] in configs:
             (stage / "config.yaml").write_text(yaml.safe_dump(configs[ids[0]], sort_keys=True))
         if len(chain) > 1:
@@ -751,7 +754,7 @@ def export_run(store_root: str | Path | None, ref: str, out: str | Path, checkpo
             "tables": counts, "with_samples": with_samples, "logical_tables": sorted(logical),
             "figures": ["figures/loss.png"] if fig else [], "forensics": forensics, "notes": notes,
         }
-        (stage / BUNDLE_JSON).write_text(json.dumps(info, indent=1, sort_keys=True, default=str) + "\n")
+        (stage / BUNDLE_JSON).write_text(scrub_text(json.dumps(info, indent=1, sort_keys=True, default=str)) + "\n")
         (stage / "README.md").write_text(render_model_card(info, configs.get(ids[0], {}), env.get(ids[0], {}),
                                                            logical.get("evals")))
         write_manifest(stage, {"created_at": info["created_at"], "run": ids[-1], "runs": ids})

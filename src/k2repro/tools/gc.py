@@ -276,6 +276,7 @@ def compact(store_root: str | Path, run_ids: list[str] | None = None, dry_run: b
     report: dict[str, Any] = {"store": str(root), "dry_run": dry_run, "runs": [], "kept": []}
     if not dry_run:
         C.require_exchange(root, offline)
+    report["restored"] = []
     for run_id, dirs in sorted(folders.items()):
         if wanted is not None and run_id not in wanted:
             continue
@@ -284,6 +285,8 @@ def compact(store_root: str | Path, run_ids: list[str] | None = None, dry_run: b
             report["kept"].append({"run_id": run_id, "reason": "running"})
             continue
         for d in dirs:
+            if not dry_run:  # a table an older, unjournaled compaction left hidden comes back first
+                report["restored"] += C.restore_hidden_tables(d)
             plan = C.plan_run(d, small)
             if not plan:
                 continue

@@ -444,7 +444,9 @@ def to_html(obj: dict, data: ReportData | None = None) -> str:
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    from k2repro.audit.redact import scrub_text
+
+    tmp.write_text(scrub_text(text), encoding="utf-8")  # credentials by value, whatever the report shows
     os.replace(tmp, path)
 
 
