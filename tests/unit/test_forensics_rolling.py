@@ -65,3 +65,41 @@ def test_robust_z_unchanged_by_the_fast_path() -> None:
     for f, s in zip(fast, slow, strict=True):
         assert np.array_equal(np.isnan(f), np.isnan(s))
         np.testing.assert_allclose(f[~np.isnan(f)], s[~np.isnan(s)], rtol=1e-9, atol=1e-12)
+
+
+def test_trailing_min_equals_a_window_by_window_min() -> None:
+    from k2repro.forensics.rolling import trailing_min
+
+    rng = np.random.default_rng(4)
+    steps = np.cumsum(rng.integers(1, 9, 6_000))
+    for start in (np.maximum(np.arange(20_000) - 128, 0), _window_starts(steps, 128, 64)):
+        a = rng.normal(size=start.size)
+        a[[3, 500, start.size - 2]] = np.nan
+        want = np.array([np.nanmin(a[s:t]) if np.isfinite(a[s:t]).any() else np.inf
+                         for t, s in enumerate(start)])
+        assert np.array_equal(trailing_min(a, start), want)
+
+
+def test_the_level_rule_fires_where_the_exact_median_says() -> None:
+    """The level is computed only where the window minimum lets the rule fire: the flags
+    equal those from the exact long-window median at every point."""
+    from k2repro.forensics.episodes import _level_ref
+
+    rng = np.random.default_rng(6)
+    n = 30_000
+    x = 3.0 + rng.normal(0, 0.05, n)
+    for a, b in ((5_000, 5_060), (20_000, 20_400)):  # ramps the trend-corrected median follows
+        x[a:b] += np.linspace(0, 1.0, b - a)
+    steps = np.arange(1, n + 1)
+    rule = RobustZ()
+    _, scale, _ = robust_z_parts(x, rule, steps)
+    start = _window_starts(steps, rule.long_window, rule.long_min_points)
+    (exact,) = _pandas_quantiles(x, start, (0.5,), rule.min_residuals)
+    exact[: rule.min_history] = np.nan
+    lazy = _level_ref(x, steps, rule, x, scale)
+    with np.errstate(invalid="ignore"):
+        want = np.nan_to_num((x - exact) / scale, nan=-np.inf) >= rule.threshold
+        got = np.nan_to_num((x - lazy) / scale, nan=-np.inf) >= rule.threshold
+    assert want.sum() > 20  # the ramps do fire it
+    assert np.array_equal(got, want)
+    assert np.allclose(lazy[got], exact[got])

@@ -148,15 +148,27 @@ def _tol(band: float, frac: float, runmax: np.ndarray, baseline: float) -> np.nd
         return np.fmax(band, frac * (runmax - baseline))
 
 
-def _level_ref(x: np.ndarray, steps: np.ndarray, rule: RobustZ) -> np.ndarray:
-    """The median of the long trailing window (step span, at least long_min_points points,
-    current point excluded; NaN before min_history): the level the level rule compares with."""
+def _level_ref(x: np.ndarray, steps: np.ndarray, rule: RobustZ, judged: np.ndarray,
+               scale: np.ndarray) -> np.ndarray:
+    """The median of the long trailing window of `x` (step span, at least long_min_points
+    points, current point excluded; NaN before min_history): the level the level rule compares
+    `judged` with, computed only where the rule could fire. The window's minimum bounds the
+    median from below, so where (judged - minimum) / scale stays under the threshold the rule
+    cannot fire and the level is left NaN: the median of every window (two rank filters over
+    a million points) is needed at a few points around spikes."""
     from k2repro.forensics.detect import _window_starts
-    from k2repro.forensics.rolling import trailing_quantiles
+    from k2repro.forensics.rolling import trailing_min
 
     start = _window_starts(steps, rule.long_window, rule.long_min_points)
-    (m,) = trailing_quantiles(x, start, (0.5,), rule.min_residuals)
-    m[: min(rule.min_history, m.size)] = np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bound = (judged - trailing_min(x, start)) / scale
+    cand = np.flatnonzero(np.nan_to_num(bound, nan=-np.inf) >= rule.threshold)
+    m = np.full(x.size, np.nan)
+    for t in cand[cand >= rule.min_history]:
+        win = x[start[t]:t]
+        win = win[~np.isnan(win)]
+        if win.size >= rule.min_residuals:
+            m[t] = np.median(win)
     return m
 
 
@@ -177,7 +189,7 @@ class _Finder:
         self.z, self.scale, self.pred = (np.array(self.z, dtype=np.float64),
                                          np.array(self.scale, dtype=np.float64),
                                          np.array(self.pred, dtype=np.float64))
-        self.level = _level_ref(self.xm, steps, rule)
+        self.level = _level_ref(self.xm, steps, rule, self.x, self.scale)
         self.flags = self._flags(0, x.size)
 
     def _flags(self, lo: int, hi: int) -> np.ndarray:
@@ -210,7 +222,7 @@ class _Finder:
         if a > 0:  # min_history counts from the start of the log, not of the slice
             z[: max(0, r.min_history - a)] = np.nan
         self.z[lo:hi], self.scale[lo:hi], self.pred[lo:hi] = z[lo - a:], scale[lo - a:], pred[lo - a:]
-        self.level[lo:hi] = _level_ref(self.xm[a:hi], steps[a:hi], r)[lo - a:]
+        self.level[lo:hi] = _level_ref(self.xm[a:hi], steps[a:hi], r, self.x[a:hi], self.scale[a:hi])[lo - a:]
         self.flags[lo:hi] = self._flags(lo, hi)
 
     def run(self, interventions: Sequence[dict]) -> list[Episode]:

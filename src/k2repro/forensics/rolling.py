@@ -113,4 +113,27 @@ def trailing_quantiles(x: Any, start: np.ndarray, qs: tuple[float, ...],
     return out
 
 
-__all__ = ["trailing_quantiles"]
+def trailing_min(x: Any, start: np.ndarray) -> np.ndarray:
+    """The minimum of every window [start[t], t), NaNs ignored (+inf where a window holds no
+    value): a cheap lower bound of any quantile of the window (SciPy's O(n) minimum filter
+    where windows are of one width, one window at a time elsewhere)."""
+    a = np.where(np.isnan(np.asarray(x, dtype=np.float64)), np.inf, x)
+    start = np.asarray(start, dtype=np.int64)
+    n = a.size
+    out = np.full(n, np.inf)
+    w = int(n - start[-1]) - 1 if n else 0
+    idx = np.arange(n, dtype=np.int64)
+    slow = np.flatnonzero((idx - start != w) | (idx < max(w, 1)))
+    if w >= 1 and slow.size < n:
+        from scipy import ndimage
+
+        lag = w - w // 2  # as in trailing_quantiles: point t reads the filter at t - lag
+        out[lag:] = ndimage.minimum_filter1d(a, size=w, mode="nearest")[: n - lag]
+    else:
+        slow = idx
+    for t in slow:
+        out[t] = a[start[t]:t].min() if t > start[t] else np.inf
+    return out
+
+
+__all__ = ["trailing_min", "trailing_quantiles"]
