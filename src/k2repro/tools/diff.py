@@ -39,6 +39,7 @@ ENV_GROUPS = (
     ("hardware", ("cpu.", "ram.", "gpu.")),
     ("packages", ("pkg.",)),
     ("code", ("git.",)),
+    ("params files", ("dvc.",)),  # params.yaml/dvc.lock as DVC rewrote them: not code
     ("variables", ("env.",)),
     ("software", ("",)),
 )
