@@ -245,3 +245,14 @@ def test_sigterm_stops_cleanly_with_143(packed_dir: Path, tmp_path: Path) -> Non
         assert s.run(rid)["status"] == "interrupted"
         last = int(s.steps(rid)["step"].max())
     assert (store / rid / "checkpoints" / f"step_{last:08d}" / "manifest.json").exists()
+
+
+def test_resuming_a_finished_run_is_refused(fleet: dict, packed_dir: Path, tmp_path: Path) -> None:
+    """Its final checkpoint is at max_steps: say there is nothing to train (exit 2, no run
+    recorded), rather than record an empty run (the fresh-clone trial of issue 23)."""
+    store = tmp_path / "s"
+    r = k2("train", *tiny_overrides(packed_dir, store, **{"parallel.nproc": 1,
+                                                          "train.resume": str(_ckpt(fleet, fleet["A"], 20))}))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "nothing to train" in r.stderr and "Traceback" not in r.stderr
+    assert "run_id=" not in r.stdout

@@ -113,8 +113,8 @@ def run_raw(argv: list[str]) -> int:
                 codes.append(int(open(f).read().strip()))
             except ValueError:
                 pass
-    if proc.returncode == 0:
-        return 0
+    if proc.returncode == 0 or (len(codes) == nproc and max(codes) == 0):
+        return 0  # every rank finished (a Ctrl-C after the last step stops nothing)
     return max(codes) if codes and max(codes) > 0 else proc.returncode
 
 

@@ -160,6 +160,11 @@ class Trainer:
         self.progress(f"resuming from {path}")
         manifest, state = ckpt.load_checkpoint(path, self.model, self.opt, self.info.rank, self.info.world_size)
         self.start_step = int(manifest["step"])
+        last = self.cfg.train.stop_at_step or self.cfg.train.max_steps
+        if self.start_step >= last:  # e.g. the final checkpoint of a finished run: nothing to do
+            raise BadInputError(
+                f"config key 'train.resume': {path} is at step {self.start_step}, and the run stops at step "
+                f"{last}: nothing to train (raise train.max_steps to go on)")
         self.parent_run_id = manifest.get("run_id")
         self.sampler.load_state_dict(state.get("sampler", {}))
         self.sampler.deferred = sorted(set(self.sampler.deferred) | set(self.cfg.train.defer_positions))
