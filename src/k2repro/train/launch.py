@@ -9,7 +9,9 @@ becomes the shell's exit status 128+N and nothing else.
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import sys
 
 
@@ -24,10 +26,21 @@ def main(argv: list[str] | None = None) -> int:
                  "torch.distributed.elastic.multiprocessing.errors",
                  "torch.distributed.elastic.multiprocessing.api"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     try:
         torchrun(list(sys.argv[1:] if argv is None else argv))
     except SignalException as exc:
         return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        # Ranks that stopped through k2repro's own error path (a bad input: exit 2, its one-line
+        # message already printed) left an exit file; torchrun's failure table adds nothing.
+        # A rank that crashed left none: then torchrun's report (and traceback) is the news.
+        exit_file = os.environ.get("K2REPRO_EXIT_FILE")
+        handled = {int(f.rsplit(".", 1)[1]) for f in glob.glob(f"{exit_file}.*")} if exit_file else set()
+        if exc.failures and set(exc.failures) <= handled:
+            return max(int(f.exitcode) for f in exc.failures.values())
+        raise
     return 0
 
 
