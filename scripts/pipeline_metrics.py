@@ -18,7 +18,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="reports/metrics.json")
-    ap.add_argument("--root", default="runs/pipeline", help="the pipeline's stores (train/, eval/, forensics/)")
+    ap.add_argument("--root", default="pipeline", help="the pipeline's stores (train/, eval/, forensics/)")
     args = ap.parse_args()
     cfg = load_params_file(args.params)
     root = Path(args.root)

@@ -39,7 +39,7 @@ def main() -> int:
         run_id = m.get("train", {}).get("run_id", "")
         print(f"\nrun report:       reports/pipeline/report/{run_id}/report.html")
         print(f"forensics report: reports/pipeline/forensics/{run_id}/forensics.html")
-    print("audit store:      runs/pipeline/train  (try: .venv/bin/k2repro runs --store runs/pipeline/train)")
+    print("audit store:      runs (every experiment's run; try: .venv/bin/k2repro runs), this revision's: pipeline/train")
     print("metrics:          reports/metrics.json (dvc metrics show), loss curve: dvc plots show")
     print("The demo config injects one known bad batch (faults.bad_batch_steps in conf/faults/demo.yaml);"
           " `dvc exp run -S faults=none` turns it off.")

@@ -144,3 +144,118 @@ def test_changed_training_data_is_refused(packed_dir: Path, tmp_path: Path) -> N
     (bad / "train.bin").write_bytes(bytes(data))
     r = k2("train", *tiny_overrides(bad, tmp_path / "s", **{"train.max_steps": 2}))
     assert r.returncode == 2 and "train.bin" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def _signalled(packed: Path, store: Path, sig: int, **extra: object) -> tuple[int, str, str]:
+    """`k2repro train` in its own session (a terminal's foreground group), sent `sig` as a
+    terminal's Ctrl-C is, to the whole group, once rank 0 says it is building the model."""
+    import os
+    import signal as _signal  # noqa: F401
+    import subprocess
+    import sys
+    import threading
+
+    cmd = [sys.executable, "-m", "k2repro", "train", *tiny_overrides(packed, store, **{
+        "parallel.nproc": 2, "ckpt.interval": 10, "audit.flush_every": 5, **extra})]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    err: list[str] = []
+
+    def read_err() -> None:
+        for line in p.stderr:
+            err.append(line)
+            if "building model" in line:
+                os.killpg(p.pid, sig)
+
+    t = threading.Thread(target=read_err)
+    t.start()
+    out = p.stdout.read()
+    p.wait(timeout=120)
+    t.join()
+    return p.returncode, out, "".join(err)
+
+
+@pytest.fixture(scope="module")
+def interrupted(fleet: dict, packed_dir: Path) -> dict:
+    import signal
+
+    store = fleet["store"]
+    code, out, err = _signalled(packed_dir, store, signal.SIGINT)
+    rid = re.search(r"run_id=(\S+)", out).group(1)
+    # the resume writes no periodic checkpoints: its last step's comes from ckpt.final's default
+    r = k2("train", *tiny_overrides(packed_dir, store, **{"parallel.nproc": 2, "audit.flush_every": 5,
+                                                          "train.resume": rid}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {"code": code, "out": out, "err": err, "I": rid, "R": re.search(r"run_id=(\S+)", r.stdout).group(1)}
+
+
+def test_ctrl_c_stops_cleanly_and_resume_is_bit_exact(fleet: dict, interrupted: dict) -> None:
+    """Issue 23 item 2: Ctrl-C (SIGINT to the process group) -> ranks agree on a stop step,
+    flush, checkpoint, status `interrupted`, one line, exit 130; the resume continues bit-exactly."""
+    import k2repro
+
+    assert interrupted["code"] == 130, interrupted["err"][-3000:]
+    err = interrupted["err"]
+    assert "Traceback" not in err and "SignalException" not in err and "death signal" not in err, err
+    said = [ln for ln in err.splitlines() if "interrupted" in ln]
+    assert len(said) == 1 and "SIGINT" in said[0] and f"train.resume={interrupted['I']}" in said[0], err
+    i = _steps(fleet["store"], interrupted["I"])
+    stop = int(i["step"].max())
+    assert 1 <= stop < 20 and list(i["step"]) == list(range(1, stop + 1))
+    assert _ckpt(fleet, interrupted["I"], stop).joinpath("manifest.json").exists()
+    with k2repro.open_store(fleet["store"]) as s:
+        assert s.run(interrupted["I"])["status"] == "interrupted"
+        assert s.run(interrupted["R"])["status"] == "completed"
+        assert int(s.run(interrupted["R"])["resumed_from_step"]) == stop
+    a = _steps(fleet["store"], fleet["A"])
+    r = _steps(fleet["store"], interrupted["R"])
+    assert list(r["step"]) == list(range(stop + 1, 21))
+    assert np.array_equal(bits(a["loss"][stop:]), bits(r["loss"]))
+    assert np.array_equal(bits(a["grad_norm"][stop:]), bits(r["grad_norm"]))
+
+
+def test_final_checkpoint_by_default(fleet: dict, interrupted: dict) -> None:
+    """Issue 23 item 2: ckpt.interval=0 (the default) still leaves the last step's checkpoint."""
+    ck = sorted(p.name for p in (fleet["store"] / interrupted["R"] / "checkpoints").glob("step_*"))
+    assert ck == ["step_00000020"]
+
+
+def test_training_shows_its_phases(interrupted: dict) -> None:
+    """Issue 23 item 13: the ~10 s before the first step are named, phase by phase (plain lines
+    off a terminal), then the steps."""
+    err = interrupted["err"]
+    for phase in ("launching 2 ranks", "loading data", "building model", "training steps 1..20"):
+        assert f"k2repro train: {phase}" in err, err
+    assert err.index("launching") < err.index("loading data") < err.index("building model")
+
+
+def test_sigterm_stops_cleanly_with_143(packed_dir: Path, tmp_path: Path) -> None:
+    """Issue 23 item 2: SIGTERM (a preemption) -> status interrupted, a checkpoint, exit 143."""
+    import signal
+
+    import k2repro
+
+    store = tmp_path / "s"
+    code, out, err = _signalled(packed_dir, store, signal.SIGTERM, **{"parallel.nproc": 1})
+    assert code == 143, err[-3000:]
+    assert "Traceback" not in err and sum("interrupted by SIGTERM" in ln for ln in err.splitlines()) == 1
+    rid = re.search(r"run_id=(\S+)", out).group(1)
+    with k2repro.open_store(store) as s:
+        assert s.run(rid)["status"] == "interrupted"
+        last = int(s.steps(rid)["step"].max())
+    assert (store / rid / "checkpoints" / f"step_{last:08d}" / "manifest.json").exists()
+
+
+def test_resuming_a_finished_run_is_refused(fleet: dict, packed_dir: Path, tmp_path: Path) -> None:
+    """Its final checkpoint is at max_steps: say there is nothing to train (exit 2, no run
+    recorded), rather than record an empty run (the fresh-clone trial of issue 23)."""
+    store = tmp_path / "s"
+    r = k2("train", *tiny_overrides(packed_dir, store, **{"parallel.nproc": 2,
+                                                          "train.resume": str(_ckpt(fleet, fleet["A"], 20))}))
+    assert r.returncode == 2, r.stderr[-2000:]
+    # one line from rank 0, not torchrun's failure table and traceback (ChildFailedError)
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and "nothing to train" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
+    assert "run_id=" not in r.stdout

@@ -86,20 +86,63 @@ def git_diff_text(cwd: str | Path | None = None) -> str | None:
     return _git(["diff", "HEAD", "--no-color", "--no-ext-diff"], Path(cwd or Path.cwd()))
 
 
+def dvc_managed_files(top: Path) -> tuple[list[str], list[str]]:
+    """Tracked files DVC itself writes, relative to the repository top: (params files, outputs).
+    Params: `params.yaml` (`dvc exp run -S` recomposes it), every other params file dvc.yaml
+    names, and `dvc.lock`. Outputs: what the stages declare (outs, metrics, plots; DVC deletes
+    them before a stage runs, so a git-tracked plot reads as deleted while training runs).
+    Both empty outside a DVC project (there a params.yaml edit is an edit like any other)."""
+    dvc_yaml = top / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return [], []
+    params, outs = {"params.yaml", "dvc.lock"}, set()
+    try:
+        import yaml
+
+        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+        for st in stages.values():
+            st = st or {}
+            for p in st.get("params") or []:
+                if isinstance(p, dict):
+                    params.update(str(k) for k in p)
+            for kind in ("outs", "metrics", "plots"):
+                for o in st.get(kind) or []:
+                    outs.update(str(k) for k in (o if isinstance(o, dict) else [o]))
+    except Exception:  # a dvc.yaml DVC itself would reject: the defaults still hold
+        pass
+    return sorted(params), sorted(outs - params)
+
+
 def git_info(cwd: str | Path | None = None) -> dict[str, str]:
-    """Commit, dirty flag (tracked files only) and the sha256 of `git diff HEAD`."""
+    """Commit, dirty flag (tracked files only) and the sha256 of `git diff HEAD`, over code:
+    the params files DVC rewrites on every `dvc exp run` are recorded apart (`dvc.*`: which
+    changed, and the sha256 of their diff) and so are the stage outputs DVC rewrites (results,
+    not code), so two experiments of one commit differ in their params, which the hparams
+    already show, and not in their code."""
     root = Path(cwd or Path.cwd())
     commit = _git(["rev-parse", "HEAD"], root)
     if commit is None:
         return {"git.commit": ABSENT, "git.dirty": ABSENT, "git.diff_sha256": ABSENT}
-    status = _git(["status", "--porcelain", "--untracked-files=no"], root) or ""
-    diff = git_diff_text(root) or ""
-    return {
+    top = Path((_git(["rev-parse", "--show-toplevel"], root) or str(root)).strip())
+    managed, outputs = dvc_managed_files(top)
+    code = ["--", ":/", *(f":(top,exclude){f}" for f in managed + outputs)] if managed else []
+    status = _git(["status", "--porcelain", "--untracked-files=no", *code], root) or ""
+    diff = _git(["diff", "HEAD", "--no-color", "--no-ext-diff", *code], root) or ""
+    out = {
         "git.commit": commit.strip(),
         "git.dirty": "true" if status.strip() else "false",
         "git.diff_sha256": hashlib.sha256(diff.encode()).hexdigest(),
         "git.diff_bytes": str(len(diff.encode())),
     }
+    if managed:
+        spec = ["--", *(f":(top){f}" for f in managed)]
+        changed = _git(["diff", "HEAD", "--name-only", *spec], root) or ""
+        pdiff = _git(["diff", "HEAD", "--no-color", "--no-ext-diff", *spec], root) or ""
+        out["dvc.params_changed"] = ",".join(sorted(changed.split())) or "none"
+        out["dvc.params_diff_sha256"] = hashlib.sha256(pdiff.encode()).hexdigest()
+        outs = _git(["diff", "HEAD", "--name-only", "--", *(f":(top){f}" for f in outputs)], root) if outputs else ""
+        out["dvc.outs_changed"] = ",".join(sorted((outs or "").split())) or "none"
+    return out
 
 
 def _cpu_model() -> str:

@@ -302,13 +302,14 @@ class AuditSink:
         traceback also goes to `events`), stop the heartbeat. Idempotent."""
         if self._closed:
             return
-        if status not in ("completed", "failed"):
-            raise ValueError(f"status must be 'completed' or 'failed' (got {status!r})")
+        if status not in ("completed", "failed", "interrupted"):
+            raise ValueError(f"status must be 'completed', 'failed' or 'interrupted' (got {status!r})")
         _LIVE.discard(self)
         if not self._started:
             self._closed = True
             return
-        ends = [self._event_row("end", None, "info" if status == "completed" else "error", {"status": status})]
+        ends = [self._event_row("end", None, {"completed": "info", "interrupted": "warning"}.get(status, "error"),
+                                {"status": status})]
         if error is not None:
             ends.insert(0, self._event_row("error", None, "error", {"error": error}))
         self._buffer("events", self._columns(ends), check=False)

@@ -11,9 +11,11 @@ import argparse
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 from k2repro.errors import ConfigError
 
@@ -99,19 +101,70 @@ def run_raw(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="k2repro-exit-") as tmp:
         env = dict(os.environ, K2REPRO_RUN_ID=run_id, K2REPRO_CONFIG_NAME=name,
                    **({"K2REPRO_PARAMS_FILE": os.path.abspath(params)} if params else {}),
-                   K2REPRO_EXIT_FILE=os.path.join(tmp, "code"), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "k2repro.train", *overrides]
-        proc = subprocess.run(cmd, env=env)
+                   K2REPRO_EXIT_FILE=os.path.join(tmp, "code"), K2REPRO_STOP_FILE=os.path.join(tmp, "stop"),
+                   OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "k2repro.train.launch", "--standalone", f"--nproc-per-node={nproc}",
+               f"--shutdown-timeout={cfg.ckpt.grace_s}", "-m", "k2repro.train", *overrides]
+        progress(f"launching {nproc} ranks (torchrun)")
+        proc = _launch(cmd, env, os.path.join(tmp, "stop"))
         codes = []
         for f in glob.glob(os.path.join(tmp, "code.*")):
             try:
                 codes.append(int(open(f).read().strip()))
             except ValueError:
                 pass
-    if proc.returncode == 0:
-        return 0
+    if proc.returncode == 0 or (len(codes) == nproc and max(codes) == 0):
+        return 0  # every rank finished (a Ctrl-C after the last step stops nothing)
     return max(codes) if codes and max(codes) > 0 else proc.returncode
+
+
+def progress(msg: str) -> None:
+    """A phase line on stderr (stdout carries run_id= and the step lines)."""
+    from k2repro.train.progress import phase
+
+    phase(msg)
+
+
+def _die_with_parent() -> None:
+    """torchrun runs in its own process group (so a terminal's Ctrl-C reaches it once, through
+    us); it must still die with us when we are killed outright (SIGKILL of our group)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to arm
+        pass
+
+
+def _launch(cmd: list[str], env: dict, stop_file: str) -> subprocess.Popen:
+    """Start torchrun and wait for it. The first SIGINT/SIGTERM is forwarded exactly once
+    (after creating `stop_file`, which tells the ranks that this SIGTERM asks for a clean stop,
+    not torchrun stopping the survivors of a failed rank); torchrun passes it on to every rank
+    and SIGKILLs ranks still alive after `ckpt.grace_s`. Later signals are ignored: the stop is
+    already on its way, bounded by that grace period."""
+    proc = subprocess.Popen(cmd, env=env, process_group=0, preexec_fn=_die_with_parent)
+    sent: list[int] = []
+
+    def forward(signum: int, frame) -> None:  # noqa: ANN001
+        if sent:
+            return
+        sent.append(signum)
+        open(stop_file, "w").close()
+        proc.send_signal(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        while True:
+            try:
+                proc.wait()
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return proc
 
 
 def run(args: argparse.Namespace) -> int:  # argparse path (unused: RAW_ARGS)

@@ -273,6 +273,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     c = cfg.ckpt
     _need(c.interval >= 0, "ckpt.interval", f"must be >= 0, 0 disables (got {c.interval})")
     _need(c.keep_last >= 0, "ckpt.keep_last", f"must be >= 0, 0 keeps all (got {c.keep_last})")
+    _need(c.grace_s >= 1, "ckpt.grace_s", f"must be >= 1 second (got {c.grace_s})")
     a = cfg.audit
     _need(a.flush_every >= 1, "audit.flush_every", f"must be >= 1 (got {a.flush_every})")
     _need(a.layer_stats_every >= 0, "audit.layer_stats_every", f"must be >= 0, 0 disables (got {a.layer_stats_every})")
@@ -339,7 +340,8 @@ def config_hash(cfg: RunConfig) -> str:
     d = to_dict(cfg)
     d.pop("run", None)
     d["audit"] = {k: v for k, v in d["audit"].items() if k not in ("store",)}
-    d["ckpt"] = {k: v for k, v in d["ckpt"].items() if k not in ("dir",)}
+    # when state is saved (the last step, the grace after a signal) never changes the numbers
+    d["ckpt"] = {k: v for k, v in d["ckpt"].items() if k not in ("dir", "final", "grace_s")}
     # where the data lives is not what it is: the data manifest's sha256 says that
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("source", "work_dir", "packed_dir")}
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("resume", "dry_run", "stop_at_step")}

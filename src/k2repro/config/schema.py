@@ -96,6 +96,8 @@ class CkptConfig:
     interval: int = 0
     dir: str = ""
     keep_last: int = 0
+    final: bool = True  # a checkpoint at the run's last step (a stopped run always writes one)
+    grace_s: int = 30  # after SIGINT/SIGTERM: how long torchrun waits for the ranks before SIGKILL
 
 
 @dataclass

@@ -31,7 +31,7 @@ RUN_FACTS = ("name", "status", "source", "parent_run_id", "resumed_from_step", "
 #: `env` facts that every launch changes: process ids, ports, the launcher's run ids and temp
 #: files, and the host name (hardware is compared through cpu.*, ram.*, gpu.*)
 VOLATILE_ENV = ("pid", "host", "rank", "env.MASTER_PORT", "env.TORCHELASTIC_RUN_ID", "env.TORCHELASTIC_ERROR_FILE",
-                "env.K2REPRO_RUN_ID", "env.K2REPRO_EXIT_FILE", "env.K2REPRO_PARAMS_FILE",
+                "env.K2REPRO_RUN_ID", "env.K2REPRO_EXIT_FILE", "env.K2REPRO_STOP_FILE", "env.K2REPRO_PARAMS_FILE",
                 "env.K2REPRO_PARENT_RUN_ID", "env.K2REPRO_SOURCE", "env.K2REPRO_STORE")
 #: data manifest fields compared per artefact (its path is where the files lay, set aside)
 DATA_FIELDS = ("sha256", "n_docs", "n_tokens", "bytes")
@@ -39,6 +39,7 @@ ENV_GROUPS = (
     ("hardware", ("cpu.", "ram.", "gpu.")),
     ("packages", ("pkg.",)),
     ("code", ("git.",)),
+    ("params files", ("dvc.",)),  # params.yaml/dvc.lock as DVC rewrote them: not code
     ("variables", ("env.",)),
     ("software", ("",)),
 )

@@ -259,6 +259,7 @@ def launch_config(plan: ReplayPlan, out_store: Path, checkpoints: bool = True,
     set_key(cfg, "run.name", f"{get_key(cfg, 'run.name', 'run')}-replay")
     if not checkpoints:
         set_key(cfg, "ckpt.interval", 0)
+        set_key(cfg, "ckpt.final", False)
     kill = int(get_key(cfg, "faults.kill_step", 0) or 0)
     if plan.start_step < kill <= plan.to_step:
         set_key(cfg, "faults.kill_step", 0)

@@ -41,6 +41,7 @@ from k2repro.train import faults as F
 from k2repro.train.guard import SpikeGuard
 from k2repro.train.ids import new_run_id
 from k2repro.train.optim import build_optimizer, lr_at
+from k2repro.train.progress import TrainProgress
 
 PURPOSE_INIT = 3
 STEP_FIELDS = ("loss", "grad_norm", "clipped", "loss_min", "loss_max", "loss_std", "logz_mean", "applied",
@@ -81,9 +82,11 @@ class Pending:
 class Trainer:
     """Owns the model, optimizer, data order, checkpoints and the audit sink of one launch."""
 
-    def __init__(self, cfg: RunConfig, info: DistInfo, run_id: str) -> None:
+    def __init__(self, cfg: RunConfig, info: DistInfo, run_id: str, progress: TrainProgress | None = None) -> None:
         self.cfg, self.info, self.run_id = cfg, info, run_id
+        self.progress = progress or TrainProgress(False)
         t = cfg.train
+        self.progress(f"loading data ({cfg.data.packed_dir})")
         self.det = set_determinism(t.deterministic)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.data = PackedDataset(cfg.data.packed_dir, "train")
@@ -105,6 +108,7 @@ class Trainer:
         if len(self.data) < t.global_batch_size:
             raise BadInputError(f"data: {cfg.data.packed_dir} has {len(self.data)} samples, fewer than "
                                 f"train.global_batch_size={t.global_batch_size}")
+        self.progress(f"building model ({cfg.model.name}, {info.world_size} rank(s) on {info.device.type})")
         self.model = build_model(cfg, info.device)
         self.param_names = [n for n, _ in self.model.named_parameters()]
         if info.distributed:
@@ -134,6 +138,9 @@ class Trainer:
         self.log_history: list[float] = []
         self.rollbacks = 0
         self.resumed_from: str | None = None
+        self.stop_flag: torch.Tensor | None = None  # the agreed stop request of the last step
+        self.interrupted = 0  # the signal number a stop was agreed on (0: ran to the end)
+        self.saved_step: int | None = None
         self.flush_s = 0.0  # wall time of the loop in flush(): what the audit costs on this thread
         self.writer_cpu_s = 0.0  # of sinks already closed (a rollback closes one)
 
@@ -150,8 +157,14 @@ class Trainer:
 
     def resume(self, target: str) -> None:
         path = self.resolve_resume(target)
+        self.progress(f"resuming from {path}")
         manifest, state = ckpt.load_checkpoint(path, self.model, self.opt, self.info.rank, self.info.world_size)
         self.start_step = int(manifest["step"])
+        last = self.cfg.train.stop_at_step or self.cfg.train.max_steps
+        if self.start_step >= last:  # e.g. the final checkpoint of a finished run: nothing to do
+            raise BadInputError(
+                f"config key 'train.resume': {path} is at step {self.start_step}, and the run stops at step "
+                f"{last}: nothing to train (raise train.max_steps to go on)")
         self.parent_run_id = manifest.get("run_id")
         self.sampler.load_state_dict(state.get("sampler", {}))
         self.sampler.deferred = sorted(set(self.sampler.deferred) | set(self.cfg.train.defer_positions))
@@ -268,6 +281,10 @@ class Trainer:
         # max |grad| is a layer statistic only: skip its pass on other steps
         # (abs().max() per tensor: the foreach inf-norm is several times slower on CPU)
         grad_max = (torch.stack([g.abs().max() for g in grads]).float() if want_layers else grad_sq[:0])
+        # A stop request (SIGINT/SIGTERM on any rank) rides in the max-reduced part of the step's
+        # one collective as the signal number: every rank learns the same request at the same
+        # step, with no collective of its own. A fill, not a host copy.
+        stop = torch.full((1,), float(STOP.signum or 0), device=dev)
         n_tok = float(t.seq_len)
         if masked:
             wt = torch.cat(weights)
@@ -284,7 +301,7 @@ class Trainer:
         if prev is not None:
             sum_parts += [prev[3], prev[4]]
         vec_sum = torch.cat(sum_parts)
-        vec_max = torch.cat([grad_max, head_max])
+        vec_max = torch.cat([grad_max, head_max, stop])
         if info.distributed:
             both = torch.cat([vec_sum, vec_max])
             out = [torch.empty_like(both) for _ in range(info.world_size)]
@@ -296,7 +313,8 @@ class Trainer:
         P = len(self.params)
         g_sq, head = vec_sum[:P], vec_sum[P:P + 4]
         n_gmax = grad_max.numel()
-        g_max, hmax = vec_max[:n_gmax], vec_max[n_gmax:]
+        g_max, hmax = vec_max[:n_gmax], vec_max[n_gmax:n_gmax + 2]
+        self.stop_flag = vec_max[-1]
         if prev is not None:
             self._emit_layers(prev[0], prev[1], prev[2], vec_sum[P + 4:2 * P + 4], vec_sum[2 * P + 4:])
             self.pending.norms = None
@@ -428,6 +446,7 @@ class Trainer:
             self.sink.log_checkpoint(row)
         if info.is_main:
             ckpt.prune(self.ckpt_dir, cfg.ckpt.keep_last)
+        self.saved_step = step
 
     # ---- guard --------------------------------------------------------------------------------
     def _log_flags(self, rows: list[dict]) -> None:
@@ -532,11 +551,15 @@ class Trainer:
         times: dict[int, float] = {}
         history: list[dict] = []
         step = self.start_step
+        self.progress.steps(step, last)
         t_prev = time.perf_counter()
         while step < last:
             step += 1
             want_layers = bool(self.sink is not None and a.layer_stats_every and step % a.layer_stats_every == 0)
-            self.train_step(step, want_layers)
+            agreed = self.stop_flag  # the previous step's: read one step late, so the host
+            self.train_step(step, want_layers)  # never waits on this step's collective
+            if agreed is not None and (sig := int(agreed.item())):
+                self.interrupted, last = sig, step
             now = time.perf_counter()
             times[step] = now - t_prev
             t_prev = now
@@ -551,8 +574,9 @@ class Trainer:
                 history.extend(rows)
                 if info.is_main and rows:
                     r = rows[-1]
-                    print(f"step {r['step']:>6}/{t.max_steps}  loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}"
-                          f"  lr {r['lr']:.2e}  tok/s {r['tokens_per_s'] or 0:,.0f}", flush=True)
+                    self.progress.step_line(
+                        f"step {r['step']:>6}/{t.max_steps}  loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}"
+                        f"  lr {r['lr']:.2e}  tok/s {r['tokens_per_s'] or 0:,.0f}", len(rows))
                 back = self.guard_act(rows)
                 if back is not None:
                     step = back
@@ -561,6 +585,9 @@ class Trainer:
             if cfg.ckpt.interval and step % cfg.ckpt.interval == 0:
                 self.save(step)
                 t_prev = time.perf_counter()
+        if (cfg.ckpt.final or self.interrupted) and self.saved_step != step and step > self.start_step:
+            self.progress(f"writing the checkpoint of step {step}")
+            self.save(step)  # the last step's state: eval, export and `train.resume` start here
         return history
 
 
@@ -568,8 +595,24 @@ class Terminated(Exception):
     """SIGTERM from the launcher (torchrun stops the other ranks when one fails)."""
 
 
-def _on_sigterm(signum, frame) -> None:  # noqa: ANN001
-    raise Terminated("terminated by SIGTERM (the launcher stops every rank when one fails)")
+class StopRequest:
+    """The signal (SIGINT/SIGTERM) asking this rank to stop cleanly; 0 while none came."""
+
+    signum: int = 0
+
+
+STOP = StopRequest()
+
+
+def _on_signal(signum: int, frame) -> None:  # noqa: ANN001
+    """Ctrl-C or a preemption: note it; the loop stops at a step all ranks agree on, flushes
+    and checkpoints. `k2repro train` creates K2REPRO_STOP_FILE before it forwards a signal, so
+    a SIGTERM without it is torchrun stopping the survivors of a failed rank: stop at once."""
+    stop_file = os.environ.get("K2REPRO_STOP_FILE")
+    if signum == signal.SIGTERM and stop_file and not os.path.exists(stop_file):
+        raise Terminated("terminated by SIGTERM (the launcher stops every rank when one fails)")
+    if not STOP.signum:
+        STOP.signum = int(signum)
 
 
 def _exit_file(code: int) -> None:
@@ -587,22 +630,32 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> tuple[int, str, l
     Returns (exit code, run id, step rows seen on this rank)."""
     info = init_distributed(cfg.parallel.backend)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)  # so the sink records why this rank stopped
+        STOP.signum = 0
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
     trainer = None
     rid = run_id or os.environ.get("K2REPRO_RUN_ID") or new_run_id(cfg.run.name)
     rid = broadcast_object(rid, info)
     try:
-        trainer = Trainer(cfg, info, rid)
+        trainer = Trainer(cfg, info, rid, progress=TrainProgress(info.is_main))
         if cfg.train.resume:
             trainer.resume(cfg.train.resume)
         trainer.start_audit()
         if info.is_main:  # once the run is recorded: an error before it names no run
             print(f"run_id={rid}", flush=True)
         history = trainer.fit()
+        trainer.progress.close()
         barrier(info)
         if trainer.sink is not None:
-            trainer.sink.close("completed")
+            trainer.sink.close("interrupted" if trainer.interrupted else "completed")
             trainer.writer_cpu_s += trainer.sink.writer_cpu_s
+        if trainer.interrupted:
+            name = signal.Signals(trainer.interrupted).name
+            if info.is_main:
+                print(f"k2repro train: interrupted by {name} at step {trainer.saved_step}"
+                      f"/{cfg.train.max_steps}; checkpoint saved; continue with: k2repro train "
+                      f"train.resume={trainer.run_id} (and the same overrides)", file=sys.stderr, flush=True)
+            return 128 + trainer.interrupted, trainer.run_id, history
         timings = os.environ.get("K2REPRO_TIMINGS_FILE")  # benchmarks: rank 0's step wall times
         if timings:
             if info.is_main:
@@ -629,6 +682,8 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> tuple[int, str, l
             trainer.sink.close("failed", error=tb)
         raise
     finally:
+        if trainer is not None:
+            trainer.progress.close()
         teardown()
 
 
