@@ -180,6 +180,8 @@ def test_import_into_fresh_store_replays_bit_exact(exported, tmp_path) -> None: 
         bl = batch_lookup(s, rid, 5)
         assert not any("no text" in n for n in bl["notes"]), bl["notes"]
         assert bl["batch_hash_agrees"] and any(d["snippet"] for smp in bl["samples"] for d in smp["docs"])
+        # exported without --with-samples: batch says why the per-sample losses are missing
+        assert any("without --with-samples" in n and "recomputed" in n for n in bl["notes"]), bl["notes"]
     again = k2("import", "bundle", str(exported["bundle"]), "--store", str(store))
     assert again.returncode == 2 and "already in store" in again.stderr
     # move the original data away: the replay can only use the shipped copy

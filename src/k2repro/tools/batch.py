@@ -102,7 +102,10 @@ def batch_lookup(store: Store, ref: str, step: int, packed_dir: str | Path | Non
         notes.append("the run recorded no train.seed/global_batch_size/max_steps: ids cannot be recomputed")
     ids_logged = [int(r["sample_id"]) for r in logged]
     if not logged:
-        notes.append("the run logged no sample ids for this step (audit.sample_stats off, or imported)")
+        notes.append("this store holds no logged sample ids or per-sample losses for this step "
+                     "(audit.sample_stats off, an import from another tracker, or a bundle exported "
+                     "without --with-samples)" + ("; the ids shown are recomputed from the run's seed, "
+                                                 "data and step" if recomputed is not None else ""))
     agree = (ids_logged == recomputed) if (logged and recomputed is not None) else None
     hash_agrees = (batch_hash(recomputed) == srow[0]) if (recomputed is not None and srow[0]) else None
     order = recomputed if recomputed is not None else ids_logged
