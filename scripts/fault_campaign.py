@@ -683,15 +683,26 @@ def corrupt_section(work: Path, packed: Path, fixture_store: Path, run_id: str, 
     base.mkdir(parents=True)
     src_ck = list_checkpoints(fixture_store / run_id / "checkpoints")[-1][1]
     # checkpoints: every file kind x truncate / flip / delete, through verify_checkpoint
+    ck_store: list[dict] = []
     for fname in sorted(p.name for p in src_ck.iterdir()):
         for kind in ("truncate", "flip", "delete"):
-            d = base / f"ck-{len(cases):02d}" / src_ck.name
+            # the damaged checkpoint sits where the trainer keeps it, in a copy of the store
+            root = base / f"ck-{len(cases):02d}"
+            copy_store(fixture_store, root)
+            d = root / run_id / "checkpoints" / src_ck.name
             shutil.copytree(src_ck, d)
             what = damage(d / fname, kind, rng)
             detected, clean, msg = probe(lambda d=d: verify_checkpoint(d), "verified OK")
             cases.append({"artefact": "checkpoint", "file": fname, "damage": kind, "what": what, "detected": detected,
                           "clean_error": clean, "named": fname in msg, "how": "verify_checkpoint",
                           "message": first_line(msg), "dir": str(d)})
+            v = k2(["verify-store", "--store", str(root), "--run", run_id], timeout=120)
+            ck_store.append({"artefact": "checkpoint (in the store)", "file": fname, "damage": kind, "what": what,
+                             "how": "k2repro verify-store", "rc": v.rc, "detected": v.rc == 1,
+                             "clean_error": v.rc == 1 and "Traceback" not in v.stderr
+                             and len(v.stderr.strip().splitlines()) == 1,
+                             "named": v.rc == 1 and fname in v.stdout + v.stderr,
+                             "message": first_line(v.stderr) or f"exit {v.rc}: {first_line(v.stdout)}"})
     # the CLI and a resume on a few of them
     for c in [c for c in cases if c["damage"] == "flip" and c["file"].endswith(".distcp")][:1] + \
              [c for c in cases if c["damage"] == "truncate" and c["file"] == "manifest.json"][:1]:
@@ -708,6 +719,8 @@ def corrupt_section(work: Path, packed: Path, fixture_store: Path, run_id: str, 
                       "nothing_written": not (base / "resume-store").exists()
                       or not any((base / "resume-store").glob("run-*"))})
     log(f"corrupt: checkpoints: {sum(c['detected'] for c in cases)}/{len(cases)} detected")
+    cases += ck_store
+    log(f"corrupt: checkpoints in the store, verify-store: {sum(c['detected'] for c in ck_store)}/{len(ck_store)}")
     # store segments
     n0 = len(cases)
     for table in ("steps", "sample_stats", "layer_stats", "run_end", "runs"):
@@ -774,7 +787,7 @@ def corrupt_section(work: Path, packed: Path, fixture_store: Path, run_id: str, 
         c.pop("dir", None)
     # Issue 24 #13: a verification that says OK must mean every byte was checked, so every store
     # corruption verify-store misses is a campaign failure, not a statistic.
-    vs = [c for c in seg_cases if c["how"] == "k2repro verify-store"]
+    vs = [c for c in seg_cases + ck_store if c["how"] == "k2repro verify-store"]
     missed = [f"{c['artefact']} {c['file']} {c['damage']}" for c in vs if not c["detected"]]
     return {"cases": cases, "detected": sum(c["detected"] for c in cases),
             "named": sum(c["named"] for c in cases), "clean": sum(bool(c.get("clean_error")) for c in cases),
