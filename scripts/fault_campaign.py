@@ -16,6 +16,14 @@ Sections (each can be run alone with --sections):
 - inputs:  bad inputs across the CLI, configs, imports and SQL: exit code, message, and the
            sha256 of the store and working folder before and after.
 - load:    4 reader processes querying at 10 queries/s while 2 runs train into one store.
+- forged:  forged bundles (issue 24's findings 1-5 and 8, built by tests/integration/forge.py from a
+           real export and resealed): each refused by `verify-bundle` / `import bundle`, nothing
+           written outside the store, no row of a run already there changed.
+- secrets: fake credentials planted in env, argv, a config value, a tag, an exception message and
+           the git diff of a real run, then resumed, reported and exported: every byte of the
+           store (decoded Parquet too), the reports and the bundle is searched; any hit fails.
+- maintenance: `gc --compact` (offline and online) SIGKILLed at each point of its journaled swap;
+           the next open or gc must bring back every row (count and hash per table).
 
     .venv/bin/python scripts/fault_campaign.py                      # the full campaign
     .venv/bin/python scripts/fault_campaign.py --kills 3 --bad-inputs 5 --nproc 1 \\
@@ -54,7 +62,7 @@ from bench._common import machine  # noqa: E402
 from tests.conftest import make_packed, tiny_overrides  # noqa: E402
 
 PY = sys.executable
-SECTIONS = ("kills", "dvc", "disk", "corrupt", "inputs", "load")
+SECTIONS = ("kills", "dvc", "disk", "corrupt", "inputs", "load", "forged", "secrets", "maintenance")
 PHASES = ("step", "flush", "checkpoint")
 T0 = time.time()
 
@@ -675,15 +683,26 @@ def corrupt_section(work: Path, packed: Path, fixture_store: Path, run_id: str, 
     base.mkdir(parents=True)
     src_ck = list_checkpoints(fixture_store / run_id / "checkpoints")[-1][1]
     # checkpoints: every file kind x truncate / flip / delete, through verify_checkpoint
+    ck_store: list[dict] = []
     for fname in sorted(p.name for p in src_ck.iterdir()):
         for kind in ("truncate", "flip", "delete"):
-            d = base / f"ck-{len(cases):02d}" / src_ck.name
+            # the damaged checkpoint sits where the trainer keeps it, in a copy of the store
+            root = base / f"ck-{len(cases):02d}"
+            copy_store(fixture_store, root)
+            d = root / run_id / "checkpoints" / src_ck.name
             shutil.copytree(src_ck, d)
             what = damage(d / fname, kind, rng)
             detected, clean, msg = probe(lambda d=d: verify_checkpoint(d), "verified OK")
             cases.append({"artefact": "checkpoint", "file": fname, "damage": kind, "what": what, "detected": detected,
                           "clean_error": clean, "named": fname in msg, "how": "verify_checkpoint",
                           "message": first_line(msg), "dir": str(d)})
+            v = k2(["verify-store", "--store", str(root), "--run", run_id], timeout=120)
+            ck_store.append({"artefact": "checkpoint (in the store)", "file": fname, "damage": kind, "what": what,
+                             "how": "k2repro verify-store", "rc": v.rc, "detected": v.rc == 1,
+                             "clean_error": v.rc == 1 and "Traceback" not in v.stderr
+                             and len(v.stderr.strip().splitlines()) == 1,
+                             "named": v.rc == 1 and fname in v.stdout + v.stderr,
+                             "message": first_line(v.stderr) or f"exit {v.rc}: {first_line(v.stdout)}"})
     # the CLI and a resume on a few of them
     for c in [c for c in cases if c["damage"] == "flip" and c["file"].endswith(".distcp")][:1] + \
              [c for c in cases if c["damage"] == "truncate" and c["file"] == "manifest.json"][:1]:
@@ -700,6 +719,8 @@ def corrupt_section(work: Path, packed: Path, fixture_store: Path, run_id: str, 
                       "nothing_written": not (base / "resume-store").exists()
                       or not any((base / "resume-store").glob("run-*"))})
     log(f"corrupt: checkpoints: {sum(c['detected'] for c in cases)}/{len(cases)} detected")
+    cases += ck_store
+    log(f"corrupt: checkpoints in the store, verify-store: {sum(c['detected'] for c in ck_store)}/{len(ck_store)}")
     # store segments
     n0 = len(cases)
     for table in ("steps", "sample_stats", "layer_stats", "run_end", "runs"):
@@ -766,7 +787,7 @@ def corrupt_section(work: Path, packed: Path, fixture_store: Path, run_id: str, 
         c.pop("dir", None)
     # Issue 24 #13: a verification that says OK must mean every byte was checked, so every store
     # corruption verify-store misses is a campaign failure, not a statistic.
-    vs = [c for c in seg_cases if c["how"] == "k2repro verify-store"]
+    vs = [c for c in seg_cases + ck_store if c["how"] == "k2repro verify-store"]
     missed = [f"{c['artefact']} {c['file']} {c['damage']}" for c in vs if not c["detected"]]
     return {"cases": cases, "detected": sum(c["detected"] for c in cases),
             "named": sum(c["named"] for c in cases), "clean": sum(bool(c.get("clean_error")) for c in cases),
@@ -1095,6 +1116,348 @@ def load_section(work: Path, packed: Path, steps: int) -> dict:
     return res
 
 
+# ----------------------------------------------------------------------------------- forged
+class _Dirs:
+    """What tests/integration/bundle_fixture.real_bundle needs of pytest's tmp_path_factory."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    def mktemp(self, name: str) -> Path:
+        p = self.base / name
+        p.mkdir(parents=True)
+        return p
+
+
+def _outside_hash(root: Path, store: Path) -> str:
+    """tree_hash of everything under `root` except `store` (what an import may write)."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p == store or store in p.parents:
+            continue
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            h.update(f"l:{rel}:{os.readlink(p)}\n".encode())
+        elif p.is_dir():
+            h.update(f"d:{rel}\n".encode())
+        elif p.is_file():
+            h.update(f"f:{rel}:{hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def forged_section(work: Path) -> dict:
+    """Forgeries of issue 24's findings 1-5 and 8, built by tests/integration/forge.py from a
+    real export (a 2-rank run, 3 checkpoints, packed data with its tokenizer) and resealed with
+    k2repro's own manifest code; each must be refused by `verify-bundle` or `import bundle`
+    (exit 1 or 2, one line, no traceback) with nothing written outside the store."""
+    from tests.integration import forge as F
+    from tests.integration.bundle_fixture import real_bundle
+
+    base = work / "forged"
+    ex = real_bundle(_Dirs(base))
+    rid, bundle = ex["rid"], ex["bundle"]
+    log(f"forged: real export of {rid}")
+    cases: list[dict] = []
+
+    def case(name: str, finding: int, build: Callable[[Path], Path], key: Path | None = None,
+             victim: bool = False, after: Callable[[Path], dict] | None = None) -> None:
+        d = base / "cases" / name
+        d.mkdir(parents=True)
+        store = d / "store"
+        victim_rows = None
+        if victim:  # the store already holds the real run: the forgery must not touch its rows
+            k = k2(["import", "bundle", str(bundle), "--store", str(store)], timeout=300)
+            if k.rc != 0:
+                raise RuntimeError(f"victim import failed: {k.stderr[-1000:]}")
+            victim_rows = _rows(store, rid)
+        b = build(d)
+        before = _outside_hash(base, store)
+        store_before = tree_hash(store)
+        kargs = ["--key", str(key)] if key else []
+        v = k2(["verify-bundle", str(b), *kargs], timeout=300)
+        i = k2(["import", "bundle", str(b), "--store", str(store), *kargs], timeout=300)
+        rec = {"case": name, "finding": finding, "verify_rc": v.rc,
+               "verify_message": first_line(v.stderr) or first_line(v.stdout),
+               "import_rc": i.rc, "import_message": first_line(i.stderr) or first_line(i.stdout),
+               "traceback": "Traceback" in v.stderr + i.stderr}
+        rec["refused"] = i.rc == 2 and v.rc in (0, 1)  # integrity may hold; the import must refuse
+        rec["verify_refused"] = v.rc == 1
+        if after:
+            rec.update(after(store))
+        rec["nothing_outside"] = _outside_hash(base, store) == before
+        rec["store_unchanged"] = tree_hash(store) == store_before
+        rec["escaped"] = [str(p.relative_to(base)) for p in base.rglob("escaped")]
+        if victim_rows is not None:
+            rec["victim_rows_unchanged"] = _rows(store, rid) == victim_rows
+        rec["ok"] = (rec["refused"] and not rec["traceback"] and rec["nothing_outside"] and rec["store_unchanged"]
+                     and not rec["escaped"] and rec.get("victim_rows_unchanged", True)
+                     and rec.get("gc_spared_outside", True))
+        cases.append(rec)
+        log(f"forged: {name}: {'ok' if rec['ok'] else 'FAILED'} (verify rc {v.rc}, import rc {i.rc})")
+
+    outside = base / "outside"
+    (outside / "victim_project").mkdir(parents=True)
+    (outside / "victim_project" / "notes.txt").write_text("someone's work")
+
+    def gc_after(store: Path) -> dict:  # finding 1's second half: gc on whatever the import left
+        if not store.exists():
+            return {"gc_spared_outside": (outside / "victim_project" / "notes.txt").exists()}
+        g = k2(["gc", "--store", str(store), "--older-than", "30d", "--json"], timeout=300)
+        return {"gc_rc": g.rc, "gc_spared_outside": (outside / "victim_project" / "notes.txt").exists()}
+
+    case("1 runs row naming victim_project, ckpt.dir outside", 1,
+         lambda d: F.forge_victim_runs_row(bundle, d / "b", rid, outside), after=gc_after)
+    case("2 chain id walking out of the store", 2, lambda d: F.forge_walk_out(bundle, d / "b", "chain"))
+    case("2 checkpoint run id walking out of the store", 2,
+         lambda d: F.forge_walk_out(bundle, d / "b", "checkpoint"))
+    theirs = sorted((ex["store"] / rid / "checkpoints").glob("step_*"))[-1]
+    case("3 checkpoint dcp path absolute, outside the bundle", 3,
+         lambda d: F.forge_absolute_dcp(bundle, d / "b", theirs))
+    case("3 data/packed a symlink to a folder outside", 3,
+         lambda d: F.forge_symlinked_data(bundle, d / "b", d / "elsewhere"))
+    case("4 rows of the run already in the store under a new chain id", 4,
+         lambda d: F.forge_takeover(bundle, d / "b", rid), victim=True)
+    # finding 5: export into the store itself
+    store = ex["store"]
+    rows = _rows(store, rid)
+    before = _outside_hash(base, base / "no-store")
+    outs = []
+    for out in (store / "bundle", store / "deeper" / "bundle"):
+        e = k2(["export", rid, "--store", str(store), "--out", str(out), "--checkpoints", "none", "--no-data"],
+               cwd=ex["root"], timeout=300)
+        outs.append({"out": str(out.relative_to(base)), "rc": e.rc, "message": first_line(e.stderr),
+                     "traceback": "Traceback" in e.stderr})
+    rec = {"case": "5 export --out inside the store", "finding": 5, "exports": outs,
+           "refused": all(o["rc"] == 2 for o in outs), "traceback": any(o["traceback"] for o in outs),
+           "nothing_outside": _outside_hash(base, base / "no-store") == before, "store_unchanged": True,
+           "rows_unchanged": _rows(store, rid) == rows, "escaped": [],
+           "import_message": outs[0]["message"], "verify_message": "-", "import_rc": outs[0]["rc"], "verify_rc": None}
+    rec["ok"] = rec["refused"] and not rec["traceback"] and rec["nothing_outside"] and rec["rows_unchanged"]
+    cases.append(rec)
+    log(f"forged: finding 5: {'ok' if rec['ok'] else 'FAILED'}")
+    # finding 8: origin. A signed export, changed and resealed; an unsigned one; someone else's key.
+    keys = base / "keys"
+    keys.mkdir()
+    priv, pub, other = F.make_keys(keys)
+    signed = base / "signed"
+    e = k2(["export", rid, "--store", str(store), "--out", str(signed), "--checkpoints", "none", "--no-data",
+            "--sign", str(priv)], cwd=ex["root"], timeout=300)
+    if e.rc != 0:
+        raise RuntimeError(f"signed export failed: {e.stderr[-1000:]}")
+    case("8 signed bundle changed and resealed, --key of the signer", 8,
+         lambda d: F.forge_after_signing(signed, d / "b"), key=pub)
+    case("8 unsigned bundle, --key given", 8, lambda d: F.forge(bundle, d / "b"), key=pub)
+    case("8 signed by someone else, --key of the publisher", 8, lambda d: F.forge(signed, d / "b"), key=other)
+    for c in cases:
+        if c["finding"] == 8:  # with a key, verify-bundle must refuse too
+            c["ok"] = c["ok"] and c["verify_refused"]
+    return {"cases": cases, "ok": sum(c["ok"] for c in cases), "total": len(cases),
+            "verify_refused": sum(bool(c.get("verify_refused")) for c in cases),
+            "failed": [c["case"] for c in cases if not c["ok"]]}
+
+
+def _rows(store: Path, rid: str) -> dict:
+    """Row counts and a content hash of a run's steps and runs rows (to show nothing changed)."""
+    import k2repro
+
+    with k2repro.open_store(store) as s:
+        steps = s.sql("SELECT * FROM steps WHERE run_id = ? ORDER BY ALL", [rid])
+        n_runs = s.execute("SELECT count(*) FROM runs_raw WHERE run_id = ?", [rid]).fetchone()[0]
+    return {"steps": len(steps), "runs_rows": int(n_runs),
+            "steps_sha256": hashlib.sha256(steps.to_csv(index=False).encode()).hexdigest()}
+
+
+# ---------------------------------------------------------------------------------- secrets
+def secrets_section(work: Path, packed: Path) -> dict:
+    """Credentials planted (tests/integration/planted.py) in the environment, argv, a config value,
+    a tag, an exception message and the git diff of a real training run, which is then resumed
+    (the resume dies on an error naming a token) and exported with its checkpoints and data and
+    reported on: every byte of the store (decoded Parquet too), the reports, the bundle and the
+    CLI output is searched. Any hit is a failure."""
+    from tests.integration import planted as P
+
+    base = work / "secrets"
+    repo = base / "repo"
+    repo.mkdir(parents=True)
+
+    def git(*a: str) -> None:
+        subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True,
+                       env=dict(os.environ, GIT_AUTHOR_NAME="c", GIT_AUTHOR_EMAIL="c@example.com",
+                                GIT_COMMITTER_NAME="c", GIT_COMMITTER_EMAIL="c@example.com"))
+
+    git("init", "-q")
+    (repo / "train_notes.py").write_text("x = 1\n")
+    git("add", "train_notes.py")
+    git("commit", "-qm", "init")
+    (repo / "train_notes.py").write_text(f"x = 1\nHUB = '{P.HF}'\nCI = '{P.GITLAB}'\nKEYFILE = '''{P.PRIVATE}'''\n")
+    store = base / "store"
+    env = child_env(K2REPRO_DB_URL=f"postgres://admin:{P.DB_PW}@db/x", SLURM_JOB_COMMENT=f"token={P.GH}",
+                    MY_SESSION=P.JWT)
+    planted = {"env": ["K2REPRO_DB_URL (URL password)", "SLURM_JOB_COMMENT (GitHub token)", "MY_SESSION (JWT)"],
+               "argv / tag": ["+run.tags.note (OpenAI-style key)", "+run.tags.extra (Anthropic key)"],
+               "config value": ["data.source (URL with user:password)"],
+               "git diff": ["Hugging Face token", "GitLab token", "private-key block"],
+               "exception message": ["ckpt.dir naming a Slack token, a file where a folder must go"]}
+    a = k2(["train", *tiny_overrides(packed, store, **{"train.max_steps": 8, "ckpt.interval": 4,
+                                                       "audit.flush_every": 4, "run.name": "secrets",
+                                                       "data.source": f"https://reader:{P.DB_PW}@data.example/x",
+                                                       "+run.tags.note": P.OPENAI, "+run.tags.extra": P.ANTHROPIC})],
+           cwd=repo, env=env, timeout=600)
+    if a.rc != 0 or not a.run_id:
+        raise RuntimeError(f"secrets run failed: {_scrubbed_tail(a.stderr)}")
+    blocker = base / f"ck-{P.SLACK}"
+    blocker.write_text("a file where the checkpoint folder must go\n")
+    ck = sorted((store / a.run_id / "checkpoints").glob("step_*"))[-1]
+    b = k2(["train", *tiny_overrides(packed, store, **{"train.max_steps": 12, "ckpt.interval": 4,
+                                                       "audit.flush_every": 4, "run.name": "secrets",
+                                                       "train.resume": str(ck), "ckpt.dir": str(blocker)})],
+           cwd=repo, env=env, timeout=600)
+    rid_b, status_b = b.run_id or "", None
+    with contextlib.suppress(Exception):
+        import k2repro
+
+        with k2repro.open_store(store) as s:
+            rid_b = rid_b or s.execute("SELECT run_id FROM runs WHERE run_id <> ? ORDER BY started_at DESC LIMIT 1",
+                                       [a.run_id]).fetchone()[0]
+            status_b = s.execute("SELECT status FROM runs WHERE run_id = ?", [rid_b]).fetchone()[0]
+    reports = base / "reports"
+    outputs = [a, b]
+    for rid in (a.run_id, rid_b):
+        outputs.append(k2(["report", rid, "--store", str(store), "--out", str(reports)], cwd=repo, env=env))
+    bundle = base / "bundle"
+    ex = k2(["export", rid_b or a.run_id, "--store", str(store), "--out", str(bundle), "--checkpoints", "all",
+             "--reports", str(reports), "--allow-incomplete"], cwd=repo, env=env, timeout=600)
+    outputs.append(ex)
+    bad = k2(["sql", f"SELECT * FROM no_such_table_{P.GH}", "--store", str(store)], cwd=repo, env=env)
+    outputs.append(bad)
+    (base / "cli-output.txt").write_text("\n".join(o.stdout + o.stderr for o in outputs))
+    hits = {name: P.scan(root) for name, root in (("store", store), ("reports", reports), ("bundle", bundle),
+                                                ("CLI output", base / "cli-output.txt")) if root.exists()}
+    n_files = {name: sum(1 for p in root.rglob("*") if p.is_file()) if root.is_dir() else 1
+               for name, root in (("store", store), ("reports", reports), ("bundle", bundle)) if root.exists()}
+    n_parquet = sum(1 for root in (store, bundle) if root.exists() for _ in root.rglob("*.parquet"))
+    redacted = any(b"REDACTED" in p.read_bytes() for p in store.rglob("*") if p.is_file()) or any(
+        "REDACTED" in str(_decoded(p)) for p in store.rglob("*.parquet"))
+    res = {"planted": planted, "run": a.run_id, "resumed_run": rid_b, "resumed_rc": b.rc,
+           "resumed_status": status_b, "resumed_message": "(holds a planted token)"
+           if P.SLACK in first_line(b.stderr) else first_line(b.stderr),
+           "report_rcs": [o.rc for o in outputs[2:4]], "export_rc": ex.rc, "export_message": first_line(ex.stderr),
+           "files_searched": n_files, "parquet_decoded": n_parquet, "redaction_marker_in_store": redacted,
+           "hits": {k: [f"{f}: {kind}" for f, kind in v] for k, v in hits.items()}}
+    # the brief of issue 24 #7: store, reports and bundle; the commands' own output (stderr) is
+    # counted apart, a finding for the launcher's error path rather than for what is kept
+    res["total_hits"] = sum(len(v) for k, v in hits.items() if k != "CLI output")
+    res["cli_output_hits"] = len(hits.get("CLI output", []))
+    # the run really happened and shipped: a section that searched an empty bundle proves nothing
+    res["ok"] = (res["total_hits"] == 0 and ex.rc == 0 and b.rc != 0 and redacted and bundle.is_dir()
+                 and all(rc == 0 for rc in res["report_rcs"]))
+    log(f"secrets: {res['total_hits']} hit(s) in {sum(n_files.values())} files ({n_parquet} Parquet decoded); "
+        f"resume rc {b.rc}, export rc {ex.rc}")
+    return res
+
+
+def _scrubbed_tail(text: str) -> str:
+    """The end of a failed launch's stderr for the report, through the project's redactor."""
+    from k2repro.audit.redact import scrub_text
+
+    return scrub_text(text[-1500:])
+
+
+def _decoded(p: Path) -> list:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(p).to_pylist()
+    except Exception:  # noqa: BLE001
+        return []
+
+
+# ------------------------------------------------------------------------------ maintenance
+def _table_digest(store: Path, run_id: str) -> dict:
+    """Per table: row count and sha256 of its sorted rows (through a fresh open, which is also
+    what finishes or rolls back an interrupted swap)."""
+    import k2repro
+    from k2repro.audit import schema as S
+
+    out = {}
+    with k2repro.open_store(store) as s:
+        for t in S.TABLES:
+            with contextlib.suppress(Exception):
+                df = s.sql(f"SELECT * FROM {t} WHERE run_id = ? ORDER BY ALL", [run_id])  # noqa: S608
+                out[t] = [len(df), hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16]]
+    return out
+
+
+def maintenance_section(work: Path, packed: Path) -> dict:
+    """SIGKILL of `gc --compact` (offline: two renames; online: one exchange) at each point of
+    its journaled folder swap (audit/compact.py's K2REPRO_SWAP_FAULT hook), on a copy of a
+    store of a real run with many small segments; then the next open (a query) or the next gc
+    must finish or roll back the swap: every table's rows, by count and content hash, as before,
+    and verify-store clean."""
+    from k2repro.audit import compact as C
+
+    base = work / "maintenance"
+    tpl = base / "template"
+    L = k2(["train", *tiny_overrides(packed, tpl, **{"train.max_steps": 240, "ckpt.interval": 120,
+                                                     "audit.flush_every": 1, "audit.layer_stats_every": 1,
+                                                     "run.name": "maint"})], timeout=600)
+    if L.rc != 0 or not L.run_id:
+        raise RuntimeError(f"maintenance run failed: {L.stderr[-2000:]}")
+    rid = L.run_id
+    # the sink merges flushes when its writer falls behind, so how many segments a run leaves
+    # varies; with nothing to compact no swap happens and every kill would miss its point
+    if not C.plan_run(tpl / rid):
+        raise RuntimeError(f"the maintenance run left nothing to compact ({sum(1 for _ in (tpl / rid).glob('*/*'))} "
+                           "files): no swap to interrupt")
+    before = _table_digest(tpl, rid)
+    segs = sum(1 for _ in (tpl / rid).glob("*/*.parquet"))
+    cases = []
+    points = [("offline", p) for p in ("journaled", "renamed-old", "renamed-new")] + \
+             [("online", p) for p in ("journaled", "exchanged")]
+    for mode, point in points:
+        for recovery in ("open", "gc"):
+            store = base / f"{mode}-{point}-{recovery}"
+            shutil.copytree(tpl, store)
+            env = child_env(**{C.FAULT_ENV: f"{point}:60"})
+            args = [PY, "-m", "k2repro", "gc", "--compact", "--store", str(store)] + \
+                   (["--offline"] if mode == "offline" else [])
+            p = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                 start_new_session=True)
+            reached = False
+            try:
+                line = p.stderr.readline()
+                reached = f"swap fault point {point} reached" in line
+                kill_group(p.pid)
+                p.wait(timeout=60)
+            finally:
+                kill_group(p.pid)
+            journals = len(C.pending_swaps(store))
+            hidden = [h.name for h in (store / rid).glob(".*") if h.is_dir() and (".old-" in h.name or ".swap-" in h.name)]
+            if recovery == "gc":
+                g = k2(["gc", "--compact", "--store", str(store)] + (["--offline"] if mode == "offline" else []),
+                       timeout=300)
+                rec_rc = g.rc
+            else:
+                rec_rc = 0
+            after = _table_digest(store, rid)
+            v = k2(["verify-store", "--store", str(store)], timeout=300)
+            lost = {t: [before[t], after.get(t)] for t in before if after.get(t) != before[t]}
+            c = {"mode": mode, "point": point, "recovery": recovery, "killed_at_point": reached,
+                 "rc_killed": p.returncode, "journals_left": journals, "hidden_folders_left_by_kill": hidden,
+                 "recovery_rc": rec_rc, "tables_equal": not lost, "differences": lost, "verify_rc": v.rc,
+                 "verify_message": first_line(v.stderr) if v.rc else "",
+                 "journals_after": len(C.pending_swaps(store)),
+                 "hidden_after": [h.name for h in (store / rid).glob(".*.old-*")] + [
+                     h.name for h in (store / rid).glob(".*.swap-*")]}
+            c["ok"] = (reached and journals >= 1 and rec_rc == 0 and not lost and v.rc == 0
+                       and c["journals_after"] == 0 and not c["hidden_after"])
+            cases.append(c)
+            log(f"maintenance: {mode} {point}, recovered by {recovery}: {'ok' if c['ok'] else 'FAILED'}")
+    return {"run": rid, "segments": segs, "tables": {t: v[0] for t, v in before.items()}, "cases": cases,
+            "ok": sum(c["ok"] for c in cases), "total": len(cases),
+            "failed": [f"{c['mode']} {c['point']} ({c['recovery']})" for c in cases if not c["ok"]]}
+
+
 # ----------------------------------------------------------------------------------- report
 def fixture_run(work: Path, packed: Path, kills: dict | None) -> tuple[Path, str]:
     """A store holding one finished run with checkpoints (the kill reference when there is one)."""
@@ -1269,6 +1632,62 @@ def render_md(res: dict) -> str:
                   f"| both runs completed with every step | {all(r['status'] == 'completed' for r in ld['final'])} "
                   f"({[r['n'] for r in ld['final']]} steps) |",
                   f"| **ok** | **{ld['ok']}** |"]
+    fo = res.get("forged")
+    if fo:
+        lines += ["", "## Forged bundles", "",
+                  "A real export (2 ranks, 12 steps, checkpoints 4, 8 and 12, packed data with its tokenizer) forged "
+                  "as issue 24 found (tests/integration/forge.py, the same forgeries `make test` refuses) and "
+                  "resealed with k2repro's own manifest code, so the checksums agree: integrity is not origin. "
+                  "Each forgery goes to `k2repro verify-bundle` and `k2repro import bundle` into a fresh store "
+                  "(finding 4: a store already holding the real run; finding 5 is `export --out` into the store). "
+                  "Nothing written outside the store: sha256 of the whole work folder but the store before and "
+                  "after; finding 1 also runs `gc --older-than 30d` after the import and checks the folder outside.",
+                  "", f"{fo['ok']} / {fo['total']} refused with nothing written outside the store.", "",
+                  "| forgery | verify-bundle rc | import rc | message | nothing outside / store unchanged | ok |",
+                  "|---|---|---|---|---|---|"]
+        for c in fo["cases"]:
+            msg = (c.get("import_message") or "").replace("|", "\\|")[:200]
+            lines.append(f"| {c['case']} | {c.get('verify_rc')} | {c.get('import_rc')} | `{msg}` | "
+                         f"{c['nothing_outside']} / {c['store_unchanged']} | {'yes' if c['ok'] else '**NO**'} |")
+    se = res.get("secrets")
+    if se:
+        lines += ["", "## Secrets by value", "",
+                  "Fake credentials of each provider format (tests/integration/planted.py) planted where issue 24 "
+                  "found them, in a real `k2repro train` run (1 rank, 8 steps, checkpoints 4 and 8) launched from a "
+                  "git repo with a dirty diff; the run is resumed with `ckpt.dir` naming a token where a file "
+                  "blocks the folder (the resume dies on that error), reported on (`k2repro report`) and exported "
+                  "with every checkpoint and the data (`export --checkpoints all`). Then every byte of every file of "
+                  "the store, the reports, the bundle and the commands' output is searched for each planted value, "
+                  "and every Parquet file is decoded and searched too.", "",
+                  "| where planted | what |", "|---|---|"]
+        for where, what in se["planted"].items():
+            lines.append(f"| {where} | {'; '.join(what)} |")
+        lines += ["", "| figure | value |", "|---|---|",
+                  f"| runs | `{se['run']}` completed; resume `{se['resumed_run']}` rc {se['resumed_rc']}, "
+                  f"status {se['resumed_status']} |",
+                  f"| reports, export | rc {se['report_rcs']}, rc {se['export_rc']} |",
+                  f"| files searched | {se['files_searched']} ({se['parquet_decoded']} Parquet files decoded) |",
+                  f"| redaction marker present in the store | {se['redaction_marker_in_store']} |",
+                  f"| **planted values found in store, reports, bundle** | **{se['total_hits']}** "
+                  f"{se['hits'] if se['total_hits'] else ''} |",
+                  f"| planted values in the commands' stdout/stderr | {se.get('cli_output_hits')} "
+                  f"{se['hits'].get('CLI output') or ''} |"]
+    mt = res.get("maintenance")
+    if mt:
+        lines += ["", "## Interrupted maintenance", "",
+                  f"A real run (`{mt['run']}`, 240 steps, a flush every step (a segment rolls every 32 writes), layer stats every step: {mt['segments']} "
+                  "segments) is compacted by `k2repro gc --compact` (offline: two renames; online: one atomic "
+                  "exchange) and SIGKILLed at each point of its journaled swap (`K2REPRO_SWAP_FAULT`, "
+                  "audit/compact.py). Then the next open of the store (a query) or the next `gc --compact` must "
+                  "finish or roll the swap back: every table's row count and content hash as before the "
+                  "compaction, no journal or hidden folder left, `verify-store` exit 0.", "",
+                  f"{mt['ok']} / {mt['total']} recovered with every row.", "",
+                  "| mode | killed at | recovered by | journal left by the kill | hidden folders left by the kill | "
+                  "rows equal (every table) | verify-store | ok |", "|---|---|---|---|---|---|---|---|"]
+        for c in mt["cases"]:
+            lines.append(f"| {c['mode']} | {c['point']} | {c['recovery']} | {c['journals_left']} | "
+                         f"{', '.join(c['hidden_folders_left_by_kill']) or '-'} | {c['tables_equal']} "
+                         f"{c['differences'] or ''} | rc {c['verify_rc']} | {'yes' if c['ok'] else '**NO**'} |")
     if res.get("errors"):
         lines += ["", "## Sections that crashed", ""] + [f"- {k}: `{v}`" for k, v in res["errors"].items()]
     return "\n".join(lines) + "\n"
@@ -1309,6 +1728,21 @@ def summarize(res: dict) -> dict:
     if ld:
         s["concurrent load"] = (f"{ld['errors']} errors, {ld['stale_reads']} stale reads in {ld['queries']} queries; "
                                 f"p50 {ld['latency_ms']['p50']} ms, p99 {ld['latency_ms']['p99']} ms")
+    fo = res.get("forged")
+    if fo:
+        s["forged bundles"] = (f"{fo['ok']}/{fo['total']} refused with nothing written outside the store"
+                               + (f" (FAILED: {', '.join(fo['failed'])})" if fo["failed"] else ""))
+    se = res.get("secrets")
+    if se:
+        s["secrets by value"] = (f"{se['total_hits']} planted values found in "
+                                 f"{sum(se['files_searched'].values())} files of store, reports and bundle "
+                                 f"({se['parquet_decoded']} Parquet files decoded)" + ("" if se["ok"] else " (FAILED)")
+                                 + (f"; {se['cli_output_hits']} in the commands' stderr" if se.get("cli_output_hits")
+                                    else ""))
+    mt = res.get("maintenance")
+    if mt:
+        s["interrupted maintenance"] = (f"{mt['ok']}/{mt['total']} SIGKILLed compactions recovered every row"
+                                        + (f" (FAILED: {', '.join(mt['failed'])})" if mt["failed"] else ""))
     return s
 
 
@@ -1369,6 +1803,9 @@ def main(argv: list[str] | None = None) -> int:
         section("disk", lambda: disk_section(work, packed))
         section("load", lambda: load_section(work, packed, args.load_steps))
         section("dvc", lambda: dvc_section(work, rng["dvc"]))
+        section("forged", lambda: forged_section(work))
+        section("secrets", lambda: secrets_section(work, packed))
+        section("maintenance", lambda: maintenance_section(work, packed))
     finally:
         res["wall_s"] = round(time.time() - T0, 1)
         res["load_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -1384,7 +1821,9 @@ def main(argv: list[str] | None = None) -> int:
     for k_, v in res["summary"].items():
         log(f"  {k_}: {v}")
     missed = ((res.get("corrupt") or {}).get("verify_store") or {}).get("missed")
-    return 1 if res["errors"] or missed else 0
+    failed = [n for n in ("forged", "secrets", "maintenance") if res.get(n) and not (
+        res[n].get("ok") is True or res[n].get("ok") == res[n].get("total"))]
+    return 1 if res["errors"] or missed or failed else 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ forgeries are hard-linked copies whose changed files are replaced, never edited 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -23,50 +22,25 @@ import pytest
 from k2repro.errors import BadInputError
 from tests.conftest import k2
 from tests.integration.bundle_fixture import real_bundle
+from tests.integration.forge import (
+    edit_json,
+    forge,
+    forge_absolute_dcp,
+    forge_after_signing,
+    forge_symlinked_data,
+    forge_takeover,
+    forge_victim_runs_row,
+    forge_walk_out,
+    make_keys,
+    nothing_imported,
+    put,
+    reseal,
+)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
     return real_bundle(tmp_path_factory)
-
-
-# ----------------------------------------------------------------------------- forging kit
-
-def forge(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, copy_function=os.link)
-    return dst
-
-
-def put(path: Path, data: bytes | str) -> None:
-    """Replace a (hard-linked) file without touching the original."""
-    path.unlink(missing_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-
-
-def put_table(path: Path, tbl: pa.Table) -> None:
-    path.unlink(missing_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(tbl, path)
-
-
-def edit_json(path: Path, fn) -> None:  # noqa: ANN001
-    body = json.loads(path.read_text())
-    body = fn(body) or body
-    put(path, json.dumps(body))
-
-
-def reseal(b: Path) -> None:
-    """What an attacker does: recompute MANIFEST.json with k2repro's own code."""
-    from k2repro.tools.export import MANIFEST_JSON, write_manifest
-
-    body = json.loads((b / MANIFEST_JSON).read_text())
-    (b / MANIFEST_JSON).unlink()
-    write_manifest(b, {k: body[k] for k in ("created_at", "run", "runs")})
-
-
-def nothing_imported(store: Path) -> bool:
-    return not store.exists() or not any(p.name.startswith(("bundle-", ".k2imp")) for p in store.iterdir())
 
 
 def import_(b: Path, store: Path, **kw):  # noqa: ANN003, ANN201
@@ -79,19 +53,12 @@ def import_(b: Path, store: Path, **kw):  # noqa: ANN003, ANN201
 
 def test_forged_runs_row_is_refused_and_gc_never_deletes_outside_the_store(exported, tmp_path) -> None:  # noqa: ANN001
     """Item 1: a second runs segment naming `victim_project` with ckpt.dir outside."""
-    from k2repro.audit.schema import arrow_schema
-
     rid = exported["rid"]
     outside = tmp_path / "outside"
     (outside / "victim_project").mkdir(parents=True)
     (outside / "victim_project" / "notes.txt").write_text("someone's work")
-    b = forge(exported["bundle"], tmp_path / "b")
-    seg = next((b / "tables" / rid / "runs").glob("*.parquet"))
-    row = pq.read_table(seg).to_pylist()[0]
+    b = forge_victim_runs_row(exported["bundle"], tmp_path / "b", rid, outside)
     old = datetime.now(timezone.utc) - timedelta(days=90)
-    row.update(run_id="victim_project", started_at=old, config_json=json.dumps({"ckpt": {"dir": str(outside)}}))
-    put_table(seg.with_name("r9-00000000.parquet"), pa.Table.from_pylist([row], schema=arrow_schema("runs")))
-    reseal(b)
     store = tmp_path / "store"
     with pytest.raises(BadInputError, match="rows of run 'victim_project'"):
         import_(b, store)
@@ -113,18 +80,8 @@ def test_forged_runs_row_is_refused_and_gc_never_deletes_outside_the_store(expor
 
 def test_run_ids_cannot_walk_out_of_the_store(exported, tmp_path) -> None:  # noqa: ANN001
     """Item 2: chain ids used as paths."""
-    evil = "x/../../../escaped"
     for where in ("chain", "checkpoint"):
-        b = forge(exported["bundle"], tmp_path / f"b-{where}")
-
-        def bad(info: dict, where: str = where) -> None:
-            if where == "chain":
-                info["run"]["chain"][0]["run_id"] = evil
-                info["run"]["head"] = evil
-            else:
-                info["checkpoints"][0]["run_id"] = evil
-        edit_json(b / "bundle.json", bad)
-        reseal(b)
+        b = forge_walk_out(exported["bundle"], tmp_path / f"b-{where}", where)
         store = tmp_path / "stores" / where / "store"
         with pytest.raises(BadInputError, match="run id|not to the chain"):
             import_(b, store)
@@ -136,18 +93,13 @@ def test_import_reads_nothing_outside_the_bundle(exported, tmp_path) -> None:  #
     """Item 3: an absolute checkpoint path; a symlinked data folder."""
     from k2repro.tools.bundle import verify_bundle
 
-    b = forge(exported["bundle"], tmp_path / "abs")
     theirs = next((exported["store"] / exported["rid"] / "checkpoints").glob("step_*"))
-    edit_json(b / "bundle.json", lambda i: i["checkpoints"][0].update(dcp=str(theirs)))
-    reseal(b)
+    b = forge_absolute_dcp(exported["bundle"], tmp_path / "abs", theirs)
     with pytest.raises(BadInputError, match="not the folder dcp/"):
         import_(b, tmp_path / "s1")
     assert nothing_imported(tmp_path / "s1")
 
-    b = forge(exported["bundle"], tmp_path / "link")
-    elsewhere = forge(b / "data" / "packed", tmp_path / "elsewhere")
-    shutil.rmtree(b / "data" / "packed")
-    os.symlink(elsewhere, b / "data" / "packed")
+    b = forge_symlinked_data(exported["bundle"], tmp_path / "link", tmp_path / "elsewhere")
     out = verify_bundle(b)  # the listing used to skip the linked folder: every file "verified"
     assert not out["ok"] and {"file": "data/packed", "problem": "a symbolic link (a bundle holds plain files only)"} \
         in out["problems"]
@@ -164,19 +116,7 @@ def test_rows_cannot_take_over_an_existing_run(exported, tmp_path) -> None:  # n
 
     rid, store = exported["rid"], tmp_path / "store"
     import_(exported["bundle"], store)  # the victim
-    b = forge(exported["bundle"], tmp_path / "b")
-    os.rename(b / "tables" / rid, b / "tables" / "forged-1")
-    seg = next((b / "tables" / "forged-1" / "runs").glob("*.parquet"))
-    t = pq.read_table(seg)
-    put_table(seg, t.set_column(t.schema.get_field_index("run_id"), "run_id", pa.array(["forged-1"] * t.num_rows)))
-    edit_json(b / "tables" / "forged-1" / "_run.json", lambda m: m.update(run_id="forged-1"))
-
-    def retarget(info: dict) -> None:
-        info["run"]["chain"][0]["run_id"] = info["run"]["head"] = info["run"]["root"] = "forged-1"
-        info["checkpoints"] = []
-    edit_json(b / "bundle.json", retarget)
-    shutil.rmtree(b / "dcp")
-    reseal(b)
+    b = forge_takeover(exported["bundle"], tmp_path / "b", rid, "forged-1")
     with pytest.raises(BadInputError, match=f"holds rows of run '{rid}'"):
         import_(b, store)
     with open_store(store) as s:
@@ -287,26 +227,10 @@ def test_a_bundle_of_the_previous_release_still_imports(exported, tmp_path) -> N
 
 # ----------------------------------------------------------------------------- signatures (item 8)
 
-def _keys(tmp_path: Path) -> tuple[Path, Path, Path]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    paths = []
-    for name in ("mine", "theirs"):
-        k = Ed25519PrivateKey.generate()
-        priv, pub = tmp_path / f"{name}.pem", tmp_path / f"{name}.pub"
-        priv.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()))
-        pub.write_bytes(k.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                    serialization.PublicFormat.OpenSSH))
-        paths += [priv, pub]
-    return paths[0], paths[1], paths[3]
-
-
 def test_signed_bundle_proves_origin(exported, tmp_path) -> None:  # noqa: ANN001
     from k2repro.tools.bundle import verify_bundle
 
-    priv, pub, other = _keys(tmp_path)
+    priv, pub, other = make_keys(tmp_path)
     b = tmp_path / "signed"
     e = k2("export", exported["rid"], "--store", str(exported["store"]), "--out", str(b), "--checkpoints", "none",
            "--no-data", "--sign", str(priv), cwd=exported["root"])
@@ -323,9 +247,7 @@ def test_signed_bundle_proves_origin(exported, tmp_path) -> None:  # noqa: ANN00
         import_(b, tmp_path / "s1", key=other)
     assert nothing_imported(tmp_path / "s1")
     # a forgery resealed after signing: the checksums agree, the signature does not
-    f = forge(b, tmp_path / "forged")
-    put(f / "config.yaml", "train: {lr: 1000}\n")
-    reseal(f)
+    f = forge_after_signing(b, tmp_path / "forged")
     assert verify_bundle(f)["ok"]  # integrity alone cannot tell
     assert not verify_bundle(f, pub)["ok"]
     # unsigned bundles are refused when a key is given

@@ -16,21 +16,23 @@ from pathlib import Path
 from k2repro.audit.redact import scrub_text
 from k2repro.audit.store import open_store
 from tests.conftest import k2
+from tests.integration.planted import (
+    ANTHROPIC,
+    AWS,
+    DB_PW,
+    GH,
+    GITLAB,
+    HF,
+    JWT,
+    KEY_BODY,
+    OPENAI,
+    PLANTED,
+    PRIVATE,
+    SLACK,
+    scan,
+)
 from tests.integration.test_store_redaction import _git
 
-DB_PW = "Pl4ntedDbPassw0rd"
-GH = "ghp_" + "Pl4nted0GitHub0Token0Value0000000001"
-OPENAI = "sk-proj-" + "Pl4ntedOpenAIStyleKey0000000002"
-ANTHROPIC = "sk-ant-api03-" + "Pl4ntedAnthropicKey00000000000003"
-HF = "hf_" + "Pl4ntedHuggingFaceToken0000000004"
-AWS = "AKIAPL4NTEDAWSKEY005"
-SLACK = "xoxb-1234567890-0987654321-pl4ntedslacktoken6"
-GITLAB = "glpat-" + "Pl4ntedGitLabToken0007"
-JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJwbDRudGVkIiwiaWF0IjoxfQ."
-       "Pl4ntedJwtSignature0008abcdefghijklmnopq")
-KEY_BODY = "MIIEpl4ntedPRIVATEkeyBODY0009"
-PRIVATE = f"-----BEGIN RSA PRIVATE KEY-----\n{KEY_BODY}\n-----END RSA PRIVATE KEY-----"
-PLANTED = (DB_PW, GH, OPENAI, ANTHROPIC, HF, AWS, SLACK, GITLAB, JWT, KEY_BODY)
 SHA = hashlib.sha256(b"x").hexdigest()
 COMMIT = "1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b"
 
@@ -87,10 +89,13 @@ def test_planted_credentials_are_found_by_value_everywhere(tmp_path: Path) -> No
         assert st.execute("SELECT batch_hash FROM steps").fetchone()[0] == SHA
     files = [p for base in (store, tmp_path / "reports") if base.exists() for p in base.rglob("*") if p.is_file()]
     assert report.returncode == 0 and any(p.suffix in (".md", ".html") for p in files), report.stderr
-    for p in files:
-        data = p.read_bytes()
-        for secret in PLANTED:
-            assert secret.encode() not in data, f"{secret} in {p.name}"
+    # and the run's bundle (env.json, config.yaml, tables, the git diff, the model card)
+    bundle = tmp_path / "bundle"
+    e = k2("export", "sv-run", "--store", str(store), "--out", str(bundle), "--no-data", "--reports",
+           str(tmp_path / "reports"))
+    assert e.returncode == 0, e.stderr[-2000:]
+    assert (bundle / "env.json").is_file() and list(bundle.rglob("*.parquet"))
+    assert scan(store, tmp_path / "reports", bundle) == []  # every byte, and every Parquet decoded
     # an error message names what it was given, through the same scrubber
     bad = k2("sql", f"SELECT * FROM no_such_table_{GH}", "--store", str(store))
     assert bad.returncode == 2 and GH not in bad.stderr and "REDACTED" in bad.stderr

@@ -136,3 +136,33 @@ def test_bad_input_exits_2(store: Path, tmp_path: Path) -> None:
     for args in (["--store", str(tmp_path / "nothing")], ["--store", str(store), "--run", "no-such-run"]):
         r = k2("verify-store", *args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_checkpoints_inside_the_store_are_checked(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """Issue 24 #13: the checkpoints a run keeps in its folder are store bytes too. A flipped
+    byte in one passed verify-store (only a resume or verify-checkpoint found it); and a
+    checkpoint whose manifest was rewritten to match the change disagrees with the sha256 the
+    `checkpoints` table recorded."""
+    import hashlib
+    import shutil
+
+    from tests.integration.bundle_fixture import real_bundle
+
+    ex = real_bundle(tmp_path_factory)  # a real 2-rank run with checkpoints 4, 8, 12
+    root = tmp_path / "store"
+    shutil.copytree(ex["store"], root)
+    rid = ex["rid"]
+    ok = k2("verify-store", "--store", str(root), "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["runs"][0]["checkpoints"] == 3, ok.stdout + ok.stderr
+    ck = root / rid / "checkpoints" / "step_00000008"
+    f = sorted(ck.glob("*.distcp"))[0]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    bad = k2("verify-store", "--store", str(root))
+    assert bad.returncode == 1 and f"step_00000008/{f.name} is corrupt" in bad.stderr, bad.stdout + bad.stderr
+    manifest = json.loads((ck / "manifest.json").read_text())  # the forger also rewrites the manifest
+    manifest["files"][f.name]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    forged = k2("verify-store", "--store", str(root))
+    assert forged.returncode == 1 and "step_00000008/manifest.json: sha256 differs" in forged.stderr, forged.stderr

@@ -19,6 +19,11 @@ checksum) and a deleted segment just takes its rows with it. Two checks close th
   segment. A rank's `close()` records its last number in its heartbeat file, so a deleted
   newest segment is found too; for a rank that never closed (SIGKILL) it is not, nor are a
   rank's numbers after `gc --compact` renamed them (both reported as not checked).
+- Checkpoints kept inside the run folder (`<run>/checkpoints/step_*/`, where the trainer puts
+  them unless `ckpt.dir` names another place) are store-resident too: every file of each one is
+  checked against the sha256 and size in its own manifest.json, and that manifest against the
+  `manifest_sha256` the `checkpoints` table recorded for it. A checkpoint the table records but
+  that is gone is not a problem (keep_last and gc prune them; the row stays as history).
 
 No torch here; the command is `k2repro verify-store`.
 """
@@ -40,12 +45,13 @@ SEQ_NAME = re.compile(r"^r(\d+)-(\d{8})\.parquet$")
 class RunCheck:
     run_dir: Path
     segments: int = 0
+    checkpoints: int = 0  # checkpoint folders inside the run folder, every file verified
     problems: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)  # what could not be checked, and why
 
     def as_dict(self, root: Path) -> dict[str, Any]:
         return {"run_id": self.run_dir.name, "path": str(self.run_dir.relative_to(root)),
-                "segments": self.segments, "ok": not self.problems, "problems": self.problems,
+                "segments": self.segments, "checkpoints": self.checkpoints, "ok": not self.problems, "problems": self.problems,
                 "unchecked": self.unchecked}
 
 
@@ -166,6 +172,7 @@ def check_run(run_dir: Path) -> RunCheck:
             elif f.name.startswith("r") and "-" in f.name:
                 renamed.add(f.name.split("-", 1)[0])  # compacted: r0-c<time>...
     _check_manifest(run_dir, on_disk, out)
+    _check_checkpoints(run_dir, out)
     last = _last_seqs(run_dir)
     for rank in sorted(set(seqs) | set(last)):
         used = seqs.get(rank, set())
@@ -185,6 +192,55 @@ def check_run(run_dir: Path) -> RunCheck:
     if 0 in seqs and not (run_dir / "runs").is_dir():
         out.problems.append("runs/: missing (the run's identity row)")
     return out
+
+
+def _recorded_checkpoints(run_dir: Path) -> dict[str, str]:
+    """checkpoint folder name -> the manifest sha256 the `checkpoints` table recorded for it
+    (segments that cannot be read are already named by the segment checks)."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, str] = {}
+    for f in sorted((run_dir / "checkpoints").glob("*.parquet")):
+        try:
+            rows = pq.read_table(f, columns=["path", "manifest_sha256"]).to_pylist()
+        except Exception:  # noqa: BLE001, S112 - named by read_segment already
+            continue
+        for r in rows:
+            if r["path"] and r["manifest_sha256"]:
+                out[Path(r["path"]).name] = r["manifest_sha256"]
+    return out
+
+
+def _check_checkpoints(run_dir: Path, out: RunCheck) -> None:
+    """Every byte of the checkpoints under the run folder: each file against its checkpoint's
+    manifest (train/manifest.py, no torch), each manifest against the table's record. Without
+    this, a flipped byte in a checkpoint inside the store passed verify-store (only a resume
+    or `verify-checkpoint` found it). Temporary `.step_*` folders (a save killed before its
+    rename) are no checkpoint: they are never listed nor resumed from."""
+    from k2repro.data.packed import sha256_file
+    from k2repro.errors import CheckpointError
+    from k2repro.train.manifest import MANIFEST, verify_checkpoint
+
+    cdir = run_dir / "checkpoints"
+    if not cdir.is_dir():
+        return
+    recorded = None
+    for d in sorted(cdir.glob("step_*")):
+        if not d.is_dir():
+            continue
+        rel = f"checkpoints/{d.name}"
+        try:
+            verify_checkpoint(d)
+        except CheckpointError as exc:
+            out.problems.append(f"{rel}: {str(exc).replace(str(d), d.name)}")
+            continue
+        out.checkpoints += 1
+        if recorded is None:
+            recorded = _recorded_checkpoints(run_dir)
+        want = recorded.get(d.name)
+        if want and sha256_file(d / MANIFEST) != want:
+            out.problems.append(f"{rel}/{MANIFEST}: sha256 differs from the one the checkpoints table "
+                                f"recorded (the checkpoint was changed and its manifest rewritten)")
 
 
 def _last_seqs(run_dir: Path) -> dict[int, int]:

@@ -36,12 +36,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         for c in checks:
             state = "ok" if not c.problems else f"{len(c.problems)} problem(s)"
-            print(f"{c.run_dir.name}: {c.segments} segments, {state}")
+            print(f"{c.run_dir.name}: {c.segments} segments, {c.checkpoints} checkpoint(s), {state}")
             for p in c.problems:
                 print(f"  {p}")
             for u in c.unchecked:
                 print(f"  not checked: {u}")
         print(f"{len(checks)} run(s), {sum(c.segments for c in checks)} segments, "
+              f"{sum(c.checkpoints for c in checks)} checkpoint(s), "
               f"{'all readable' if not bad else f'{len(bad)} run(s) damaged'}")
     if bad:
         first = bad[0]
