@@ -170,6 +170,8 @@ class AuditSink:
         self._open: dict[str, tuple[str, Any, int]] = {}  # table -> (segment name, rows, writes)
         self._error: BaseException | None = None
         self._started = False
+        #: the run's `runs` row is in the store (rank 0): from here on it can be named
+        self.recorded = False
         self._closed = False
         self._writer: threading.Thread | None = None
         self._hb_thread: threading.Thread | None = None
@@ -231,6 +233,7 @@ class AuditSink:
         if self.rank == 0:
             write_run_marker(self._run_dir, self.run_id)
             self._write_now("runs", {k: [v] for k, v in self._run_row(run, hparams).items()})
+            self.recorded = True
             self._write_now("hparams", hparam_rows(hparams))
             if data_manifest:
                 cols = sorted({k for row in data_manifest for k in row})

@@ -11,6 +11,7 @@ the same global numbers, so guard decisions agree across ranks without a host sy
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -42,6 +43,8 @@ from k2repro.train.guard import SpikeGuard
 from k2repro.train.ids import new_run_id
 from k2repro.train.optim import build_optimizer, lr_at
 from k2repro.train.progress import TrainProgress
+
+logger = logging.getLogger(__name__)
 
 PURPOSE_INIT = 3
 STEP_FIELDS = ("loss", "grad_norm", "clipped", "loss_min", "loss_max", "loss_std", "logz_mean", "applied",
@@ -634,6 +637,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> tuple[int, str, l
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
     trainer = None
+    announced = False  # run_id= printed (stdout: what scripts read)
     rid = run_id or os.environ.get("K2REPRO_RUN_ID") or new_run_id(cfg.run.name)
     rid = broadcast_object(rid, info)
     try:
@@ -643,6 +647,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> tuple[int, str, l
         trainer.start_audit()
         if info.is_main:  # once the run is recorded: an error before it names no run
             print(f"run_id={rid}", flush=True)
+            announced = True
         history = trainer.fit()
         trainer.progress.close()
         barrier(info)
@@ -676,15 +681,48 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> tuple[int, str, l
         if info.is_main:
             print(f"k2repro train: error: {exc}", file=sys.stderr)
         return exc.exit_code, rid, []
+    except OSError as exc:
+        # the machine, not the code (a full disk, a folder that cannot be made): one line on
+        # the rank that met it, credentials scrubbed, the run ended as failed where recorded
+        from k2repro.audit.redact import scrub_text
+
+        msg = scrub_text(f"{type(exc).__name__}: {exc}")
+        _end_failed(trainer, msg)
+        where = f" (rank {info.rank})" if info.world_size > 1 else ""
+        _announce_failed(trainer, rid, announced)
+        print(f"k2repro train: error{where}: {msg}", file=sys.stderr, flush=True)
+        return 1, rid, []
     except Exception:
-        tb = traceback.format_exc()
-        if trainer is not None and trainer.sink is not None:
-            trainer.sink.close("failed", error=tb)
-        raise
+        # a bug: its traceback is worth having, but scrubbed like everything k2repro writes
+        from k2repro.audit.redact import scrub_text
+
+        tb = scrub_text(traceback.format_exc())
+        _end_failed(trainer, tb)
+        _announce_failed(trainer, rid, announced)
+        print(tb, file=sys.stderr, end="", flush=True)
+        return 1, rid, []
     finally:
         if trainer is not None:
             trainer.progress.close()
         teardown()
+
+
+def _end_failed(trainer: Trainer | None, error: str) -> None:
+    """End the run as failed, if the sink got far enough to record it (best effort: on a full
+    disk the end marker may not fit either, and the run then reads as crashed)."""
+    if trainer is not None and trainer.sink is not None:
+        try:
+            trainer.sink.close("failed", error=error)
+        except Exception:  # noqa: BLE001 - already failing; the first error is the one to report
+            logger.warning("could not end run %s as failed", trainer.run_id, exc_info=True)
+
+
+def _announce_failed(trainer: Trainer | None, rid: str, announced: bool) -> None:
+    """`run_id=` on stdout for a run that failed after its identity reached the store but
+    before it was announced (a disk that fills while the run is being recorded)."""
+    if not announced and trainer is not None and trainer.sink is not None and trainer.info.is_main \
+            and trainer.sink.recorded:
+        print(f"run_id={rid}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
