@@ -636,7 +636,7 @@ def disk_section(work: Path, packed: Path) -> dict:
                         "train.resume": L.run_id})], timeout=600)
                     res["resume_after_freeing_rc"] = R.rc
             res["marked_failed"] = res.get("status") == "failed"
-            res["ok"] = bool(L.rc != 0 and res["mentions_no_space"] and res["marked_failed"]
+            res["ok"] = bool(L.rc != 0 and res["mentions_no_space"] and res["marked_failed"] and not res["traceback"]
                              and res.get("steps_intact") and not res.get("checkpoints_invalid")
                              and res.get("resume_after_freeing_rc", 0) == 0)
             log(f"disk: {name}: rc={L.rc} status={res.get('status')} steps={res.get('steps_recorded')} "

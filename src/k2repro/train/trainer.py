@@ -681,21 +681,19 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> tuple[int, str, l
         if info.is_main:
             print(f"k2repro train: error: {exc}", file=sys.stderr)
         return exc.exit_code, rid, []
-    except OSError as exc:
-        # the machine, not the code (a full disk, a folder that cannot be made): one line on
-        # the rank that met it, credentials scrubbed, the run ended as failed where recorded
+    except Exception as exc:
         from k2repro.audit.redact import scrub_text
 
-        msg = scrub_text(f"{type(exc).__name__}: {exc}")
-        _end_failed(trainer, msg)
-        where = f" (rank {info.rank})" if info.world_size > 1 else ""
-        _announce_failed(trainer, rid, announced)
-        print(f"k2repro train: error{where}: {msg}", file=sys.stderr, flush=True)
-        return 1, rid, []
-    except Exception:
+        if isinstance(exc, OSError) or isinstance(exc.__cause__, OSError):
+            # the machine, not the code (a full disk, also under the audit writer; a folder that
+            # cannot be made): one line on the rank that met it, credentials scrubbed
+            msg = scrub_text(f"{type(exc).__name__}: {exc}")
+            _end_failed(trainer, msg)
+            _announce_failed(trainer, rid, announced)
+            where = f" (rank {info.rank})" if info.world_size > 1 else ""
+            print(f"k2repro train: error{where}: {msg}", file=sys.stderr, flush=True)
+            return 1, rid, []
         # a bug: its traceback is worth having, but scrubbed like everything k2repro writes
-        from k2repro.audit.redact import scrub_text
-
         tb = scrub_text(traceback.format_exc())
         _end_failed(trainer, tb)
         _announce_failed(trainer, rid, announced)
@@ -713,8 +711,9 @@ def _end_failed(trainer: Trainer | None, error: str) -> None:
     if trainer is not None and trainer.sink is not None:
         try:
             trainer.sink.close("failed", error=error)
-        except Exception:  # noqa: BLE001 - already failing; the first error is the one to report
-            logger.warning("could not end run %s as failed", trainer.run_id, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - already failing: the first error is the one to report
+            # (close() re-raises the writer's own error after writing the end marker)
+            logger.debug("ending run %s as failed: %r", trainer.run_id, exc)
 
 
 def _announce_failed(trainer: Trainer | None, rid: str, announced: bool) -> None:
