@@ -12,6 +12,7 @@ Layout of `<base>/<run_id>/checkpoints/step_00000010/`:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -114,6 +115,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         # torch.save reports a full disk as "unexpected pos ..." (PyTorch's zip writer): say it
         note = (f"writing checkpoint {path} failed" + ("" if free is None else
                 f" with {free:,} bytes free on its filesystem{' (the disk is full)' if free < 1 << 20 else ''}"))
+        if free is not None and free < 1 << 20:  # the disk, not the code: an OSError says so
+            raise OSError(errno.ENOSPC, f"{note}: {type(exc).__name__}") from exc
         if not isinstance(exc, Exception):  # DCP's CheckpointException is a BaseException, which
             raise RuntimeError(f"{note}: {type(exc).__name__}") from exc  # `except Exception` misses
         if hasattr(exc, "add_note"):
