@@ -494,7 +494,7 @@ def dvc_section(work: Path, rng: np.random.Generator) -> dict:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     every = int(params["audit"]["layer_stats_every"]) or 10**9
     dvc = str(Path(PY).parent / "dvc")
-    train_store = repo / "runs" / "pipeline" / "train"
+    train_store = repo / "pipeline" / "train"
     log_path = work / "dvc" / "first.log"
     delay = float(rng.uniform(0.3, 2.5))
     log(f"dvc: dvc repro train (prepare, dedup, tokenize, pack, then train at 2 ranks); SIGKILL of the "
