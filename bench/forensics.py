@@ -216,7 +216,10 @@ def child_forensics(store: str, out: str, html: bool) -> dict:
     t_json = time.perf_counter() - t
     total = time.perf_counter() - t0
     rss = _peak_rss_mb()
+    # the forked child of the whole-series passes (forensics/parallel.py), reaped by now
+    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     result = {
+        "peak_rss_child_mb": child_rss,
         "forensics_s": total, "import_s": t_import, "analyze_s": t_an, "json_and_rows_s": t_json,
         "breakdown": {k: round(v, 3) for k, v in res.timings.items()},
         "peak_rss_mb": rss, "onsets": [sp.episode.onset_step for sp in res.spikes],
@@ -287,6 +290,7 @@ def main() -> None:
         "ratio_forensics_over_scan": round(med["forensics_s"] / base["scan_s"], 3),
         # measured before the HTML in the run that also writes it
         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
+        "peak_rss_child_mb": round(max(r["peak_rss_child_mb"] for r in runs), 1),
         "breakdown_s": {"import": round(med["import_s"], 3), "analyze": round(med["analyze_s"], 3),
                         "json_and_rows": round(med["json_and_rows_s"], 3), **med["breakdown"]},
         "html_s_not_in_goal": round(runs[0].get("html_s", float("nan")), 3),

@@ -103,3 +103,22 @@ def test_the_level_rule_fires_where_the_exact_median_says() -> None:
     assert want.sum() > 20  # the ramps do fire it
     assert np.array_equal(got, want)
     assert np.allclose(lazy[got], exact[got])
+
+
+def test_the_forked_passes_equal_the_ones_done_here() -> None:
+    """workers=2 forks a child for the other signals' whole-series passes: the values are
+    those the parent computes itself with workers=1."""
+    from k2repro.forensics.parallel import MIN_POINTS, precompute
+
+    rng = np.random.default_rng(8)
+    n = MIN_POINTS + 1_000
+    steps = np.arange(1, n + 1)
+    series = {"loss_max": 3 + rng.normal(0, 0.1, n), "grad_norm": 1 + rng.gamma(2.0, 0.1, n)}
+    series["grad_norm"][[5_000, 150_000]] = [9.0, np.nan]
+    forked = precompute(series, steps, RobustZ(), workers=2)
+    assert forked._pid is not None  # a child is computing
+    here = precompute(series, steps, RobustZ(), workers=1)
+    assert here._pid is None
+    for name in series:
+        for a, b in zip(forked.get(name), here.get(name), strict=True):
+            assert np.array_equal(a, b, equal_nan=True)

@@ -31,6 +31,7 @@ from k2repro.forensics.detect import (
     robust_z,
 )
 from k2repro.forensics.episodes import Episode, EpisodeParams, find_episodes, judge
+from k2repro.forensics.parallel import Precomputed, precompute
 from k2repro.forensics.precursors import (
     Crossing,
     PrecursorParams,
@@ -84,6 +85,10 @@ class ForensicsParams:
     precursors: PrecursorParams = PrecursorParams()
     layers: LayerParams = LayerParams()
     data: DataParams = DataParams()
+    # processes for the whole-series passes: with 2, the other signals' robust z (loss_max,
+    # grad_norm) is computed in a forked child while this process works on the primary
+    # signal (same values; 1 = all here; logs under parallel.MIN_POINTS points never fork)
+    workers: int = 2
     max_detailed: int = 50
     data_dir: str | None = None
     split: str = "train"
@@ -234,11 +239,19 @@ def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = Forens
             f"min_history={p.rule.min_history}; only non-finite values are detected")
 
     t1 = time.perf_counter()
-    dets = _run_detectors(res, st, p)
-    res.timings["detect_s"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    eps = _episodes(res, st, dets, interventions, p)
+    # the other signals' whole-series passes start now (in a child process with workers >= 2)
+    pre = precompute({s: st[s] for s in dict.fromkeys((*p.scan_signals, *p.episode_signals))
+                      if s != p.signal and _finite_any(st.get(s))}, steps, p.rule, p.workers)
+    try:
+        t3 = time.perf_counter()
+        firings = _peer_firings(st) if p.peers else {}  # while the child computes
+        res.timings["peers_s"] = time.perf_counter() - t3
+        dets = _run_detectors(res, st, p, pre)
+        res.timings["detect_s"] = time.perf_counter() - t1 - res.timings["peers_s"]
+        t2 = time.perf_counter()
+        eps = _episodes(res, st, dets, interventions, p, pre)
+    finally:
+        pre.close()
     res.restarts = _restarts(src, res, p)
     last_step = int(steps[-1])
     for ep in eps:
@@ -249,8 +262,8 @@ def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = Forens
 
     t3 = time.perf_counter()
     if p.peers:
-        res.peers = peer_summary(st, eps, p)
-    res.timings["peers_s"] = time.perf_counter() - t3
+        res.peers = peer_summary(st, eps, p, firings)
+    res.timings["peers_s"] += time.perf_counter() - t3
     t3 = time.perf_counter()
     _attribute_all(res, src, st, eps, dets, interventions, p)
     res.timings["attribute_s"] = time.perf_counter() - t3
@@ -266,16 +279,22 @@ PEER_RULES = {
 }
 
 
-def peer_summary(st: dict[str, np.ndarray], eps: list[Episode], p: ForensicsParams) -> dict[str, dict]:
-    """Where the built-in guards of OLMo-core, llm-foundry and Megatron-LM would have fired
-    on the same logged points (forensics.peers has each rule as its source code has it),
-    and which of k2repro's episodes each one's firings fall in."""
+def _peer_firings(st: dict[str, np.ndarray]) -> dict[str, list]:
+    """Each peer's episodes on the run's logged points (they do not depend on k2repro's)."""
     from k2repro.forensics.peers import run_peers
 
     steps = st["step"]
-    sig = {k: (steps, st[k]) for k in ("loss", "grad_norm") if k in st and _finite_any(st[k])}
+    return run_peers({k: (steps, st[k]) for k in ("loss", "grad_norm") if k in st and _finite_any(st[k])})
+
+
+def peer_summary(st: dict[str, np.ndarray], eps: list[Episode], p: ForensicsParams,
+                 firings: dict[str, list] | None = None) -> dict[str, dict]:
+    """Where the built-in guards of OLMo-core, llm-foundry and Megatron-LM would have fired
+    on the same logged points (forensics.peers has each rule as its source code has it),
+    and which of k2repro's episodes each one's firings fall in (`firings`: _peer_firings(st),
+    if already computed)."""
     out: dict[str, dict] = {}
-    for peer, peps in run_peers(sig).items():
+    for peer, peps in (firings if firings is not None else _peer_firings(st)).items():
         fired = sorted({pe.onset_step for pe in peps})
         hit = [i for i, e in enumerate(eps) if any(_within(pe.onset_step, e) for pe in peps)]
         for i in hit:
@@ -381,7 +400,8 @@ def sampling_summary(steps: np.ndarray, ep: EpisodeParams) -> dict[str, Any]:
     return out
 
 
-def _run_detectors(res: ForensicsResult, st: dict[str, np.ndarray], p: ForensicsParams) -> dict[str, Detection]:
+def _run_detectors(res: ForensicsResult, st: dict[str, np.ndarray], p: ForensicsParams,
+                   pre: Precomputed) -> dict[str, Detection]:
     """Every detector side by side on the primary signal, robust_z over the scan signals."""
     steps = st["step"]
     x = st[p.signal]
@@ -392,7 +412,7 @@ def _run_detectors(res: ForensicsResult, st: dict[str, np.ndarray], p: Forensics
         v = st.get(sig)
         if sig == p.signal or not _finite_any(v):
             continue
-        dets[f"{sig}:robust_z"] = robust_z(v, p.rule, steps)
+        dets[f"{sig}:robust_z"] = robust_z(v, p.rule, steps, parts=pre.get(sig))
     n = max(1, int(x.size))
     for name, d in dets.items():
         idx = np.flatnonzero(d.flags)
@@ -418,7 +438,7 @@ _NOISY_WHY = {
 
 
 def _episodes(res: ForensicsResult, st: dict[str, np.ndarray], dets: dict[str, Detection],
-              interventions: list[dict], p: ForensicsParams) -> list[Episode]:
+              interventions: list[dict], p: ForensicsParams, pre: Precomputed) -> list[Episode]:
     """The primary signal's episodes, then each other episode signal's; an episode of another
     signal that overlaps a primary one becomes a note on it, the others stand alone."""
     steps = st["step"]
@@ -440,7 +460,8 @@ def _episodes(res: ForensicsResult, st: dict[str, np.ndarray], dets: dict[str, D
         v = st.get(sig)
         if sig == p.signal or not _finite_any(v):
             continue
-        for g in find_episodes(steps, v, p.rule, p.episodes, interventions=ivs, signal=sig):
+        for g in find_episodes(steps, v, p.rule, p.episodes, interventions=ivs, signal=sig,
+                               parts=pre.get(sig)):
             hit = [e for e in eps if e.signal == p.signal and e.onset_step <= g.end_step
                    and g.onset_step <= e.end_step]
             if hit:

@@ -318,10 +318,11 @@ def _direction_flags(z: np.ndarray, threshold: float, direction: str) -> np.ndar
         return np.abs(z) >= threshold
 
 
-def robust_z(x: Any, p: RobustZ = RobustZ(), steps: Any = None) -> Detection:
+def robust_z(x: Any, p: RobustZ = RobustZ(), steps: Any = None,
+             parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Detection:
     """Robust z-scores and flags of a whole signal (see `RobustZ`; `steps` makes the windows
-    step spans)."""
-    z, scale, pred = robust_z_parts(x, p, steps)
+    step spans; `parts`: its `robust_z_parts`, already computed)."""
+    z, scale, pred = parts if parts is not None else robust_z_parts(x, p, steps)
     return Detection("robust_z", z, _direction_flags(z, p.threshold, p.direction), scale, pred)
 
 
