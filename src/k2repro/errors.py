@@ -1,4 +1,4 @@
-"""User-facing errors with the exit codes of DESIGN.md section 5."""
+"""User-facing errors with the exit codes of docs/architecture.md ("Exit codes")."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         if args.json:
             print(json.dumps({"ok": False, "path": args.path, "error": str(exc)}))
-        raise VerificationFailed(str(exc)) from None  # exit 1: DESIGN.md section 5
+        raise VerificationFailed(str(exc)) from None  # exit 1: docs/architecture.md "Exit codes"
     out = {"ok": True, "path": args.path, "step": manifest.get("step"), "files": len(manifest["files"]),
            "world_size": manifest.get("world_size")}
     print(json.dumps(out) if args.json else f"ok: {args.path} (step {out['step']}, {out['files']} files)")

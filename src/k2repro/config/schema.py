@@ -1,4 +1,4 @@
-"""Typed config tree (DESIGN.md section 3).
+"""Typed config tree (docs/architecture.md, "Config names").
 
 Hydra composes plain YAML from `conf/`; `k2repro.config.load` merges the result onto these
 dataclasses once, so unknown keys and wrong types fail early, then `validate` checks the rules

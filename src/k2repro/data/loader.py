@@ -1,5 +1,6 @@
 """Deterministic data order: the sample ids of any step are a pure function of
-(seed, number of samples, step, deferred data positions), DESIGN.md section 6.
+(seed, number of samples, step, deferred data positions), docs/architecture.md
+("Reproducibility rules").
 
 So `k2repro batch` and replay can compute a step's batch without running training.
 """

@@ -107,7 +107,7 @@ def held_out_loss(model: torch.nn.Module, val: ValSet, device: torch.device, bat
 
 
 def perplexity_metrics(res: dict[str, dict]) -> list[tuple[str, float, int]]:
-    """(metric, value, n_tokens) rows named as DESIGN.md section 4 says."""
+    """(metric, value, n_tokens) rows named as docs/audit-store.md (`evals`) says."""
     o = res["overall"]
     rows = [("val/loss", o["loss"], o["n_tokens"]), ("val/ppl", _exp(o["loss"]), o["n_tokens"])]
     for name, r in sorted(res.items()):

@@ -145,7 +145,7 @@ class Spike:
         return []
 
     def row(self) -> dict[str, Any]:
-        """The `spikes` table's columns (DESIGN.md section 4)."""
+        """The `spikes` table's columns (docs/audit-store.md, `spikes`)."""
         e = self.episode
         return {
             "onset_step": e.onset_step, "peak_step": e.peak_step, "end_step": e.end_step,

@@ -136,8 +136,8 @@ def to_json(res: ForensicsResult) -> dict[str, Any]:
 
 
 def spike_rows(res: ForensicsResult) -> dict[str, list]:
-    """This run's `spikes` rows as columns (the store's schema: DESIGN.md section 4 plus
-    `spike_id`, `detail` and `detected_at`). `top_samples` is a JSON list; `detail` holds
+    """This run's `spikes` rows as columns (the store's schema: docs/audit-store.md, `spikes`,
+    with `spike_id`, `detail` and `detected_at`). `top_samples` is a JSON list; `detail` holds
     the rest of the spike's JSON object."""
     from datetime import datetime, timezone
 
@@ -168,8 +168,8 @@ def spikes_table(res: ForensicsResult) -> Any:
 
 
 def write_spike_rows(res: ForensicsResult, out_store: str | os.PathLike) -> Path:
-    """Replace this run's spikes rows under the store root `out_store` (DESIGN.md section 1
-    keeps the pipeline's forensics stage in its own folder): one segment
+    """Replace this run's spikes rows under the store root `out_store` (docs/architecture.md,
+    "Data flow", keeps the pipeline's forensics stage in its own folder): one segment
     `<out_store>/<run_id>/spikes/forensics.parquet`, written as a temp file and renamed, so
     a rerun replaces the rows instead of adding a second copy."""
     from k2repro.audit.writer import ensure_store, write_segment

@@ -1,5 +1,5 @@
-"""What forensics reads from the audit store, as SQL against the store's views (DESIGN.md
-section 4): `steps` as numpy arrays (one row per step, the only table read whole), and
+"""What forensics reads from the audit store, as SQL against the store's views (docs/architecture.md,
+"The audit store"): `steps` as numpy arrays (one row per step, the only table read whole), and
 `layer_stats` / `sample_stats` only in windows around episodes, so a 100M-row layer log is
 never loaded. Works on any DuckDB connection with those views (a Store's `.con`).
 """

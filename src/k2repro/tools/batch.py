@@ -1,10 +1,10 @@
 """Batch lookup: the samples one step trained on, from the store and recomputed.
 
-The data order is a pure function of (seed, dataset, step, deferrals) (DESIGN.md section 6),
-so a step's sample ids can be recomputed without training; the store logged them anyway
-(`sample_stats`, every rank). Agreement of the two is the check that the data a run reports
-is the data it trained on. Each sample comes with its loss, its documents and their text.
-No torch here.
+The data order is a pure function of (seed, dataset, step, deferrals) (docs/architecture.md,
+"Reproducibility rules"), so a step's sample ids can be recomputed without training; the
+store logged them anyway (`sample_stats`, every rank). Agreement of the two is the check that
+the data a run reports is the data it trained on. Each sample comes with its loss, its
+documents and their text. No torch here.
 """
 
 from __future__ import annotations

@@ -302,7 +302,7 @@ def ship_data(store: Store, chain: list[dict[str, Any]], dest: Path) -> dict[str
 def data_order(store: Store, chain: list[dict[str, Any]], steps: pa.Table | None,
                n_samples: int | None, samples: dict[str, pa.Table] | None) -> tuple[pa.Table | None, dict[str, Any]]:
     """Sample ids of every logical step, in batch order. Recomputed from (seed, samples,
-    step, deferrals) (DESIGN.md section 6) and checked against the recorded `batch_hash` of
+    step, deferrals) (docs/architecture.md, "Reproducibility rules") and checked against the recorded `batch_hash` of
     every step; from `sample_stats` (ordered by rank) when the data is not at hand."""
     import numpy as np
     import pyarrow as pa
