@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import machine  # noqa: E402
-from tests.conftest import make_packed, tiny_overrides  # noqa: E402
+from tests.conftest import dirty_repo, make_packed, tiny_overrides  # noqa: E402
 
 PY = sys.executable
 SECTIONS = ("kills", "dvc", "disk", "corrupt", "inputs", "load", "forged", "secrets", "maintenance")
@@ -1277,19 +1277,8 @@ def secrets_section(work: Path, packed: Path) -> dict:
     from tests.integration import planted as P
 
     base = work / "secrets"
-    repo = base / "repo"
-    repo.mkdir(parents=True)
-
-    def git(*a: str) -> None:
-        subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True,
-                       env=dict(os.environ, GIT_AUTHOR_NAME="c", GIT_AUTHOR_EMAIL="c@example.com",
-                                GIT_COMMITTER_NAME="c", GIT_COMMITTER_EMAIL="c@example.com"))
-
-    git("init", "-q")
-    (repo / "train_notes.py").write_text("x = 1\n")
-    git("add", "train_notes.py")
-    git("commit", "-qm", "init")
-    (repo / "train_notes.py").write_text(f"x = 1\nHUB = '{P.HF}'\nCI = '{P.GITLAB}'\nKEYFILE = '''{P.PRIVATE}'''\n")
+    repo = dirty_repo(base / "repo", "train_notes.py",
+                      f"x = 1\nHUB = '{P.HF}'\nCI = '{P.GITLAB}'\nKEYFILE = '''{P.PRIVATE}'''\n")
     store = base / "store"
     env = child_env(K2REPRO_DB_URL=f"postgres://admin:{P.DB_PW}@db/x", SLURM_JOB_COMMENT=f"token={P.GH}",
                     MY_SESSION=P.JWT)

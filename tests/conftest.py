@@ -66,6 +66,24 @@ def k2(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300
                           text=True, timeout=timeout)
 
 
+def dirty_repo(repo: Path, name: str, dirty: str) -> Path:
+    """A git repo at `repo` with one commit of `name` (`x = 1`) and `dirty` as its uncommitted
+    content: what the git-diff capture of a run sees (the secrets checks plant values in it)."""
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
+
+    repo.mkdir(parents=True, exist_ok=True)
+    git("init", "-q")
+    (repo / name).write_text("x = 1\n")
+    git("add", name)
+    git("commit", "-qm", "init")
+    (repo / name).write_text(dirty)
+    return repo
+
+
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
     """GPU-marked tests run where CUDA is (scripts/gpu_check.sh) and are skipped elsewhere."""
     try:

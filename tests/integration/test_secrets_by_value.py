@@ -15,7 +15,7 @@ from pathlib import Path
 
 from k2repro.audit.redact import scrub_text
 from k2repro.audit.store import open_store
-from tests.conftest import k2
+from tests.conftest import dirty_repo, k2
 from tests.integration.planted import (
     ANTHROPIC,
     AWS,
@@ -31,7 +31,6 @@ from tests.integration.planted import (
     SLACK,
     scan,
 )
-from tests.integration.test_store_redaction import _git
 
 SHA = hashlib.sha256(b"x").hexdigest()
 COMMIT = "1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b"
@@ -55,13 +54,8 @@ CHILD = textwrap.dedent("""
 
 
 def test_planted_credentials_are_found_by_value_everywhere(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    (repo / "train.py").write_text("x = 1\n")
-    _git(repo, "add", "train.py")
-    _git(repo, "commit", "-qm", "init")
-    (repo / "train.py").write_text(f"x = 1\nHUB = '{HF}'\nCI = '{GITLAB}'\nKEYFILE = '''{PRIVATE}'''\n")
+    repo = dirty_repo(tmp_path / "repo", "train.py",
+                      f"x = 1\nHUB = '{HF}'\nCI = '{GITLAB}'\nKEYFILE = '''{PRIVATE}'''\n")
     store = tmp_path / "store"
     env = dict(os.environ, OMP_NUM_THREADS="1", K2REPRO_DB_URL=f"postgres://admin:{DB_PW}@db/x",
                SLURM_JOB_COMMENT=f"token={GH}")

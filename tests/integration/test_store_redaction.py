@@ -11,6 +11,7 @@ import textwrap
 
 from k2repro.audit.redact import REDACTED
 from k2repro.audit.store import open_store
+from tests.conftest import dirty_repo
 
 AWS = "AKIAplantedSECRETvalue0001"
 HF = "hf_plantedTOKENvalue0002"
@@ -35,20 +36,8 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _git(repo, *args):
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
-                   env=dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e",
-                            GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@e"))
-
-
 def test_planted_secrets_appear_nowhere(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    (repo / "train.py").write_text("x = 1\n")
-    _git(repo, "add", "train.py")
-    _git(repo, "commit", "-qm", "init")
-    (repo / "train.py").write_text(f"x = 1\nAPI_KEY = '{API}'\n")  # uncommitted diff holds it
+    repo = dirty_repo(tmp_path / "repo", "train.py", f"x = 1\nAPI_KEY = '{API}'\n")  # the diff holds it
     store = tmp_path / "store"
     env = dict(os.environ, OMP_NUM_THREADS="1", AWS_SECRET_ACCESS_KEY=AWS, HF_TOKEN=HF, WANDB_API_KEY=WANDB)
     res = subprocess.run([sys.executable, "-c", CHILD, str(store), API, HF, AWS, WANDB], cwd=repo, env=env,
