@@ -42,19 +42,32 @@ def _pandas_quantiles(a: np.ndarray, start: np.ndarray, qs: tuple[float, ...],
             for q in qs]
 
 
-def _slow_points(a: np.ndarray, start: np.ndarray, w: int) -> np.ndarray:
-    """The points whose window is not [t-w, t) or holds a NaN: the rank filter cannot
-    serve them (it has no notion of a missing value)."""
+def _slow_points(a: np.ndarray, start: np.ndarray) -> tuple[int, np.ndarray]:
+    """(w, slow): the width of the last window, and the points whose window is not [t-w, t)
+    or holds a NaN, which a sliding filter of width w cannot serve (it has no notion of a
+    missing value)."""
     n = a.size
+    w = int(n - start[-1]) - 1 if n else 0
     idx = np.arange(n, dtype=np.int64)
     slow = idx - start != w
     slow[:w] = True
     isnan = np.isnan(a)
-    if isnan.any():
+    if isnan.any() and w < n:
         # NaNs in point t's window [t-w, t): cn[t] - cn[t-w], cn[t] = NaNs in a[:t]
         cn = np.concatenate(([0], np.cumsum(isnan, dtype=np.int64)))
         slow[w:] |= cn[w:n] - cn[: n - w] > 0
-    return np.flatnonzero(slow)
+    return w, np.flatnonzero(slow)
+
+
+def _aligned(filtered: np.ndarray, w: int, fill: float) -> np.ndarray:
+    """A centred SciPy filter of width w read as trailing windows: its window at i is
+    a[i - w//2 : i - w//2 + w] and point t's is a[t-w : t], so point t reads it at t - lag
+    (the points before lag are slow points, computed apart)."""
+    lag = w - w // 2
+    out = np.empty(filtered.size)
+    out[:lag] = fill
+    out[lag:] = filtered[: filtered.size - lag]
+    return out
 
 
 def _window_by_window(a: np.ndarray, start: np.ndarray, points: np.ndarray,
@@ -76,26 +89,19 @@ def trailing_quantiles(x: Any, start: np.ndarray, qs: tuple[float, ...],
     window holds fewer than `min_count` values) of every window [start[t], t)."""
     a = np.asarray(x, dtype=np.float64)
     start = np.asarray(start, dtype=np.int64)
-    w = int(a.size - start[-1]) - 1 if a.size else 0
-    if a.ndim != 1 or a.size < _FAST_MIN_POINTS or w < 2:
+    if a.ndim != 1 or a.size < _FAST_MIN_POINTS:
         return _pandas_quantiles(a, start, qs, min_count)
-    slow = _slow_points(a, start, w)
-    if slow.size > a.size // 20:
+    w, slow = _slow_points(a, start)
+    if w < 2 or slow.size > a.size // 20:
         return _pandas_quantiles(a, start, qs, min_count)
     from scipy import ndimage
 
     filled = np.where(np.isnan(a), 0.0, a)  # those windows are recomputed below
-    # the rank filter's window at i is a[i - w//2 : i - w//2 + w]; point t's is a[t-w : t],
-    # so point t reads the filter at i = t - lag (points before lag are slow points)
-    lag = w - w // 2
     ranks: dict[int, np.ndarray] = {}
 
     def rank(k: int) -> np.ndarray:
         if k not in ranks:
-            r = np.empty(a.size)
-            r[:lag] = np.nan
-            r[lag:] = ndimage.rank_filter(filled, k, size=w, mode="nearest")[: a.size - lag]
-            ranks[k] = r
+            ranks[k] = _aligned(ndimage.rank_filter(filled, k, size=w, mode="nearest"), w, np.nan)
         return ranks[k]
 
     out = []
@@ -117,20 +123,15 @@ def trailing_min(x: Any, start: np.ndarray) -> np.ndarray:
     """The minimum of every window [start[t], t), NaNs ignored (+inf where a window holds no
     value): a cheap lower bound of any quantile of the window (SciPy's O(n) minimum filter
     where windows are of one width, one window at a time elsewhere)."""
-    a = np.where(np.isnan(np.asarray(x, dtype=np.float64)), np.inf, x)
+    a = np.where(np.isnan(np.asarray(x, dtype=np.float64)), np.inf, x)  # +inf: never the min
     start = np.asarray(start, dtype=np.int64)
-    n = a.size
-    out = np.full(n, np.inf)
-    w = int(n - start[-1]) - 1 if n else 0
-    idx = np.arange(n, dtype=np.int64)
-    slow = np.flatnonzero((idx - start != w) | (idx < max(w, 1)))
-    if w >= 1 and slow.size < n:
+    w, slow = _slow_points(a, start)
+    if w >= 1 and slow.size < a.size:
         from scipy import ndimage
 
-        lag = w - w // 2  # as in trailing_quantiles: point t reads the filter at t - lag
-        out[lag:] = ndimage.minimum_filter1d(a, size=w, mode="nearest")[: n - lag]
+        out = _aligned(ndimage.minimum_filter1d(a, size=w, mode="nearest"), w, np.inf)
     else:
-        slow = idx
+        out, slow = np.full(a.size, np.inf), np.arange(a.size)
     for t in slow:
         out[t] = a[start[t]:t].min() if t > start[t] else np.inf
     return out
