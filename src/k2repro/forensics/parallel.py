@@ -67,12 +67,12 @@ class Precomputed:
     def _join(self) -> None:
         if self._pid is None:
             return
-        pid, self._pid = self._pid, None
-        try:
-            _, status = os.waitpid(pid, 0)
+        try:  # (a Ctrl-C here leaves _pid set, so close() still reaps the child)
+            _, status = os.waitpid(self._pid, 0)
             ok = os.waitstatus_to_exitcode(status) == 0
         except ChildProcessError:
             ok = False
+        self._pid = None
         if ok and self._buf is not None:
             for i, name in enumerate(self.names):
                 self._parts[name] = tuple(np.array(self._buf[i, j]) for j in range(3))
