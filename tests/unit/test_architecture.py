@@ -22,6 +22,7 @@ LAYER_OF: dict[str, str] = {
     # target: ids, hashing, atomic files, layout, the spike rule
     "k2repro": "core",
     "k2repro.errors": "core",
+    "k2repro.progress": "core",  # phases and progress bars on stderr, used by train and cli
     "k2repro.core": "core",  # target
     "k2repro.config": "config",
     "k2repro.data": "data",
@@ -81,8 +82,6 @@ KNOWN: dict[tuple[str, str], str] = {
         "the guard uses forensics' robust-z spike rule (RobustZ); the rule belongs in core",
     ("k2repro.train.trainer", "k2repro.forensics.detect"):
         "the trainer flags guard rows with forensics' robust_z_flag_rows; the rule belongs in core",
-    ("k2repro.train.progress", "k2repro.cli.progress"):
-        "the trainer's progress lines reuse the CLI's Progress printer",
     ("k2repro.audit.verify", "k2repro.train.manifest"):
         "verify-store checks checkpoint manifests with train's verify_checkpoint",
     ("k2repro.audit.store", "k2repro.audit.writer"):

@@ -225,7 +225,7 @@ def test_forensics_shows_its_phases_on_stderr_and_keeps_json_clean(tmp_path: Pat
 def test_progress_is_plain_lines_off_a_terminal_and_a_live_bar_on_one() -> None:
     import io
 
-    from k2repro.cli.progress import Progress
+    from k2repro.progress import Progress
 
     plain = io.StringIO()
     with Progress("eval r", stream=plain) as p:

@@ -81,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval {plan.run_id}: {len(plan.todo)} checkpoint(s) to evaluate (files verified against their "
               f"manifests), {len(plan.skipped)} already done; rows go to {plan.out_store}", file=sys.stderr, flush=True)
         if args.nproc == 1:
-            from k2repro.cli.progress import Progress
             from k2repro.distributed.init import init_distributed
             from k2repro.eval.runner import evaluate
+            from k2repro.progress import Progress
 
             with Progress() as prog:
                 results = evaluate(plan, init_distributed("auto"), progress=prog)

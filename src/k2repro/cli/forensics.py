@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     src = open_source(store)
     # an exact run id, a unique prefix of one, or a unique run name (the pipeline passes its name)
     run_id = src.resolve_run_id(args.run) if hasattr(src, "resolve_run_id") else args.run
-    from k2repro.cli.progress import Progress
+    from k2repro.progress import Progress
 
     prog = Progress(f"forensics {run_id}")
     prog("detecting episodes, then precursors, layers and data for each")

@@ -5,14 +5,14 @@ first step; without phases that looks like a hang. The launcher says it is launc
 names each phase (loading data, building model, resuming) and then counts steps. On a
 terminal (with `rich`) a live bar counts steps on stderr and the step lines print above it;
 elsewhere (pipes, CI logs, DVC stages) phases are plain `k2repro train: ...` lines on stderr
-and step lines stay on stdout, where scripts read them (cli/progress.py does the drawing).
+and step lines stay on stdout, where scripts read them (k2repro/progress.py does the drawing).
 """
 
 from __future__ import annotations
 
 import sys
 
-from k2repro.cli.progress import Progress
+from k2repro.progress import Progress
 
 PROG = "k2repro train"
 

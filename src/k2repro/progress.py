@@ -1,4 +1,7 @@
-"""Phases and progress of long commands (`eval`, `forensics`) on stderr.
+"""Phases and progress of long commands (`train`, `eval`, `forensics`) on stderr.
+
+A terminal utility with no k2repro dependency, so any layer can report progress through it
+(docs/architecture.md, "Layers": core).
 
 stdout stays for results (`--json` prints one object there), so progress never mixes with
 them. On a terminal, with `rich` installed, a live spinner shows the current phase, a bar
