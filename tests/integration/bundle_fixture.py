@@ -26,7 +26,7 @@ def add_tokenizer(packed: Path) -> Path:
     folder's parent), with an earlier-stage artefact that is named but never shipped."""
     import random
 
-    from k2repro.data.packed import sha256_file
+    from k2repro.core.hashing import sha256_file
     from k2repro.data.tokenizer import TOKENIZER_FILE, build_trainer
 
     rng = random.Random(0)

@@ -97,7 +97,7 @@ def test_safetensors_equal_the_dcp_weights(exported, tmp_path) -> None:  # noqa:
     assert set(weights) == set(full) and len(weights) > 5
     for k, v in weights.items():
         assert torch.equal(v, full[k]), k
-    from k2repro.data.packed import sha256_file
+    from k2repro.core.hashing import sha256_file
 
     assert sha256_file(b / last["safetensors"]) == last["safetensors_sha256"]
 

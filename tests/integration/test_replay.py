@@ -30,7 +30,8 @@ _FLEET: dict = {}
 def make_text_packed(out: Path, n_docs: int = 120, seed: int = 0) -> Path:
     """A packed corpus of short English-like documents with its own byte-level BPE, so that
     samples decode to readable text (`k2repro batch` shows it)."""
-    from k2repro.data.packed import Doc, sha256_file, write_packed
+    from k2repro.core.hashing import sha256_file
+    from k2repro.data.packed import Doc, write_packed
     from k2repro.data.tokenizer import TOKENIZER_FILE, build_trainer, eos_id
 
     rng = np.random.default_rng(seed)

@@ -23,7 +23,7 @@ LAYER_OF: dict[str, str] = {
     "k2repro": "core",
     "k2repro.errors": "core",
     "k2repro.progress": "core",  # phases and progress bars on stderr, used by train and cli
-    "k2repro.core": "core",  # target
+    "k2repro.core": "core",  # ids, hashing, atomic files, layout, checkpoint manifests
     "k2repro.config": "config",
     "k2repro.data": "data",
     "k2repro.model": "model",
@@ -34,7 +34,6 @@ LAYER_OF: dict[str, str] = {
     "k2repro.audit": "audit",
     "k2repro.audit.schema": "audit",
     "k2repro.audit.redact": "audit",
-    "k2repro.audit.runid": "audit",
     "k2repro.audit.manifest": "audit",
     "k2repro.audit.views": "audit",
     "k2repro.audit.api": "audit.record",
@@ -82,8 +81,6 @@ KNOWN: dict[tuple[str, str], str] = {
         "the guard uses forensics' robust-z spike rule (RobustZ); the rule belongs in core",
     ("k2repro.train.trainer", "k2repro.forensics.detect"):
         "the trainer flags guard rows with forensics' robust_z_flag_rows; the rule belongs in core",
-    ("k2repro.audit.verify", "k2repro.train.manifest"):
-        "verify-store checks checkpoint manifests with train's verify_checkpoint",
     ("k2repro.audit.store", "k2repro.audit.writer"):
         "the query side takes RUN_MARKER, store paths and the store meta file from the writer",
     ("k2repro.audit.store", "k2repro.audit.sink"):

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from k2repro.core.hashing import sha256_file
 from k2repro.data.dedup import dedup
 from k2repro.data.pack import pack, sample_text, tokenizer_path
-from k2repro.data.packed import PackedDataset, sha256_file
+from k2repro.data.packed import PackedDataset
 from k2repro.data.prepare import assign_splits, prepare
 from k2repro.data.tokenizer import EOS, decode, load_tokenizer, train_tokenizer
 from k2repro.errors import BadInputError, ConfigError

@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(writer, name)
     if name == "new_run_id":
-        from k2repro.audit.runid import new_run_id
+        from k2repro.core.ids import new_run_id
 
         return new_run_id
     if name == "start":  # docs/audit-api.md: audit any training loop

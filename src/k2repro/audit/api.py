@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
-import hashlib
 import json
 import os
 import sys
@@ -28,6 +27,8 @@ import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from k2repro.core.layout import default_store
 
 if TYPE_CHECKING:  # pragma: no cover
     from k2repro.audit.sink import AuditSink
@@ -100,9 +101,10 @@ def _plain(x: Any) -> Any:
 def config_hash_of(flat: Mapping[str, Any], exclude: Iterable[str] = ()) -> str:
     """sha256 (16 hex) of the canonical JSON of the flattened config, minus the keys (or
     dotted prefixes) in `exclude`: output paths and run names do not change the computation."""
+    from k2repro.core.hashing import canonical_hash
+
     ex = tuple(exclude)
-    keep = {k: v for k, v in flat.items() if not any(k == e or k.startswith(e + ".") for e in ex)}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return canonical_hash({k: v for k, v in flat.items() if not any(k == e or k.startswith(e + ".") for e in ex)})
 
 
 # ---------------------------------------------------------------------------------- ranks
@@ -133,14 +135,13 @@ def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tu
 def _resolve_run_id(run_id: str | None, name: str, world_size: int) -> str:
     """Every rank must write under the same run id. Order: `run_id=`, $K2REPRO_RUN_ID, rank 0's
     new id broadcast over the initialized process group, a new id (world size 1)."""
-    from k2repro.audit.runid import check_run_id, new_run_id
+    from k2repro.core.ids import check_run_id, new_run_id
 
     if run_id:
         return check_run_id(run_id)
     if os.environ.get("K2REPRO_RUN_ID"):
         return check_run_id(os.environ["K2REPRO_RUN_ID"])
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40].strip("-_") or "run"
-    fresh = f"{safe}-{new_run_id()}"
+    fresh = new_run_id(name)
     d = _dist()
     if d is not None and d.get_world_size() > 1:
         box = [fresh]
@@ -176,7 +177,7 @@ def start(store: str | Path | None = None, *, config: Any = None, name: str = "r
     from k2repro.audit.sink import AuditSink
     from k2repro.config.load import flatten
 
-    root = Path(store) if store is not None else Path(os.environ.get("K2REPRO_STORE") or "runs")
+    root = Path(store) if store is not None else default_store()
     rank, world_size = rank_and_world(rank, world_size)
     nested = config_dict(config)
     flat = flatten(nested)

@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from k2repro.audit import schema as S
-from k2repro.audit.writer import META_DIR, RUN_MARKER, STUB_DIR, atomic_write_bytes, utcnow
+from k2repro.audit.writer import utcnow
+from k2repro.core.atomic import atomic_write_bytes
+from k2repro.core.layout import META_DIR, RUN_MARKER, STUB_DIR
 from k2repro.errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -36,18 +36,18 @@ from typing import Any
 
 from k2repro.audit import schema as S
 from k2repro.audit.redact import REDACTED, Redactor
-from k2repro.audit.runid import check_run_id
 from k2repro.audit.views import HEARTBEAT_DIR
 from k2repro.audit.writer import (
-    RUN_MARKER,
     WriteHook,
-    atomic_write_bytes,
     ensure_store,
     to_arrow,
     utcnow,
     write_run_marker,
     write_segment,
 )
+from k2repro.core.atomic import atomic_write_bytes
+from k2repro.core.ids import check_run_id
+from k2repro.core.layout import RUN_MARKER
 from k2repro.errors import BadInputError
 
 #: Bytes each rank keeps in a reserve file (`<run>/.reserve-r<rank>`) from start to close: when

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from k2repro.audit import schema as S
 from k2repro.audit.views import HEARTBEAT_DIR, all_view_sql, heartbeat_glob, sql_literal, table_glob
-from k2repro.audit.writer import RUN_MARKER, check_store_path, ensure_store, store_meta_current
+from k2repro.audit.writer import check_store_path, ensure_store, store_meta_current
+from k2repro.core.layout import RUN_MARKER, default_store
 from k2repro.errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,11 +30,6 @@ log = logging.getLogger(__name__)
 
 #: Times a query is run again when a segment vanished under it (a folder swap).
 VANISHED_RETRIES = 5
-
-
-def default_store() -> Path:
-    """`$K2REPRO_STORE`, else `runs` (relative to the working directory)."""
-    return Path(os.environ.get("K2REPRO_STORE") or "runs")
 
 
 def _pid_alive(pid: int | None, pid_start: float | None) -> bool | None:

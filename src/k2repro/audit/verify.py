@@ -217,9 +217,9 @@ def _check_checkpoints(run_dir: Path, out: RunCheck) -> None:
     this, a flipped byte in a checkpoint inside the store passed verify-store (only a resume
     or `verify-checkpoint` found it). Temporary `.step_*` folders (a save killed before its
     rename) are no checkpoint: they are never listed nor resumed from."""
-    from k2repro.data.packed import sha256_file
+    from k2repro.core.ckpt_manifest import MANIFEST, verify_checkpoint
+    from k2repro.core.hashing import sha256_file
     from k2repro.errors import CheckpointError
-    from k2repro.train.manifest import MANIFEST, verify_checkpoint
 
     cdir = run_dir / "checkpoints"
     if not cdir.is_dir():

@@ -23,17 +23,14 @@ from typing import TYPE_CHECKING, Any
 from k2repro.audit import schema as S
 from k2repro.audit.manifest import record_file
 from k2repro.audit.redact import REDACTED, Redactor, is_secret_name, scrub_table
-from k2repro.audit.runid import check_run_id
+from k2repro.core.atomic import atomic_write_bytes
+from k2repro.core.ids import check_run_id
+from k2repro.core.layout import DUCKDB_FILE, RUN_MARKER, STUB_DIR, STUB_NAME
 from k2repro.errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-META_DIR = "_k2repro"
-STUB_DIR = f"{META_DIR}/schema"
-DUCKDB_FILE = "k2repro.duckdb"
-RUN_MARKER = "_run.json"
-STUB_NAME = "_empty.parquet"
 COMPRESSION = "zstd"  # stubs, compaction and export: written once, kept long
 #: Live segments are rewritten every flush while a run trains, by a thread that shares the
 #: cores with training: snappy, dictionaries for strings only and min/max statistics only on
@@ -217,14 +214,6 @@ def to_arrow(table: str, data: Any, run_id: str, redactor: Redactor | None = Non
 
 
 # ----------------------------------------------------------------------------- files
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """temp in the same folder (a dot name) + rename: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_secrets.token_hex(3)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
 
 def write_segment(table_dir: Path, name: str, tbl: pa.Table, on_write: WriteHook | None = None,
                   fsync: bool = False) -> Path:

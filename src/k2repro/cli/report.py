@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="run id (or unique prefix, or unique run name)")
-    parser.add_argument("--store", default=os.environ.get("K2REPRO_STORE", "runs"),
+    parser.add_argument("--store", default=None,
                         help="audit store to read; a root above the stage folders sees train, eval and "
                         "forensics rows together (default: $K2REPRO_STORE or runs)")
     parser.add_argument("--out", default="reports", help="writes OUT/RUN/report.{html,md,json} (default: reports)")

@@ -81,7 +81,7 @@ def dry_run(cfg) -> int:  # noqa: ANN001
 
 def run_raw(argv: list[str]) -> int:
     from k2repro.config.load import load_config, load_params_file, split_print_config, to_yaml
-    from k2repro.train.ids import new_run_id
+    from k2repro.core.ids import new_run_id
 
     argv, show = split_print_config(argv)
     name, overrides, params = _split(argv)

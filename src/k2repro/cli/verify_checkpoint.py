@@ -17,7 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not Path(args.path).is_dir():  # nothing to verify: bad input (exit 2), as verify-bundle does
         raise BadInputError(f"{args.path} is not a folder (expected a checkpoint such as …/checkpoints/step_00000010)")
-    from k2repro.train.manifest import verify_checkpoint
+    from k2repro.core.ckpt_manifest import verify_checkpoint
 
     try:
         manifest = verify_checkpoint(args.path)

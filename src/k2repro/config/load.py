@@ -5,8 +5,6 @@ This is the one module that touches Hydra/OmegaConf. Everything downstream gets 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from dataclasses import asdict
@@ -21,6 +19,7 @@ from k2repro.config.schema import (
     PRECISIONS,
     RunConfig,
 )
+from k2repro.core.hashing import canonical_hash
 from k2repro.errors import ConfigError
 
 _REGISTERED = False
@@ -345,5 +344,4 @@ def config_hash(cfg: RunConfig) -> str:
     # where the data lives is not what it is: the data manifest's sha256 says that
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("source", "work_dir", "packed_dir")}
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("resume", "dry_run", "stop_at_step")}
-    blob = json.dumps(d, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return canonical_hash(d)

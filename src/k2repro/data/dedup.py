@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from k2repro.core.atomic import atomic_dir
 from k2repro.data.workdir import (
     DOCS_FORMAT,
     SPLITS,
     artifact,
-    atomic_dir,
     domain_counts,
     read_docs,
     read_manifest,

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from k2repro.data.packed import MANIFEST, Doc, PackedDataset, sha256_file, write_packed
+from k2repro.core.hashing import sha256_file
+from k2repro.data.packed import MANIFEST, Doc, PackedDataset, write_packed
 from k2repro.data.tokenizer import EOS, TOKENIZER_FILE, eos_id, load_tokenizer
 from k2repro.data.workdir import SPLITS, read_docs, read_manifest, rebase, relpath
 from k2repro.errors import BadInputError

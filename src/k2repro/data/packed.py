@@ -11,29 +11,20 @@ A packed directory holds, per split (`train`, `val`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from k2repro.core.atomic import atomic_dir
+from k2repro.core.hashing import sha256_file
 from k2repro.errors import BadInputError
 
 FORMAT = "k2repro-packed-v1"
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -61,11 +52,8 @@ def write_packed(
     import pyarrow.parquet as pq
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if vocab_size <= 65535 else np.uint32
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the output is an ordinary folder
-    try:
+    with atomic_dir(out) as tmp:
         window = seq_len + 1
         manifest: dict = {
             "format": FORMAT, "seq_len": seq_len, "vocab_size": vocab_size, "eos_id": eos_id,
@@ -110,12 +98,6 @@ def write_packed(
             })
         manifest["artifacts"].extend(extra_artifacts)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

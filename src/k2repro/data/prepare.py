@@ -11,13 +11,13 @@ import hashlib
 import os
 from pathlib import Path
 
-from k2repro.data.packed import sha256_file
+from k2repro.core.atomic import atomic_dir
+from k2repro.core.hashing import sha256_file
 from k2repro.data.readers import normalize_text, read_source, source_files
 from k2repro.data.workdir import (
     DOCS_FORMAT,
     SPLITS,
     artifact,
-    atomic_dir,
     domain_counts,
     relpath,
     write_docs,

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from k2repro.data.packed import sha256_file
-from k2repro.data.workdir import artifact, atomic_dir, read_docs, read_manifest, rebase, write_json
+from k2repro.core.atomic import atomic_dir
+from k2repro.core.hashing import sha256_file
+from k2repro.data.workdir import artifact, read_docs, read_manifest, rebase, write_json
 from k2repro.errors import BadInputError, ConfigError
 
 STAGE = "tokenize"

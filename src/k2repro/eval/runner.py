@@ -85,7 +85,7 @@ def parse_steps(text: str | None) -> list[int] | None:
 
 
 def _file_sha(path: Path) -> str:
-    from k2repro.data.packed import sha256_file
+    from k2repro.core.hashing import sha256_file
 
     return sha256_file(path)
 
@@ -94,7 +94,7 @@ def find_checkpoints(store_root: Path, run_id: str, cfg: Any, recorded: Sequence
     """Complete checkpoint folders of the run on disk ({step: path}) and recorded steps that are
     not on disk (pruned by ckpt.keep_last, or moved). Looks under the store root, where the run
     recorded them, and under the run's checkpoint base (`ckpt.dir` or `audit.store`)."""
-    from k2repro.train.manifest import list_checkpoints
+    from k2repro.core.ckpt_manifest import list_checkpoints
 
     # first under the store the user named (a copied or moved store wins over recorded paths)
     dirs: list[Path] = sorted(store_root.glob(f"**/{run_id}/checkpoints")) if store_root.is_dir() else []
@@ -199,9 +199,9 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
     BadInputError / CheckpointError (exit 2) naming the culprit. Writes nothing."""
     from k2repro.audit.store import open_store
     from k2repro.config.load import from_dict
+    from k2repro.core.ckpt_manifest import MANIFEST, verify_checkpoint
     from k2repro.data.packed import PackedDataset
     from k2repro.eval.memorization import effective_k
-    from k2repro.train.manifest import MANIFEST, verify_checkpoint
 
     if k < 1 or mem_samples < 0 or val_windows < 0 or batch_size < 1:
         raise BadInputError("--k and --batch-size must be >= 1, --mem-samples and --val-windows >= 0")

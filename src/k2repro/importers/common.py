@@ -462,8 +462,8 @@ def import_lock(root: Path) -> Iterator[None]:
 def _commit_locked(root: Path, runs: Sequence[ImportedRun], name: str, opt_hash: str, ids: list[str],
                    argv: Sequence[str] | None, links: Sequence[Link]) -> list[ImportResult]:
     """commit_runs under the store's import lock."""
-    from k2repro.audit.runid import new_run_id
     from k2repro.audit.writer import write_run_tables
+    from k2repro.core.ids import new_run_id
 
     prior = _existing(root, ids)
     for r, ident in zip(runs, ids, strict=True):

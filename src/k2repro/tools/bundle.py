@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from k2repro.audit import schema as S
-from k2repro.audit.runid import check_run_id
+from k2repro.core.ids import check_run_id
 from k2repro.errors import BadInputError
 from k2repro.tools.export import (
     BUNDLE_FORMAT,
@@ -157,7 +157,7 @@ def verify_bundle(bundle: str | Path, key: str | Path | Any | None = None) -> di
 
     Integrity only proves the files match MANIFEST.json, which anyone can recompute; origin
     needs the signature (docs/release-bundle.md)."""
-    from k2repro.data.packed import sha256_file
+    from k2repro.core.hashing import sha256_file
 
     bundle = Path(bundle)
     pub = load_public_key(key) if isinstance(key, str | Path) else key
@@ -314,8 +314,7 @@ def plan_import(bundle: Path, info: dict[str, Any], files: dict[str, Any]) -> di
     into another run's history), the config of every `runs` row JSON. Only the columns checked
     are read here (a bundle's tables can be large); the write reads each segment again, whole,
     and checks it again. Returns the plan: ids, checkpoints, artefacts, segment names, markers."""
-    from k2repro.audit.writer import RUN_MARKER
-    from k2repro.tools.lineage import step_dirname
+    from k2repro.core.layout import RUN_MARKER, step_dirname
 
     ids = _run_ids(bundle, info)
     listed = set(files)
@@ -473,7 +472,7 @@ def import_bundle(bundle: str | Path, store_root: str | Path | None = None,
         to_arrow,
         write_segment,
     )
-    from k2repro.tools.lineage import step_dirname
+    from k2repro.core.layout import step_dirname
 
     say = progress or (lambda _m: None)
     bundle = Path(bundle)

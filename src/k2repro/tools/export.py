@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from k2repro.audit import schema as S
 from k2repro.audit.redact import scrub_obj, scrub_text
+from k2repro.core.layout import step_dirname
 from k2repro.errors import BadInputError, CheckpointError, VerificationFailed
 from k2repro.tools import lineage
 
@@ -225,7 +226,7 @@ def ship_data(store: Store, chain: list[dict[str, Any]], dest: Path) -> dict[str
     `replay` need must ship: a tokenizer the manifest names but that is not here, or that
     changed, stops the export (exit 2) instead of leaving a bundle that fails later. Artefacts
     of earlier stages (corpus, dedup output) are named, not shipped."""
-    from k2repro.data.packed import sha256_file
+    from k2repro.core.hashing import sha256_file
 
     root = chain[0]
     cfg = json.loads(root["config_json"] or "{}")
@@ -390,8 +391,8 @@ def to_safetensors(dcp_dir: Path, out: Path, meta: dict[str, str]) -> dict[str, 
 
 def export_checkpoints(store: Store, chain: list[dict[str, Any]], logical_ckpts: pa.Table | None,
                        dest: Path, kind: str, n: int, say: Progress) -> tuple[list[dict[str, Any]], list[str]]:
-    from k2repro.data.packed import sha256_file
-    from k2repro.train.manifest import verify_checkpoint
+    from k2repro.core.ckpt_manifest import verify_checkpoint
+    from k2repro.core.hashing import sha256_file
 
     notes: list[str] = []
     if logical_ckpts is None or kind == "none":
@@ -416,7 +417,7 @@ def export_checkpoints(store: Store, chain: list[dict[str, Any]], logical_ckpts:
             raise CheckpointError(f"checkpoint {where} holds step {manifest.get('step')}, not {step}")
         if msha and sha256_file(where / "manifest.json") != msha:
             raise CheckpointError(f"checkpoint {where}: manifest.json differs from the one run {rid} recorded")
-        name = lineage.step_dirname(step)
+        name = step_dirname(step)
         dcp = dest / "dcp" / rid / name
         shutil.copytree(where, dcp)
         st = dest / "weights" / f"{name}.safetensors"
@@ -498,7 +499,7 @@ def loss_figure(steps: pa.Table | None, chain: list[dict[str, Any]], ckpts: list
 # ----------------------------------------------------------------------------- manifest
 
 def file_entries(dest: Path) -> dict[str, dict[str, Any]]:
-    from k2repro.data.packed import sha256_file
+    from k2repro.core.hashing import sha256_file
 
     out = {}
     for f in sorted(dest.rglob("*")):

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from k2repro.audit import schema as S
-from k2repro.audit.runid import check_run_id
-from k2repro.audit.writer import META_DIR
+from k2repro.core.ids import check_run_id
+from k2repro.core.layout import META_DIR
 from k2repro.errors import BadInputError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -11,15 +11,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from k2repro.core.layout import step_dirname
+
 if TYPE_CHECKING:  # pragma: no cover
     from k2repro.audit.store import Store
 
 CKPT_MANIFEST = "manifest.json"
-
-
-def step_dirname(step: int) -> str:
-    """Name of a checkpoint folder (the trainer's layout: `step_%08d`)."""
-    return f"step_{step:08d}"
 
 
 def chain(store: Store, run_id: str) -> list[dict[str, Any]]:

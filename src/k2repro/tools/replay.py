@@ -95,7 +95,7 @@ def verify_data(store: Store, run_id: str, packed_dir: str | None) -> list[str]:
 
     Artefacts of earlier stages (corpus, dedup output) that are not on this machine are
     skipped unless they are packed training data, which training reads."""
-    from k2repro.data.packed import sha256_file
+    from k2repro.core.hashing import sha256_file
 
     rows = store.execute("SELECT artifact, path, sha256 FROM data_manifest WHERE run_id = ? ORDER BY artifact",
                          [run_id]).fetchall()
@@ -214,7 +214,7 @@ def plan_replay(store: Store, ref: str, from_step: int, to_step: int, tolerance:
                             f"is gone, and its own checkpoints before step {from_step} are gone too")
 
     if ckpt_path is not None:
-        from k2repro.train.manifest import verify_checkpoint
+        from k2repro.core.ckpt_manifest import verify_checkpoint
 
         manifest = verify_checkpoint(ckpt_path)
         if int(manifest.get("step", -1)) != start:

@@ -39,11 +39,13 @@ class ReportData:
     checkpoints: Any  # DataFrame of the checkpoints table
 
 
-def load(store: str | os.PathLike, run_ref: str) -> ReportData:
-    """Read what the report needs; BadInputError for a missing store or run."""
+def load(store: str | os.PathLike | None, run_ref: str) -> ReportData:
+    """Read what the report needs (`store` None: the default store); BadInputError for a
+    missing store or run."""
     from k2repro.audit.store import open_store
+    from k2repro.core.layout import default_store
 
-    root = Path(store)
+    root = Path(store) if store is not None else default_store()
     if not root.is_dir():
         raise BadInputError(f"no store at {root} (pass --store or set K2REPRO_STORE)")
     with open_store(root) as st:
@@ -450,7 +452,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(store: str | os.PathLike, run_ref: str, out_dir: str | os.PathLike = "reports",
+def write_report(store: str | os.PathLike | None, run_ref: str, out_dir: str | os.PathLike = "reports",
                  forensics_dirs: list[str | os.PathLike] | None = None,
                  html_report: bool = True) -> tuple[dict, dict[str, Path]]:
     """Build and write `<out_dir>/<run_id>/report.{json,md,html}`; returns (object, paths)."""

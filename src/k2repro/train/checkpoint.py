@@ -25,12 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from k2repro.data.packed import sha256_file
-from k2repro.train.manifest import FORMAT, MANIFEST, list_checkpoints, verify_checkpoint  # noqa: F401
-
-
-def step_dirname(step: int) -> str:
-    return f"step_{step:08d}"
+from k2repro.core.ckpt_manifest import FORMAT, MANIFEST, list_checkpoints, verify_checkpoint  # noqa: F401
+from k2repro.core.hashing import sha256_file
 
 
 def rng_state() -> dict:

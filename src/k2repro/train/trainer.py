@@ -28,6 +28,8 @@ import torch.distributed as dist
 
 from k2repro.config.load import config_hash, flatten, load_config, load_params_file, to_dict
 from k2repro.config.schema import RunConfig
+from k2repro.core.ids import new_run_id
+from k2repro.core.layout import step_dirname
 from k2repro.data.loader import StepSampler, batch_hash, data_position, rank_slice
 from k2repro.data.packed import PackedDataset
 from k2repro.distributed.determinism import set_determinism
@@ -40,7 +42,6 @@ from k2repro.model.llama import ModelArgs, Transformer, token_losses
 from k2repro.train import checkpoint as ckpt
 from k2repro.train import faults as F
 from k2repro.train.guard import SpikeGuard
-from k2repro.train.ids import new_run_id
 from k2repro.train.optim import build_optimizer, lr_at
 from k2repro.train.progress import TrainProgress
 
@@ -438,7 +439,7 @@ class Trainer:
             F.maybe_kill(cfg.faults, step, info.rank, "checkpoint")
 
         row = ckpt.save_checkpoint(
-            self.ckpt_dir / ckpt.step_dirname(step), self.model, self.opt,
+            self.ckpt_dir / step_dirname(step), self.model, self.opt,
             rank_state={"step": step, "sampler": self.sampler.state_dict(), "rollbacks": self.rollbacks,
                         "guard": self.guard.state_dict() if self.guard is not None else None},
             rank=info.rank, world_size=info.world_size,
@@ -743,4 +744,4 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-__all__ = ["Trainer", "build_model", "run_training", "main", "new_run_id", "CheckpointError"]
+__all__ = ["Trainer", "build_model", "run_training", "main", "CheckpointError"]

@@ -1,6 +1,6 @@
 """Checkpoint manifests: the torch-free half of `k2repro.train.checkpoint`, so that
-`k2repro verify-checkpoint`, replay planning and export check checkpoints without importing
-torch."""
+`k2repro verify-checkpoint`, `verify-store`, replay planning and export check checkpoints
+without importing torch (and without the store's code importing the trainer's)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from k2repro.data.packed import sha256_file
+from k2repro.core.hashing import sha256_file
+from k2repro.core.layout import step_of_dirname
 from k2repro.errors import CheckpointError
 
 FORMAT = "k2repro-ckpt-v1"
@@ -44,9 +45,7 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
         return []
     out = []
     for d in directory.iterdir():
-        if d.is_dir() and d.name.startswith("step_") and (d / MANIFEST).exists():
-            try:
-                out.append((int(d.name[5:]), d))
-            except ValueError:
-                continue
+        step = step_of_dirname(d.name)
+        if step is not None and d.is_dir() and (d / MANIFEST).exists():
+            out.append((step, d))
     return sorted(out)
