@@ -25,7 +25,8 @@ from k2repro.config.load import load_config  # noqa: E402
 from k2repro.data.loader import StepSampler  # noqa: E402
 from k2repro.data.packed import PackedDataset  # noqa: E402
 from k2repro.distributed.init import DistInfo  # noqa: E402
-from k2repro.train.trainer import Trainer, build_model  # noqa: E402
+from k2repro.model.build import build_model  # noqa: E402
+from k2repro.train.trainer import Trainer  # noqa: E402
 from tests.conftest import make_packed, tiny_overrides  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def bare_loop(cfg, steps: int) -> float:  # noqa: ANN001
     t = cfg.train
     data = PackedDataset(cfg.data.packed_dir)
     sampler = StepSampler(t.seed, len(data), t.global_batch_size, t.max_steps)
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.train.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.95), weight_decay=0.1)
     mb = t.micro_batch_size
     start = time.perf_counter()

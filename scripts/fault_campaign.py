@@ -201,8 +201,8 @@ def inspect_run(store: Path, run_id: str, start: int, nproc: int, global_batch: 
                 layer_every: int, cwd: Path = REPO) -> RunCheck:
     """Open the store and check every invariant of a (possibly killed) run."""
     import k2repro
+    from k2repro.core.ckpt_manifest import list_checkpoints, verify_checkpoint
     from k2repro.errors import CheckpointError
-    from k2repro.train.checkpoint import list_checkpoints, verify_checkpoint
 
     rc = RunCheck(run_id)
     try:
@@ -316,7 +316,7 @@ class KillPlan:
 
 
 def newest_checkpoint(store: Path, run_ids: list[str]) -> tuple[int, str | None]:
-    from k2repro.train.checkpoint import list_checkpoints
+    from k2repro.core.ckpt_manifest import list_checkpoints
 
     best: tuple[int, str | None] = (0, None)
     for rid in run_ids:
@@ -577,8 +577,8 @@ def disk_section(work: Path, packed: Path) -> dict:
     """The audit sink and the checkpointer meet a full disk."""
     import k2repro
     from k2repro.audit.writer import ensure_store
+    from k2repro.core.ckpt_manifest import verify_checkpoint
     from k2repro.errors import CheckpointError
-    from k2repro.train.checkpoint import verify_checkpoint
 
     out: dict = {}
     sink = {"ckpt.interval": 0, "audit.flush_every": 2, "audit.layer_stats_every": 1, "train.max_steps": 400}
@@ -675,8 +675,8 @@ def probe(fn: Callable[[], object], ok_text: str) -> tuple[bool, bool, str]:
 
 def corrupt_section(work: Path, packed: Path, fixture_store: Path, run_id: str, rng: np.random.Generator) -> dict:
     import k2repro
+    from k2repro.core.ckpt_manifest import list_checkpoints, verify_checkpoint
     from k2repro.data.packed import PackedDataset
-    from k2repro.train.checkpoint import list_checkpoints, verify_checkpoint
 
     cases: list[dict] = []
     base = work / "corrupt"

@@ -38,7 +38,8 @@ def fleet(packed_dir: Path, tmp_path_factory) -> dict:
     out["K"], out["K_proc"] = _run(packed_dir, store, **{"faults.kill_step": 13})
     out["R"], rr = _run(packed_dir, store, **{"train.resume": out["K"]})
     assert rr.returncode == 0, rr.stderr[-2000:]
-    out["S"], rs = _run(packed_dir, store, **{"train.stop_at_step": 10})
+    # a name with a leading underscore (issue 19: the launcher's id was refused by the sink)
+    out["S"], rs = _run(packed_dir, store, **{"train.stop_at_step": 10, "run.name": "_ablation"})
     assert rs.returncode == 0, rs.stderr[-2000:]
     out["S2"], rs2 = _run(packed_dir, store, **{"train.resume": out["S"]})
     assert rs2.returncode == 0, rs2.stderr[-2000:]
@@ -50,6 +51,17 @@ def _steps(store: Path, run_id: str):  # noqa: ANN202
 
     with k2repro.open_store(store) as s:
         return s.steps(run_id).sort_values("step").reset_index(drop=True)
+
+
+def test_a_run_name_with_a_leading_underscore_trains_and_resumes(fleet: dict) -> None:
+    import k2repro
+
+    assert fleet["S"].startswith("ablation-"), fleet["S"]
+    with k2repro.open_store(fleet["store"]) as s:
+        runs = s.sql("SELECT run_id, name, status, parent_run_id FROM runs").set_index("run_id")
+    assert runs.loc[fleet["S"], "name"] == "_ablation"
+    assert runs.loc[fleet["S"], "status"] == "completed"
+    assert runs.loc[fleet["S2"], "parent_run_id"] == fleet["S"]
 
 
 def test_same_seed_runs_are_bit_identical(fleet: dict) -> None:

@@ -118,7 +118,7 @@ def test_memorization_of_repeated_sequences_is_high_and_of_unseen_random_ones_ze
     from k2repro.data.packed import PackedDataset
     from k2repro.eval.memorization import greedy_match
     from k2repro.eval.runner import load_model_weights
-    from k2repro.train.trainer import build_model
+    from k2repro.model.build import build_model
 
     with k2repro.open_store(world["store"]) as s:
         cfg = from_dict(json.loads(s.run(world["run_id"])["config_json"]))
@@ -128,7 +128,7 @@ def test_memorization_of_repeated_sequences_is_high_and_of_unseen_random_ones_ze
     ids = (rep["token_start"].to_numpy() // (SEQ + 1))[:16]  # one repeated document per window
     repeated = ds.get(ids, SEQ)
     random = np.random.default_rng(123).integers(3, VOCAB, size=(64, SEQ + 1))
-    model = build_model(cfg, "cpu")
+    model = build_model(cfg.model, cfg.train.seed, "cpu")
     load_model_weights(model, last)
     k = 16
     seen = greedy_match(model, repeated, k, torch.device("cpu"))

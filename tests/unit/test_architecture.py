@@ -22,6 +22,7 @@ LAYER_OF: dict[str, str] = {
     # target: ids, hashing, atomic files, layout, the spike rule
     "k2repro": "core",
     "k2repro.errors": "core",
+    "k2repro.logs": "core",  # logging configured once per process, at its entry point
     "k2repro.progress": "core",  # phases and progress bars on stderr, used by train and cli
     "k2repro.core": "core",  # ids, hashing, atomic files, layout, checkpoint manifests
     "k2repro.config": "config",
@@ -36,7 +37,13 @@ LAYER_OF: dict[str, str] = {
     "k2repro.audit.redact": "audit",
     "k2repro.audit.manifest": "audit",
     "k2repro.audit.views": "audit",
+    "k2repro.audit.runrow": "audit",  # the runs row and run_end marker of every writer
     "k2repro.audit.api": "audit.record",
+    "k2repro.audit.auditrun": "audit.record",
+    "k2repro.audit.layerstats": "audit.record",
+    "k2repro.audit.hostvalues": "audit.record",
+    "k2repro.audit.config_view": "audit.record",
+    "k2repro.audit.heartbeat": "audit.record",
     "k2repro.audit.sink": "audit.record",
     "k2repro.audit.writer": "audit.record",
     "k2repro.audit.facts": "audit.record",
@@ -79,8 +86,6 @@ RANK = {layer: i for i, group in enumerate(ORDER) for layer in group}
 KNOWN: dict[tuple[str, str], str] = {
     ("k2repro.train.guard", "k2repro.forensics.detect"):
         "the guard uses forensics' robust-z spike rule (RobustZ); the rule belongs in core",
-    ("k2repro.train.trainer", "k2repro.forensics.detect"):
-        "the trainer flags guard rows with forensics' robust_z_flag_rows; the rule belongs in core",
     ("k2repro.audit.store", "k2repro.audit.writer"):
         "the query side takes RUN_MARKER, store paths and the store meta file from the writer",
     ("k2repro.audit.store", "k2repro.audit.sink"):

@@ -7,7 +7,7 @@ import torch
 
 from k2repro.config.schema import GuardConfig
 from k2repro.forensics.detect import RobustZ, robust_z
-from k2repro.train.guard import SpikeGuard
+from k2repro.train.guard import LogGuard, SpikeGuard
 
 
 def _series(n: int = 400, seed: int = 0) -> np.ndarray:
@@ -49,8 +49,14 @@ def test_guard_state_round_trip() -> None:
         assert bool(fa) == bool(fb)
 
 
-def test_log_action_never_masks() -> None:
-    guard = SpikeGuard(GuardConfig(action="log"), torch.device("cpu"))
-    for v in _series():
-        apply, _ = guard.observe(torch.tensor(v), torch.tensor(1.0))
-        assert bool(apply)
+def test_a_guard_that_only_logs_flags_on_the_host_what_the_device_guard_flags() -> None:
+    # guard.action=log never touches the step (no device guard: nothing is masked); its flags
+    # come from LogGuard at each flush, over the flushed rows, and must be the same flags
+    x = _series()
+    device = SpikeGuard(GuardConfig(action="skip"), torch.device("cpu"))
+    want = [bool(device.observe(torch.tensor(v), torch.tensor(1.0))[1]) for v in x]
+    host = LogGuard(GuardConfig(action="log"))
+    got: list[bool] = []
+    for i in range(0, len(x), 7):  # flushes of 7 rows
+        got += host.flags([{"loss": float(v), "grad_norm": 1.0} for v in x[i:i + 7]])
+    assert got == want and sum(got) >= 3

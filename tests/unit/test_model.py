@@ -9,10 +9,10 @@ import torch
 
 from k2repro.config.load import load_config
 from k2repro.data.loader import StepSampler, batch_hash, data_position, global_batch_ids, rank_slice
+from k2repro.model.build import build_model
 from k2repro.model.flops import flops_per_token, n_params
 from k2repro.model.llama import count_params, token_losses
 from k2repro.train.optim import MaskableAdamW, lr_at
-from k2repro.train.trainer import build_model
 from tests.conftest import k2
 
 
@@ -27,7 +27,7 @@ def test_k2_dry_run_param_count() -> None:
 
 def test_closed_form_count_matches_module() -> None:
     cfg = load_config(["model.n_kv_heads=2"])
-    model = build_model(cfg, "meta")
+    model = build_model(cfg.model, cfg.train.seed, "meta")
     assert count_params(model) == n_params(cfg.model)
     assert flops_per_token(cfg.model, 64) > 0
 

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from k2repro.audit.redact import REDACTED, is_secret_name
+from k2repro.audit.runrow import launcher
 
 ABSENT = "absent"
 
@@ -26,18 +27,6 @@ ENV_PREFIXES = ("OMP_", "CUDA_", "NCCL_", "TORCH_", "K2REPRO_", "MKL_", "CUBLAS_
 ENV_NAMES = ("PYTHONHASHSEED", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
              "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "CUDA_VISIBLE_DEVICES",
              "PYTHONOPTIMIZE")
-
-
-def launcher(environ: dict[str, str] | None = None) -> str:
-    """How this process was started: torchrun (torch elastic), slurm, mpi or plain python."""
-    e = os.environ if environ is None else environ
-    if "TORCHELASTIC_RUN_ID" in e or ("LOCAL_RANK" in e and "WORLD_SIZE" in e and "MASTER_PORT" in e):
-        return "torchrun"
-    if "SLURM_JOB_ID" in e:
-        return "slurm"
-    if "OMPI_COMM_WORLD_RANK" in e or "PMI_RANK" in e:
-        return "mpi"
-    return "python"
 
 
 def env_vars(environ: dict[str, str] | None = None) -> dict[str, str]:

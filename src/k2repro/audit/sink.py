@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from k2repro.audit import schema as S
+from k2repro.audit.heartbeat import Heartbeat, lower_thread_priority
 from k2repro.audit.redact import REDACTED, Redactor
+from k2repro.audit.runrow import EndsOnExit, end_row, runs_row
 from k2repro.audit.views import HEARTBEAT_DIR
 from k2repro.audit.writer import (
     WriteHook,
@@ -45,7 +47,6 @@ from k2repro.audit.writer import (
     write_run_marker,
     write_segment,
 )
-from k2repro.core.atomic import atomic_write_bytes
 from k2repro.core.ids import check_run_id
 from k2repro.core.layout import RUN_MARKER
 from k2repro.errors import BadInputError
@@ -136,16 +137,7 @@ def parse_hparam(value: str | None, value_type: str) -> Any:
     return value
 
 
-def _pid_start() -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process(os.getpid()).create_time()
-    except Exception:
-        return None
-
-
-class AuditSink:
+class AuditSink(EndsOnExit):
     """Records one rank of one run. Methods are called from the training thread only."""
 
     def __init__(self, store_root: str | Path, run_id: str, rank: int = 0, world_size: int = 1,
@@ -174,11 +166,9 @@ class AuditSink:
         self.recorded = False
         self._closed = False
         self._writer: threading.Thread | None = None
-        self._hb_thread: threading.Thread | None = None
-        self._hb_stop = threading.Event()
-        self._hb_path = self._run_dir / HEARTBEAT_DIR / f"r{self.rank}.json"
+        self._heartbeat = Heartbeat(self._run_dir / HEARTBEAT_DIR / f"r{self.rank}.json", self.run_id, self.rank,
+                                    self.heartbeat_s)
         self._reserve_path = self._run_dir / f".reserve-r{self.rank}"
-        self._started_at: str | None = None  # kept when the heartbeat file is rewritten
         self.segments_written = 0
         self.backpressure_s = 0.0
         self.writer_cpu_s = 0.0  # CPU time of the writer thread's conversions and writes
@@ -221,18 +211,16 @@ class AuditSink:
         self._writer = threading.Thread(target=self._writer_loop, name=f"k2repro-audit-writer-r{self.rank}",
                                         daemon=True)
         self._writer.start()
-        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name=f"k2repro-audit-hb-r{self.rank}",
-                                           daemon=True)
-        self._hb_thread.start()
+        self._heartbeat.start()
         _LIVE.add(self)
 
     def _write_identity(self, run: dict, hparams: dict[str, Any], env: dict[str, str],
                         data_manifest: list[dict], git_diff: str | None) -> None:
         """The synchronous part of start(): heartbeat file, run marker and identity tables."""
-        self._write_heartbeat_file()
+        self._heartbeat.write()
         if self.rank == 0:
             write_run_marker(self._run_dir, self.run_id)
-            self._write_now("runs", {k: [v] for k, v in self._run_row(run, hparams).items()})
+            self._write_now("runs", {k: [v] for k, v in self._run_row(run, hparams, env).items()})
             self.recorded = True
             self._write_now("hparams", hparam_rows(hparams))
             if data_manifest:
@@ -342,24 +330,9 @@ class AuditSink:
                 except Exception:
                     pass
         finally:
-            self._hb_stop.set()
-            if self._hb_thread is not None:
-                self._hb_thread.join(timeout=5)
-            try:  # the last segment number this rank used: `verify-store` then sees a deleted newest one
-                self._write_heartbeat_file(last_seq=self._seq - 1)
-            except OSError:
-                self._touch_heartbeat()
+            self._heartbeat.stop(last_seq=self._seq - 1)
         if failure is not None:
             raise AuditWriteError(f"audit writer failed: {failure!r}") from failure
-
-    def __enter__(self) -> AuditSink:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is None:
-            self.close("completed")
-        else:
-            self.close("failed", "".join(traceback.format_exception(exc_type, exc, tb)))
 
     # ------------------------------------------------------------------ internals
 
@@ -415,19 +388,13 @@ class AuditSink:
         cols = sorted({k for r in rows for k in r})
         return {c: [r.get(c) for r in rows] for c in cols}
 
-    def _run_row(self, run: Mapping[str, Any], hparams: Mapping[str, Any]) -> dict[str, Any]:
-        from k2repro import __version__
-        from k2repro.audit.facts import launcher
-
-        row: dict[str, Any] = {
-            "name": None, "started_at": utcnow(), "source": "train", "world_size": self.world_size,
-            "host": socket.gethostname(), "pid": os.getpid(), "launcher": launcher(),
-            "argv": json.dumps(list(sys.argv)), "store_path": str(self.store_root),
-            "schema_version": S.SCHEMA_VERSION, "k2repro_version": __version__,
-            "config_json": json.dumps(self.redactor.redact_obj(dict(hparams)), default=str, sort_keys=True),
-        }
-        row.update({k: v for k, v in run.items() if k != "run_id"})
-        return row
+    def _run_row(self, run: Mapping[str, Any], hparams: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+        """audit/runrow.py fills what the caller did not give; without a config_json, the
+        hparams (redacted) stand for it."""
+        identity = {k: v for k, v in run.items() if k != "run_id"}
+        identity.setdefault("config_json", json.dumps(self.redactor.redact_obj(dict(hparams)), default=str,
+                                                      sort_keys=True))
+        return runs_row(identity, store_path=str(self.store_root), world_size=self.world_size, facts=env)
 
     def _next_free_seq(self) -> int:
         """Segment numbers continue after any this rank already wrote (never overwrite)."""
@@ -500,7 +467,7 @@ class AuditSink:
         return out
 
     def _writer_loop(self) -> None:
-        _lower_thread_priority()
+        lower_thread_priority()
         stop = False
         while not stop:
             items = [self._queue.get()]
@@ -535,9 +502,7 @@ class AuditSink:
 
     def _end_row(self, status: str, error: str | None) -> dict[str, list]:
         """This rank's end marker (`run_end`): what the derived run status reads."""
-        return {"rank": [self.rank], "status": [status], "ended_at": [utcnow()],
-                "error": [self.redactor.scrub(error) if error else None],
-                "pid": [os.getpid()], "host": [socket.gethostname()]}
+        return end_row(self.rank, status, self.redactor.scrub(error) if error else None)
 
     def _make_reserve(self) -> None:
         """Real bytes (random, so no compressing or deduplicating file system keeps them
@@ -553,45 +518,6 @@ class AuditSink:
             self._reserve_path.unlink(missing_ok=True)
         except OSError:
             pass
-
-    def _write_heartbeat_file(self, last_seq: int | None = None) -> None:
-        self._hb_path.parent.mkdir(parents=True, exist_ok=True)
-        self._started_at = self._started_at or utcnow().isoformat()
-        body = {"run_id": self.run_id, "rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
-                "pid_start": _pid_start(), "heartbeat_s": self.heartbeat_s, "started_at": self._started_at}
-        if last_seq is not None:
-            body["last_seq"] = last_seq
-        atomic_write_bytes(self._hb_path, json.dumps(body).encode())
-
-    def _touch_heartbeat(self) -> None:
-        try:
-            os.utime(self._hb_path)
-        except FileNotFoundError:
-            self._write_heartbeat_file()
-        except OSError:
-            pass
-
-    def _heartbeat_loop(self) -> None:
-        _lower_thread_priority()
-        while not self._hb_stop.wait(self.heartbeat_s):
-            self._touch_heartbeat()
-
-
-#: Nice increment of the writer and heartbeat threads (Linux: per thread).
-WRITER_NICE = 10
-
-
-def _lower_thread_priority() -> None:
-    """On Linux, setpriority() on a thread id renices that thread only. The writer's CPU then
-    goes to the training threads first: on a laptop where every core runs a rank, the writer
-    works in the gaps (collectives, data waits) instead of stretching the next step, and it
-    still gets the CPU whenever a core is idle, so nothing is dropped or delayed for long."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
-    except (OSError, AttributeError):
-        pass
 
 
 # Sinks that were started and not closed: at interpreter exit they are closed as failed, so a

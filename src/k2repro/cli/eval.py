@@ -21,7 +21,7 @@ from k2repro.errors import BadInputError
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="run id (or unique prefix, or unique run name)")
-    parser.add_argument("--store", default=os.environ.get("K2REPRO_STORE", "runs"),
+    parser.add_argument("--store", default=None,
                         help="audit store holding the run (default: $K2REPRO_STORE or runs)")
     parser.add_argument("--out-store", default=None,
                         help="store root that receives the `evals` rows (default: --store); the DVC "
@@ -67,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise BadInputError(f"--nproc must be >= 1, got {args.nproc}")
-    plan = plan_eval(args.store, args.run, out_store=args.out_store, steps=parse_steps(args.steps),
+    from k2repro.core.layout import default_store
+
+    plan = plan_eval(args.store or str(default_store()), args.run, out_store=args.out_store, steps=parse_steps(args.steps),
                      data_dir=args.data_dir, k=args.k, mem_samples=args.mem_samples,
                      val_windows=args.val_windows, batch_size=args.batch_size, force=args.force)
     for ck in plan.skipped:

@@ -41,7 +41,7 @@ def _mb(n: int) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from k2repro.audit.store import default_store
+    from k2repro.core.layout import default_store
     from k2repro.errors import BadInputError
     from k2repro.tools import gc
 

@@ -151,7 +151,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from k2repro.audit.store import default_store
+    from k2repro.core.layout import default_store
     from k2repro.importers.common import NameMap, commit_runs
 
     if args.kind in RUNNERS:

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         parser.parse_args(argv)
         return 0
+    from k2repro.logs import configure
+
+    configure(f"k2repro {chosen}")
     module = importlib.import_module(f"k2repro.cli.{cmds[chosen][0]}")
     try:
         if getattr(module, "RAW_ARGS", False):

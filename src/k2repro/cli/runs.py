@@ -24,7 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from k2repro.audit.store import default_store, open_store
+    from k2repro.audit.store import open_store
+    from k2repro.core.layout import default_store
     from k2repro.errors import BadInputError
 
     fmt = chosen_format(args)

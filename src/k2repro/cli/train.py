@@ -68,11 +68,11 @@ def _split(argv: list[str]) -> tuple[str, list[str], str | None]:
 
 def dry_run(cfg) -> int:  # noqa: ANN001
     from k2repro.config.load import config_hash
+    from k2repro.model.build import build_model
     from k2repro.model.flops import flops_per_token
     from k2repro.model.llama import count_params
-    from k2repro.train.trainer import build_model
 
-    model = build_model(cfg, "meta")
+    model = build_model(cfg.model, cfg.train.seed, "meta")
     out = {"n_params": count_params(model), "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
            "config_hash": config_hash(cfg), "model": cfg.model.name}
     print(json.dumps(out))
@@ -82,6 +82,7 @@ def dry_run(cfg) -> int:  # noqa: ANN001
 def run_raw(argv: list[str]) -> int:
     from k2repro.config.load import load_config, load_params_file, split_print_config, to_yaml
     from k2repro.core.ids import new_run_id
+    from k2repro.train.launchenv import LaunchEnv
 
     argv, show = split_print_config(argv)
     name, overrides, params = _split(argv)
@@ -93,16 +94,15 @@ def run_raw(argv: list[str]) -> int:
         return dry_run(cfg)
     nproc = cfg.parallel.nproc
     if nproc == 1 or "RANK" in os.environ:
-        from k2repro.train.trainer import run_training
+        from k2repro.train.run import run_training
 
         code, _, _ = run_training(cfg)
         return code
     run_id = new_run_id(cfg.run.name)
     with tempfile.TemporaryDirectory(prefix="k2repro-exit-") as tmp:
-        env = dict(os.environ, K2REPRO_RUN_ID=run_id, K2REPRO_CONFIG_NAME=name,
-                   **({"K2REPRO_PARAMS_FILE": os.path.abspath(params)} if params else {}),
-                   K2REPRO_EXIT_FILE=os.path.join(tmp, "code"), K2REPRO_STOP_FILE=os.path.join(tmp, "stop"),
-                   OMP_NUM_THREADS="1")
+        launch = LaunchEnv(run_id=run_id, config_name=name, params_file=os.path.abspath(params) if params else None,
+                           exit_file=os.path.join(tmp, "code"), stop_file=os.path.join(tmp, "stop"))
+        env = dict(os.environ, **launch.to_environ(), OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-m", "k2repro.train.launch", "--standalone", f"--nproc-per-node={nproc}",
                f"--shutdown-timeout={cfg.ckpt.grace_s}", "-m", "k2repro.train", *overrides]
         progress(f"launching {nproc} ranks (torchrun)")

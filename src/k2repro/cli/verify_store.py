@@ -22,8 +22,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from k2repro.audit.store import default_store
     from k2repro.audit.verify import verify_store
+    from k2repro.core.layout import default_store
 
     root = default_store() if args.store is None else args.store
     checks = verify_store(root, args.run)

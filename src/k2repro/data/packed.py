@@ -162,6 +162,17 @@ class PackedDataset:
     def artifacts(self) -> list[dict]:
         return list(self.manifest.get("artifacts", []))
 
+    def manifest_rows(self) -> list[dict]:
+        """The `data_manifest` rows of a run trained on this folder: each artefact with its
+        sha256, paths of this folder's own files made full (relative to where it was read)."""
+        rows = []
+        for a in self.artifacts():
+            here = self.dir / a["path"]
+            path = str(here) if not os.path.isabs(a["path"]) and here.exists() else a["path"]
+            rows.append({"artifact": a["artifact"], "path": path, "sha256": a["sha256"],
+                         "n_docs": a.get("n_docs"), "n_tokens": a.get("n_tokens")})
+        return rows
+
     def verify(self) -> None:
         """Recompute the sha256 of every artefact in this directory; raise naming the first
         file that changed."""

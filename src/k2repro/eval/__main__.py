@@ -3,5 +3,7 @@
 import sys
 
 from k2repro.eval.runner import worker_main
+from k2repro.logs import configure
 
+configure("k2repro eval")
 sys.exit(worker_main())

@@ -342,7 +342,7 @@ def evaluate(plan: EvalPlan, info: Any, progress: Callable[[str], None] | None =
         seen_sample_ids,
     )
     from k2repro.eval.perplexity import held_out_loss, load_val, perplexity_metrics
-    from k2repro.train.trainer import build_model
+    from k2repro.model.build import build_model
 
     cfg = from_dict(plan.config)
     s = plan.settings
@@ -353,7 +353,7 @@ def evaluate(plan: EvalPlan, info: Any, progress: Callable[[str], None] | None =
     say(f"eval {plan.run_id}: loading data and building the model")
     val = load_val(PackedDataset(plan.data_dir, "val"), seq_len, int(s["val_windows"]))
     train = PackedDataset(plan.data_dir, "train")
-    model = build_model(cfg, info.device)
+    model = build_model(cfg.model, cfg.train.seed, info.device)
     if info.distributed:
         apply_fsdp(model, "fp32")  # evaluation in fp32 at every world size, so results agree
     results = []

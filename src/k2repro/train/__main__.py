@@ -2,6 +2,6 @@
 
 import sys
 
-from k2repro.train.trainer import main
+from k2repro.train.run import main
 
 sys.exit(main())

@@ -27,6 +27,21 @@ import torch.distributed as dist
 
 from k2repro.core.ckpt_manifest import FORMAT, MANIFEST, list_checkpoints, verify_checkpoint  # noqa: F401
 from k2repro.core.hashing import sha256_file
+from k2repro.core.layout import step_of_dirname
+from k2repro.errors import BadInputError
+
+
+def find_checkpoint(target: str, base: Path) -> Path:
+    """`train.resume=TARGET`: a checkpoint folder, or a run id whose newest checkpoint under
+    `base` (the checkpoint root) is taken."""
+    p = Path(target)
+    if (p / MANIFEST).exists() or (p.is_dir() and step_of_dirname(p.name) is not None):
+        return p
+    hits = [d for d in base.glob(f"**/{target}/checkpoints") if d.is_dir()]
+    found = [c for d in hits for c in list_checkpoints(d)]
+    if not found:
+        raise BadInputError(f"config key 'train.resume': no checkpoint of run '{target}' under {base}")
+    return max(found)[1]
 
 
 def rng_state() -> dict:

@@ -54,3 +54,11 @@ def nan_tensor(like: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.full_like(like, float("nan"))
+
+
+def maybe_nan(faults, loss_tok: torch.Tensor, step: int, rank: int, micro: int) -> torch.Tensor:  # noqa: ANN001
+    """`faults.nan_step`: rank 0's first micro-batch of that step gets a NaN loss (and so NaN
+    gradients), as an overflow would give."""
+    if faults.nan_step and step == faults.nan_step and rank == 0 and micro == 0:
+        return loss_tok * nan_tensor(loss_tok[:1, :1])
+    return loss_tok

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import glob
 import logging
-import os
 import sys
+
+from k2repro.train.launchenv import LaunchEnv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ranks that stopped through k2repro's own error path (a bad input: exit 2, its one-line
         # message already printed) left an exit file; torchrun's failure table adds nothing.
         # A rank that crashed left none: then torchrun's report (and traceback) is the news.
-        exit_file = os.environ.get("K2REPRO_EXIT_FILE")
+        exit_file = LaunchEnv.from_environ().exit_file
         handled = {int(f.rsplit(".", 1)[1]) for f in glob.glob(f"{exit_file}.*")} if exit_file else set()
         if exc.failures and set(exc.failures) <= handled:
             return max(int(f.exitcode) for f in exc.failures.values())

@@ -33,6 +33,14 @@ class TrainProgress:
         if self._p is not None:
             self._p.phase(msg)
 
+    def warn(self, msg: str) -> None:
+        """A warning line on stderr, whether or not this rank draws phases (the caller picks
+        the rank)."""
+        if self._p is not None and self._p.fancy:
+            self._p.note(f"{PROG}: warning: {msg}")
+        else:
+            print(f"{PROG}: warning: {msg}", file=sys.stderr, flush=True)
+
     def steps(self, first: int, last: int) -> None:
         """Training begins: the bar (on a terminal) counts from `first` to `last`."""
         if self._p is not None:
