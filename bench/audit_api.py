@@ -2,10 +2,12 @@
 model, AdamW, clipping) without the audit, with `log_step` every step, and with `log_step` +
 `log_layer_stats` every step (per-parameter norms and the exact update: a parameter snapshot
 and an optimizer step hook). One process, CPU, one thread; ABBA-interleaved pairs (A B C /
-C B A); per step over steps 11..N (flushes included): the wall time, and the process CPU time
-(all threads: the sink's writer thread included), which other tenants of a shared machine
-disturb much less than the wall time. Median ratios against the loop without audit and their 95%
-bootstrap intervals, to reports/bench/audit_api.json.
+C B A); per step over steps 11..N (flushes included): the wall time, the process CPU time, and
+the audit's own CPU by thread clock (issue 26's method, as bench/audit_overhead.py): the loop
+thread's CPU beyond the audit-off loop's, plus the sink's writer and heartbeat threads' CPU, as
+a share of the audit-off step's wall time. Thread clocks do not count waiting for a core, so
+other tenants of a shared machine disturb them much less than the wall time. Median ratios
+against the loop without audit and their 95% bootstrap intervals, to reports/bench/audit_api.json.
 
     .venv/bin/python bench/audit_api.py [--pairs 5] [--steps 200]
 """
@@ -32,8 +34,8 @@ MODEL = ModelArgs(n_layers=4, d_model=128, n_heads=4, n_kv_heads=4, ffn_dim=352,
 BATCH, SEQ = 8, 64
 
 
-def loop(steps: int, mode: str, store: Path) -> tuple[float, float]:
-    """(wall, process CPU) seconds per step over steps 11..steps."""
+def loop(steps: int, mode: str, store: Path) -> tuple[float, float, dict]:
+    """(wall, process CPU) seconds per step over steps 11..steps, and the thread clocks (s/step)."""
     torch.manual_seed(0)
     model = Transformer(MODEL)
     model.init_weights(torch.Generator().manual_seed(0))
@@ -44,7 +46,7 @@ def loop(steps: int, mode: str, store: Path) -> tuple[float, float]:
     t_prev = time.perf_counter()
     for step in range(1, steps + 1):
         if step == 11:
-            cpu0 = time.process_time()
+            cpu0, thread0 = time.process_time(), time.thread_time()
         x = data[torch.randint(0, len(data), (BATCH,))]
         loss_tok, _ = token_losses(model(x[:, :-1]), x[:, 1:])
         loss = loss_tok.mean()
@@ -59,10 +61,13 @@ def loop(steps: int, mode: str, store: Path) -> tuple[float, float]:
         now = time.perf_counter()
         times.append(now - t_prev)
         t_prev = now
-    cpu = (time.process_time() - cpu0) / (steps - 10)
+    n = steps - 10
+    cpu, loop_cpu = (time.process_time() - cpu0) / n, (time.thread_time() - thread0) / n
+    threads = {"loop_cpu_s": loop_cpu, "writer_cpu_s": 0.0, "heartbeat_cpu_s": 0.0}
     if run is not None:
-        run.close()
-    return statistics.fmean(times[10:]), cpu
+        run.close()  # the writer's and heartbeat's totals, over all steps (per step below)
+        threads.update(writer_cpu_s=run.sink.writer_cpu_s / steps, heartbeat_cpu_s=run.sink.heartbeat_cpu_s / steps)
+    return statistics.fmean(times[10:]), cpu, threads
 
 
 def main() -> None:
@@ -74,14 +79,16 @@ def main() -> None:
     modes = ("off", "log_step", "full")
     res: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}
+    threads: dict[str, list[dict]] = {m: [] for m in modes}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         loop(20, "full", Path(tmp) / "warmup")  # imports, allocator, first-call costs
         for i in range(args.pairs):
             for mode in modes if i % 2 == 0 else tuple(reversed(modes)):
-                wall, c = loop(args.steps, mode, Path(tmp) / f"s{i}")
+                wall, c, th = loop(args.steps, mode, Path(tmp) / f"s{i}")
                 res[mode].append(wall)
                 cpu[mode].append(c)
+                threads[mode].append(th)
                 print(f"pair {i} {mode}: {wall * 1e3:.2f} ms/step wall, {c * 1e3:.2f} ms/step CPU", flush=True)
     out = {"what": "per-step wall and process CPU time (steps 11..N) of a plain PyTorch loop audited through "
                    "k2repro.audit.start / the same loop without audit; CPU, 1 torch thread, one process",
@@ -95,6 +102,14 @@ def main() -> None:
             ratios = [a / b for a, b in zip(series[mode], series["off"])]
             lo, hi = bootstrap_ci(ratios)
             out[mode][label] = {"ratios": ratios, "median_ratio": statistics.median(ratios), "ci95": [lo, hi]}
+
+        def med(m: str, key: str) -> float:
+            return statistics.median(t[key] for t in threads[m]) * 1e3
+
+        parts = {"loop_cpu_ms": med(mode, "loop_cpu_s") - med("off", "loop_cpu_s"),
+                 "writer_cpu_ms": med(mode, "writer_cpu_s"), "heartbeat_cpu_ms": med(mode, "heartbeat_cpu_s")}
+        off_ms = statistics.median(res["off"]) * 1e3
+        out[mode]["audit_cpu"] = {**parts, "off_step_ms": off_ms, "share": sum(parts.values()) / off_ms}
     write("audit_api", out)
 
 

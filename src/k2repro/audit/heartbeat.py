@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class Heartbeat:
         self._started_at: str | None = None  # kept when the file is rewritten
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.cpu_s = 0.0  # this thread's CPU time (what the heartbeat costs a rank)
 
     def write(self, last_seq: int | None = None) -> None:
         """The whole file; `last_seq` (at close) is the last segment number this rank used, so
@@ -88,9 +90,12 @@ class Heartbeat:
             self.touch()
 
     def _loop(self) -> None:
+        c0 = time.thread_time()
         lower_thread_priority()
         while not self._stop.wait(self.interval):
             self.touch()
+            self.cpu_s = time.thread_time() - c0
+        self.cpu_s = time.thread_time() - c0
 
 
 __all__ = ["Heartbeat", "lower_thread_priority", "WRITER_NICE"]

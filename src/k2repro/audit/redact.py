@@ -139,6 +139,24 @@ def scrub_text(text: str) -> str:
     return text
 
 
+#: strings already seen to match no prefilter pattern (run ids, parameter names, hashes come
+#: back every flush): the writer's hot path then costs a set lookup per distinct value
+_CLEAN: set[str] = set()
+_CLEAN_MAX = 1 << 16
+
+
+def _candidate(value: str | None) -> bool:
+    """Whether `value` may hold a credential (the prefilter matches); remembers clean ones."""
+    if value is None or value in _CLEAN:
+        return False
+    if _PREFILTER.search(value):
+        return True
+    if len(_CLEAN) >= _CLEAN_MAX:
+        _CLEAN.clear()
+    _CLEAN.add(value)
+    return False
+
+
 def scrub_column(arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """`scrub_text` over a string column: Arrow's RE2 prefilter picks the few candidate
     strings, Python scrubs only those."""
@@ -147,6 +165,8 @@ def scrub_column(arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
 
     if len(arr) == 0 or arr.null_count == len(arr):
         return arr
+    if not any(_candidate(v) for v in pc.unique(arr).to_pylist()):
+        return arr  # the usual case: no distinct value can hold a credential
     hit = pc.match_substring_regex(arr, PREFILTER)
     if not pc.any(hit).as_py():
         return arr

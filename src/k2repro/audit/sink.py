@@ -179,6 +179,11 @@ class AuditSink(EndsOnExit):
     def run_dir(self) -> Path:
         return self._run_dir
 
+    @property
+    def heartbeat_cpu_s(self) -> float:
+        """CPU time of this sink's heartbeat thread so far."""
+        return self._heartbeat.cpu_s
+
     def start(self, run: dict, hparams: dict[str, Any], env: dict[str, str],
               data_manifest: list[dict], *, git_diff: str | None = None) -> None:
         """Write the run's identity synchronously (a crash right after still shows the run),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from k2repro.audit import schema as S
-from k2repro.audit.manifest import record_file
+from k2repro.audit.manifest import record, writer_of
 from k2repro.audit.redact import REDACTED, Redactor, is_secret_name, scrub_table
 from k2repro.core.atomic import atomic_write_bytes
 from k2repro.core.ids import check_run_id
@@ -217,33 +217,47 @@ def to_arrow(table: str, data: Any, run_id: str, redactor: Redactor | None = Non
 
 def write_segment(table_dir: Path, name: str, tbl: pa.Table, on_write: WriteHook | None = None,
                   fsync: bool = False) -> Path:
-    """One Parquet segment, written as `.<name>.tmp` then renamed to `<name>`."""
+    """One Parquet segment, written as `.<name>.tmp` then renamed to `<name>`.
+
+    Encoded in memory first: its sha256 for the segment manifest comes from the same bytes,
+    and the file is one write (the writer thread's cost per segment is what the audit costs a
+    training step, docs/audit-store.md)."""
+    import hashlib
+
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     tbl = scrub_table(tbl)  # credentials by value, whoever writes (audit/redact.py)
-    table_dir.mkdir(parents=True, exist_ok=True)
+    names = tbl.schema.names
+    sink = pa.BufferOutputStream()
+    pq.write_table(tbl, sink, compression=LIVE_COMPRESSION, write_page_checksum=True,  # verify-store
+                   write_statistics=[c for c in STAT_COLUMNS if c in names],
+                   use_dictionary=[f.name for f in tbl.schema if pa.types.is_string(f.type)])
+    data = memoryview(sink.getvalue())
     final = table_dir / name
     tmp = table_dir / f".{name}.tmp"
-    import pyarrow as pa
-
-    names = tbl.schema.names
     try:
-        pq.write_table(tbl, tmp, compression=LIVE_COMPRESSION, write_page_checksum=True,  # verify-store
-                       write_statistics=[c for c in STAT_COLUMNS if c in names],
-                       use_dictionary=[f.name for f in tbl.schema if pa.types.is_string(f.type)])
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except FileNotFoundError:  # the table's first segment
+            table_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            while data:  # one write normally; a short write (a full pipe, a signal) goes on
+                data = data[os.write(fd, data):]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:  # a full disk: give the space back, so that the end marker still fits
         tmp.unlink(missing_ok=True)
         raise
-    if fsync:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     if on_write is not None:
         on_write(table_dir.name, tmp)
     # The checksum is recorded before the rename: every segment a reader can see has one.
-    record_file(table_dir.parent, f"{table_dir.name}/{name}", tmp, fsync=fsync)
+    buf = sink.getvalue()
+    record(table_dir.parent, writer_of(name), [(f"{table_dir.name}/{name}", hashlib.sha256(buf).hexdigest(),
+                                                buf.size)], fsync=fsync)
     os.replace(tmp, final)
     return final
 

@@ -94,7 +94,7 @@ def _finish(trainer: Trainer, info: DistInfo, launch: LaunchEnv) -> int:
     barrier(info)
     if trainer.sink is not None:
         trainer.sink.close("interrupted" if trainer.interrupted else "completed")
-        trainer.writer_cpu_s += trainer.sink.writer_cpu_s
+        trainer.costs.add_sink(trainer.sink)
     if trainer.interrupted:
         name = signal.Signals(trainer.interrupted).name
         _say(info, f"interrupted by {name} at step {trainer.saved_step}/{trainer.cfg.train.max_steps}; "
@@ -108,12 +108,10 @@ def _finish(trainer: Trainer, info: DistInfo, launch: LaunchEnv) -> int:
 
 def _write_timings(trainer: Trainer, info: DistInfo, path: str) -> None:
     """Benchmarks (bench/audit_overhead.py): rank 0's step wall times, and every rank's own
-    audit work over the whole run (loop-thread flush wall time, the writer thread's CPU)."""
-    history = trainer.history
+    costs by clock (train/costs.py)."""
     if info.is_main:
-        Path(path).write_text(json.dumps([[r["step"], r["step_time_s"]] for r in history]))
-    Path(f"{path}.r{info.rank}.json").write_text(json.dumps({
-        "steps": len(history), "flush_s": trainer.flush_s, "writer_cpu_s": trainer.writer_cpu_s}))
+        Path(path).write_text(json.dumps([[r["step"], r["step_time_s"]] for r in trainer.history]))
+    Path(f"{path}.r{info.rank}.json").write_text(json.dumps(trainer.costs.summary(info.rank)))
 
 
 def _say(info: DistInfo, msg: str) -> None:

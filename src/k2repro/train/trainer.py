@@ -37,6 +37,7 @@ from k2repro.train import checkpoint as ckpt
 from k2repro.train import faults as F
 from k2repro.train import stepstats
 from k2repro.train.batches import BatchSource, StepBatch
+from k2repro.train.costs import Costs
 from k2repro.train.guard import LogGuard, SpikeGuard
 from k2repro.train.launchenv import LaunchEnv
 from k2repro.train.optim import build_optimizer, lr_at
@@ -103,8 +104,7 @@ class Trainer:
         self.stop_flag: torch.Tensor | None = None  # the agreed stop request of the last step
         self.interrupted = 0  # the signal number a stop was agreed on (0: ran to the end)
         self.saved_step: int | None = None
-        self.flush_s = 0.0  # wall time of the loop in flush(): what the audit costs on this thread
-        self.writer_cpu_s = 0.0  # of sinks already closed (a rollback closes one)
+        self.costs = Costs()  # what the audit costs this rank (bench/audit_overhead.py)
 
     def _open_data(self) -> PackedDataset:
         """The packed training split, refused (exit 2, naming the key) when it cannot serve
@@ -408,7 +408,7 @@ class Trainer:
             self.sink.log_event("rollback", step=k, severity="warning", detail={
                 "to_step": c, "checkpoint": str(path), "deferred": window, "child_run_id": new_id})
             self.sink.close("completed")
-            self.writer_cpu_s += self.sink.writer_cpu_s
+            self.costs.add_sink(self.sink)
             self.sink = None
         self.pending = stepstats.Pending()
         self.restore(path, window)
@@ -444,11 +444,13 @@ class Trainer:
             step += 1
             want_layers = bool(self.sink is not None and a.layer_stats_every and step % a.layer_stats_every == 0)
             agreed = self.stop_flag  # the previous step's: read one step late, so the host
+            c0 = time.thread_time()
             self.train_step(step, want_layers)  # never waits on this step's collective
+            self.costs.step_cpu_s[step] = time.thread_time() - c0
             if agreed is not None and (sig := int(agreed.item())):
                 self.interrupted, last = sig, step
             now = time.perf_counter()
-            times[step] = now - t_prev
+            times[step] = self.costs.step_wall_s[step] = now - t_prev
             t_prev = now
             if step % flush_every == 0 or step == last:
                 back = self._flush_and_act(step, last, times)
@@ -469,9 +471,11 @@ class Trainer:
         on them. Returns the step to continue after a rollback, else None."""
         if step == last:
             self.pending.reduce_carried(self.info.distributed)
-        t_flush = time.perf_counter()
+        t_flush, c_flush = time.perf_counter(), time.thread_time()
         rows = self.flush(times)
-        self.flush_s += time.perf_counter() - t_flush
+        self.costs.flush_wall_s += time.perf_counter() - t_flush
+        self.costs.flush_cpu_s += time.thread_time() - c_flush
+        self.costs.flushes += 1
         times.clear()
         F.maybe_kill(self.cfg.faults, step, self.info.rank, "flush")
         self.history.extend(rows)

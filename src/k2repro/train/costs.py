@@ -1,0 +1,52 @@
+"""What one rank spent on what, by the clocks that machine noise moves least.
+
+`bench/audit_overhead.py` needs the audit's own cost per step, per rank: the writer and
+heartbeat threads' CPU time (thread clocks), the loop's time in `flush()`, and the step's own
+CPU time with and without the audit's statistics. Wall-clock step times on a shared 2-core
+machine swing by +-10% from run to run; thread CPU clocks do not count the time a thread waits
+for a core, so they resolve a 1% goal. Written to `$K2REPRO_TIMINGS_FILE.r<rank>.json` when
+the launch asks (train/run.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any
+
+#: the first steps (allocator warm-up, lazy inits, the first flushes) are left out of medians
+WARMUP_STEPS = 10
+
+
+@dataclasses.dataclass
+class Costs:
+    step_wall_s: dict[int, float] = dataclasses.field(default_factory=dict)  # step -> wall, flush included
+    step_cpu_s: dict[int, float] = dataclasses.field(default_factory=dict)  # step -> loop-thread CPU in train_step
+    flush_wall_s: float = 0.0  # the loop thread's wall time in flush()
+    flush_cpu_s: float = 0.0  # ... and its CPU time there
+    flushes: int = 0
+    writer_cpu_s: float = 0.0  # the writer threads' CPU (every sink of this launch: a rollback closes one)
+    heartbeat_cpu_s: float = 0.0
+
+    def add_sink(self, sink: Any) -> None:
+        self.writer_cpu_s += sink.writer_cpu_s
+        self.heartbeat_cpu_s += sink.heartbeat_cpu_s
+
+    def summary(self, rank: int) -> dict[str, Any]:
+        """Per-step figures in ms (medians over steps after WARMUP_STEPS; totals / steps)."""
+        kept = [s for s in self.step_wall_s if s > WARMUP_STEPS] or list(self.step_wall_s)
+        n = max(1, len(self.step_wall_s))
+
+        def med(d: dict[int, float]) -> float | None:
+            vals = [d[s] for s in kept if s in d]
+            return statistics.median(vals) * 1e3 if vals else None
+
+        return {"rank": rank, "steps": len(self.step_wall_s), "flushes": self.flushes,
+                "step_wall_ms": med(self.step_wall_s), "step_cpu_ms": med(self.step_cpu_s),
+                "flush_wall_ms": self.flush_wall_s / n * 1e3, "flush_cpu_ms": self.flush_cpu_s / n * 1e3,
+                "writer_cpu_ms": self.writer_cpu_s / n * 1e3, "heartbeat_cpu_ms": self.heartbeat_cpu_s / n * 1e3,
+                # the totals the old bench read, kept for its readers
+                "flush_s": self.flush_wall_s, "writer_cpu_s": self.writer_cpu_s}
+
+
+__all__ = ["Costs", "WARMUP_STEPS"]
