@@ -82,7 +82,7 @@ def logical_chain(store: Store, ref: str) -> list[dict[str, Any]]:
     while not is_replay(out[-1]):
         kids = sorted(r["run_id"] for r in rows.values() if r["parent_run_id"] == out[-1]["run_id"]
                       and (r.get("source") or "train") == "train")
-        if not kids:
+        if not kids or kids[0] in {r["run_id"] for r in out}:  # none, or a cycle of parents (forged)
             break
         if len(kids) > 1:
             raise BadInputError(f"run {out[-1]['run_id']} has several continuations ({', '.join(kids)}): "
