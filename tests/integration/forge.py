@@ -54,7 +54,7 @@ def edit_json(path: Path, fn: Callable[[Any], Any]) -> None:
 
 def reseal(b: Path) -> None:
     """What an attacker does: recompute MANIFEST.json with k2repro's own code."""
-    from k2repro.tools.export import MANIFEST_JSON, write_manifest
+    from k2repro.bundle.manifest import MANIFEST_JSON, write_manifest
 
     body = json.loads((b / MANIFEST_JSON).read_text())
     (b / MANIFEST_JSON).unlink()

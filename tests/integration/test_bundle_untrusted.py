@@ -44,7 +44,7 @@ def exported(tmp_path_factory) -> dict:
 
 
 def import_(b: Path, store: Path, **kw):  # noqa: ANN003, ANN201
-    from k2repro.tools.bundle import import_bundle
+    from k2repro.bundle.importer import import_bundle
 
     return import_bundle(b, store, **kw)
 
@@ -91,7 +91,7 @@ def test_run_ids_cannot_walk_out_of_the_store(exported, tmp_path) -> None:  # no
 
 def test_import_reads_nothing_outside_the_bundle(exported, tmp_path) -> None:  # noqa: ANN001
     """Item 3: an absolute checkpoint path; a symlinked data folder."""
-    from k2repro.tools.bundle import verify_bundle
+    from k2repro.bundle.verify import verify_bundle
 
     theirs = next((exported["store"] / exported["rid"] / "checkpoints").glob("step_*"))
     b = forge_absolute_dcp(exported["bundle"], tmp_path / "abs", theirs)
@@ -128,7 +128,7 @@ def test_rows_cannot_take_over_an_existing_run(exported, tmp_path) -> None:  # n
 def test_export_into_the_store_is_refused(exported, tmp_path) -> None:  # noqa: ANN001
     """Item 5: the store's globs would read the bundle's tables as more rows of the run."""
     from k2repro.audit.store import open_store
-    from k2repro.tools.export import export_run
+    from k2repro.bundle.export import export_run
 
     store = exported["store"]
     for out in (store / "bundle", store / "deeper" / "bundle"):
@@ -162,7 +162,7 @@ def test_bundle_json_that_is_not_a_bundle_is_refused(exported, tmp_path, body, w
 
 def test_export_refuses_an_incomplete_run(exported, tmp_path) -> None:  # noqa: ANN001
     """Item 12's export part: a folder in place of a segment is skipped by every query."""
-    from k2repro.tools.export import export_run
+    from k2repro.bundle.export import export_run
 
     store = tmp_path / "store"
     shutil.copytree(exported["store"] / exported["rid"], store / exported["rid"], ignore=shutil.ignore_patterns(
@@ -193,7 +193,7 @@ def test_export_refuses_an_incomplete_run(exported, tmp_path) -> None:  # noqa: 
 
 def test_export_fails_loudly_without_the_tokenizer(exported, tmp_path) -> None:  # noqa: ANN001
     """Issue 23 item 1: what batch/eval need must ship; a missing tokenizer stops the export."""
-    from k2repro.tools.export import export_run
+    from k2repro.bundle.export import export_run
 
     tok = exported["tokenizer"]
     moved = tok.with_name("moved.json")
@@ -208,7 +208,7 @@ def test_export_fails_loudly_without_the_tokenizer(exported, tmp_path) -> None: 
 
 def test_a_bundle_of_the_previous_release_still_imports(exported, tmp_path) -> None:  # noqa: ANN001
     """No tokenizer, no signature, no bundle_version: what k2repro bundles held before."""
-    from k2repro.tools.bundle import verify_bundle
+    from k2repro.bundle.verify import verify_bundle
 
     b = forge(exported["bundle"], tmp_path / "old")
     shutil.rmtree(b / "data" / "tokenizer")
@@ -228,7 +228,7 @@ def test_a_bundle_of_the_previous_release_still_imports(exported, tmp_path) -> N
 # ----------------------------------------------------------------------------- signatures (item 8)
 
 def test_signed_bundle_proves_origin(exported, tmp_path) -> None:  # noqa: ANN001
-    from k2repro.tools.bundle import verify_bundle
+    from k2repro.bundle.verify import verify_bundle
 
     priv, pub, other = make_keys(tmp_path)
     b = tmp_path / "signed"
@@ -264,7 +264,7 @@ def test_api_run_exports_at_once_with_a_card_of_what_was_recorded(tmp_path, caps
     """Issue 23 item 7: no `--no-data`, no `--checkpoints none` to discover; the card describes
     the recorded config, not k2repro's model."""
     from k2repro.audit import start
-    from k2repro.tools.export import export_run
+    from k2repro.bundle.export import export_run
 
     store = tmp_path / "store"
     ck = tmp_path / "hf-out" / "checkpoint-2"
@@ -288,8 +288,9 @@ def test_api_run_exports_at_once_with_a_card_of_what_was_recorded(tmp_path, caps
 
 
 def test_model_card_says_when_the_code_was_dirty() -> None:
-    """facts.py records git.dirty as "true"; the card used to test for "True"."""
-    from k2repro.tools.export import render_model_card
+    """The card says "uncommitted changes" from the run's `runs.git_dirty` boolean (facts.py
+    records git.dirty as "true"; the card used to test the text for "True")."""
+    from k2repro.bundle.card import render_model_card
 
     chain = [{"run_id": "r1", "source": "train", "world_size": 1, "config_hash": "h", "resumed_from_step": None,
               "parent_run_id": None}]
@@ -297,15 +298,43 @@ def test_model_card_says_when_the_code_was_dirty() -> None:
             "k2repro_version": "0", "schema_version": 2, "checkpoints": [], "figures": [], "notes": [],
             "steps": {"count": 1, "first": 1, "last": 1, "final_loss": 1.0}, "data": {"shipped": False},
             "data_order": {}}
-    for value, said in (("true", True), ("false", False)):
-        card = render_model_card(info, {}, {"0": {"git.commit": "abc", "git.dirty": value}}, None)
+    for dirty, said in ((True, True), (False, False), (None, False)):
+        card = render_model_card(info, {}, {"0": {"git.commit": "abc", "git.dirty": "true"}}, None, git_dirty=dirty)
         assert ("(with uncommitted changes)" in card) is said
+
+
+def test_run_recorded_from_dirty_code_gets_a_card_that_says_so(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Issue 19: a run recorded (audit API, real git facts) from a working tree with uncommitted
+    changes exports a README that says so, and one recorded after the commit does not. Through
+    the whole path: facts.py's "true" -> runs.git_dirty -> export -> README.md."""
+    import subprocess
+
+    from k2repro.audit.api import start
+    from k2repro.bundle.export import export_run
+    from tests.conftest import dirty_repo
+
+    repo = dirty_repo(tmp_path / "repo", "train.py", "x = 2\n")
+    monkeypatch.chdir(repo)  # the facts describe the code of the working directory
+    store = tmp_path / "store"
+    cards = {}
+    for label in ("dirty", "clean"):
+        if label == "clean":
+            subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "two"],
+                           cwd=repo, check=True, capture_output=True)
+        run = start(store, name=label, config={"lr": 0.1}, source="api")
+        run.log_step(1, loss=1.0)
+        run.close()
+        export_run(store, run.run_id, tmp_path / f"b-{label}", reports_dir=None)
+        cards[label] = (tmp_path / f"b-{label}" / "README.md").read_text()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert "(with uncommitted changes)" in cards["dirty"]
+    assert f"code `{commit}`." in cards["clean"] and "(with uncommitted changes)" not in cards["clean"]
 
 
 def test_config_paths_are_moved_into_the_store() -> None:
     """Item 8: every config value that names a path becomes the imported copy, the store, or
     empty; other values stay as they were."""
-    from k2repro.tools.bundle import rewrite_config
+    from k2repro.bundle.relocate import rewrite_config
 
     ctx = {"store": "S", "packed": "S/b/data/packed", "data": "S/b/data",
            "resumes": [("r1", "step_00000004", "S/b/r1/checkpoints/step_00000004")]}

@@ -103,7 +103,7 @@ def test_safetensors_equal_the_dcp_weights(exported, tmp_path) -> None:  # noqa:
 
 
 def test_verify_bundle_names_any_flipped_byte(exported) -> None:  # noqa: ANN001
-    from k2repro.tools.bundle import verify_bundle
+    from k2repro.bundle.verify import verify_bundle
 
     b = exported["bundle"]
     assert k2("verify-bundle", str(b)).returncode == 0

@@ -40,7 +40,7 @@ def _chain_store(root):  # noqa: ANN001, ANN202
 
 @pytest.fixture(scope="module")
 def chain_bundle(tmp_path_factory) -> dict:
-    from k2repro.tools.export import export_run
+    from k2repro.bundle.export import export_run
 
     root = tmp_path_factory.mktemp("lineage")
     store = root / "store"
@@ -75,7 +75,7 @@ def test_chain_is_one_logical_run(chain_bundle) -> None:  # noqa: ANN001
 
 
 def test_export_from_the_root_follows_the_child(chain_bundle, tmp_path) -> None:  # noqa: ANN001
-    from k2repro.tools.export import export_run
+    from k2repro.bundle.export import export_run
 
     info = export_run(chain_bundle["store"], "P", tmp_path / "b2", checkpoints="none", data=False, reports_dir=None)
     assert [r["run_id"] for r in info["run"]["chain"]] == ["P", "C"]
@@ -83,7 +83,7 @@ def test_export_from_the_root_follows_the_child(chain_bundle, tmp_path) -> None:
 
 def test_ambiguous_continuation_and_existing_out_are_refused(chain_bundle, tmp_path) -> None:  # noqa: ANN001
     from k2repro.audit.writer import write_run_tables
-    from k2repro.tools.export import export_run
+    from k2repro.bundle.export import export_run
 
     with pytest.raises(BadInputError, match="already exists"):
         export_run(chain_bundle["store"], "C", chain_bundle["bundle"], data=False)
@@ -98,7 +98,7 @@ def test_ambiguous_continuation_and_existing_out_are_refused(chain_bundle, tmp_p
 
 def test_imported_chain_reads_the_same_lineage(chain_bundle, tmp_path) -> None:  # noqa: ANN001
     from k2repro.audit.store import open_store
-    from k2repro.tools.bundle import import_bundle
+    from k2repro.bundle.importer import import_bundle
 
     out = import_bundle(chain_bundle["bundle"], tmp_path / "store")
     assert out["run_ids"] == ["P", "C"]
@@ -110,7 +110,7 @@ def test_imported_chain_reads_the_same_lineage(chain_bundle, tmp_path) -> None: 
 
 
 def test_gc_removes_an_import_whole(chain_bundle, tmp_path) -> None:  # noqa: ANN001
-    from k2repro.tools.bundle import import_bundle
+    from k2repro.bundle.importer import import_bundle
     from k2repro.tools.gc import apply_gc, plan_gc
 
     store = tmp_path / "store"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from k2repro.audit.lineage import branches_overlapping, family
 from k2repro.audit.store import open_store
 from k2repro.cli.main import main
-from k2repro.tools.lineage import branches_overlapping, family
 from tests.conftest import REPO
 
 OLMO = REPO / "tests" / "data" / "real-logs" / "olmo-7b-pile-validation-ce-37-segments.csv"

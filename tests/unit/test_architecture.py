@@ -49,6 +49,7 @@ LAYER_OF: dict[str, str] = {
     "k2repro.audit.facts": "audit.record",
     "k2repro.audit.store": "audit.query",
     "k2repro.audit.readonly": "audit.query",
+    "k2repro.audit.lineage": "audit.query",  # parent chains, logical runs, families, deferrals
     "k2repro.audit.compact": "audit.maintenance",
     "k2repro.audit.migrate": "audit.maintenance",
     "k2repro.audit.verify": "audit.maintenance",
@@ -57,7 +58,7 @@ LAYER_OF: dict[str, str] = {
     "k2repro.eval": "eval",
     "k2repro.forensics": "forensics",
     "k2repro.tools": "tools",
-    "k2repro.bundle": "bundle",  # target
+    "k2repro.bundle": "bundle",  # the release bundle: export, verify, import
     "k2repro.integrations": "integrations",
     "k2repro.ui": "ui",  # target
     "k2repro.cli": "cli",

@@ -3,6 +3,8 @@ every leaf of the resolved config."""
 
 from __future__ import annotations
 
+import pytest
+
 from k2repro.audit.sink import AuditSink, hparam_rows, parse_hparam
 from k2repro.audit.store import open_store
 from k2repro.audit.writer import write_run_tables
@@ -33,6 +35,29 @@ def test_lineage_follows_parents_and_stitches_steps(tmp_path):
         owner = dict(rows)
         assert owner[50] == "a" and owner[51] == "b" and owner[80] == "b" and owner[81] == "c"
         assert st.execute("SELECT count(*) FROM lineage_steps WHERE run_id = 'r'").fetchone()[0] == 0
+
+
+@pytest.mark.timeout(60)
+def test_one_walker_for_chains_and_logical_runs(tmp_path):
+    """Issue 19: `chain` (batch, replay: every parent, across a replay) and `logical_chain`
+    (the release bundle: ancestors not across a replay, then the single continuation, with the
+    step each launch is kept up to) walk parents with the same walker, `ancestors`. A cycle of
+    parents (only a forged import can make one) ends both walks instead of looping for ever."""
+    from k2repro.audit import lineage
+
+    _run(tmp_path, "a", range(1, 58))
+    _run(tmp_path, "b", range(51, 91), parent="a", resumed=50)
+    _run(tmp_path, "r", range(61, 71), parent="b", resumed=60, source="replay")
+    _run(tmp_path, "c", range(81, 121), parent="b", resumed=80)
+    _run(tmp_path, "x", range(1, 5), parent="y", resumed=2)  # x and y name each other
+    _run(tmp_path, "y", range(1, 5), parent="x", resumed=2)
+    with open_store(tmp_path) as st:
+        assert [r["run_id"] for r in lineage.chain(st, "r")] == ["a", "b", "r"]
+        assert [(r["run_id"], r["cut"]) for r in lineage.logical_chain(st, "a")] == [("a", 50), ("b", 80), ("c", None)]
+        assert [r["run_id"] for r in lineage.logical_chain(st, "c")] == ["a", "b", "c"]
+        assert [r["run_id"] for r in lineage.logical_chain(st, "r")] == ["r"]  # a replay is not the run
+        assert [r["run_id"] for r in lineage.chain(st, "x")] == ["y", "x"]
+        assert [r["run_id"] for r in lineage.logical_chain(st, "x")] == ["y", "x"]
 
 
 def test_hparams_hold_every_leaf_of_the_resolved_config(tmp_path):

@@ -39,7 +39,7 @@ def _say(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from k2repro.tools.export import export_run
+    from k2repro.bundle.export import export_run
 
     info = export_run(args.store, args.run, args.out, checkpoints=args.checkpoints,
                       with_samples=args.with_samples, data=not args.no_data, reports_dir=args.reports,

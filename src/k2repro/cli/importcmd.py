@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from k2repro.cli.render import jsonable
 from k2repro.errors import BadInputError
 
 
@@ -123,15 +124,33 @@ RUNNERS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callabl
 
 
 def _conf_bundle(p: argparse.ArgumentParser) -> None:
-    from k2repro.cli.verify_bundle import configure_import
-
-    configure_import(p)
+    """`k2repro import bundle DIR`'s options."""
+    p.description = ("Verify a release bundle (k2repro export) and add its run(s) to the store, with "
+                     "the shipped checkpoints and data, so that `k2repro replay` works there. A bundle "
+                     "that fails verification is refused (exit 2) and nothing is written.")
+    p.add_argument("path", metavar="DIR", help="the bundle folder")
+    p.add_argument("--store", default=None, help="store root (default: $K2REPRO_STORE, else runs)")
+    p.add_argument("--key", default=None, metavar="PUB",
+                   help="the publisher's ed25519 public key: refuse a bundle that is not signed with it")
+    p.add_argument("--json", action="store_true", help='print {"run_ids": [...], ...} as JSON to stdout')
 
 
 def _run_bundle(args: argparse.Namespace) -> int:
-    from k2repro.cli.verify_bundle import run_import
+    """Verify, import (`k2repro.bundle.importer`), print the run ids and every path rewrite."""
+    from k2repro.bundle.importer import import_bundle
 
-    return run_import(args)
+    out = import_bundle(args.path, args.store,
+                        progress=None if args.json else (lambda m: print(f"import: {m}", file=sys.stderr)),
+                        key=args.key)
+    if args.json:
+        print(json.dumps(jsonable(out)))
+        return 0
+    for rid in out["run_ids"]:
+        print(f"run_id={rid} (imported into {out['folder']})")
+    for rid, rw in out["rewrites"].items():
+        for key, (old, new) in rw.items():
+            print(f"  {rid}: {key}: {old} -> {new}")
+    return 0
 
 
 RUNNERS["bundle"] = ("a release bundle written by `k2repro export` (verified, then added with its "

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from k2repro.audit.lineage import deferred_at
 from k2repro.data.loader import batch_hash, data_position, global_batch_ids
 from k2repro.errors import BadInputError
-from k2repro.tools.lineage import deferred_at
 
 if TYPE_CHECKING:  # pragma: no cover
     from k2repro.audit.store import Store

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from k2repro.audit import lineage
 from k2repro.errors import BadInputError, CheckpointError, K2ReproError
-from k2repro.tools import lineage
 from k2repro.tools.compare import Comparison, compare_steps
 
 if TYPE_CHECKING:  # pragma: no cover

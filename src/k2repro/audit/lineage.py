@@ -1,40 +1,97 @@
-"""What a run's history looks like from the store: its chain of parents, its logical-run
-family (restart segments and forks, with step ranges), the data deferrals in force at a step,
-and where its checkpoints lie now.
+"""What a run's history looks like from the store: its chain of parents, the launches of
+its logical run (a resume or a guard rollback continues it; a replay does not), its family
+(restart segments and forks, with step ranges), the data deferrals in force at a step, and
+where its checkpoints lie now.
 
-No torch here: `k2repro batch` and `k2repro diff` use these and must stay fast.
+The query side of the audit store, below everything that reads a run's history (replay,
+batch, export, bundles, forensics): one walker of `parent_run_id` chains (`ancestors`), so
+replay, `k2repro batch` and the release bundle agree on what a run descends from. It reads the
+store only and imports nothing of the record side. No torch here: `k2repro batch` and
+`k2repro diff` use these and must stay fast.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from k2repro.core.layout import step_dirname
+from k2repro.errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from k2repro.audit.store import Store
 
 CKPT_MANIFEST = "manifest.json"
 
+#: Keys of each row `chain` returns.
+CHAIN_KEYS = ("run_id", "parent_run_id", "resumed_from_step", "source", "world_size")
+#: Keys of each row `logical_chain` returns (`cut` added): the `runs` view's, status included.
+LOGICAL_KEYS = ("run_id", "name", "parent_run_id", "resumed_from_step", "source", "status", "config_json",
+                "config_hash", "world_size", "started_at", "ended_at")
 
-def chain(store: Store, run_id: str) -> list[dict[str, Any]]:
-    """The run and its ancestors through `parent_run_id`, root first. Parents that are not in
-    this store end the chain."""
+
+def is_replay(row: dict[str, Any]) -> bool:
+    """A replay re-runs steps of its parent to check them: it is not part of its logical run."""
+    return (row.get("source") or "train") == "replay"
+
+
+def ancestors(lookup: Callable[[str], dict[str, Any] | None], run_id: str,
+              stop: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
+    """The run and its ancestors through `parent_run_id`, root first: THE walk of a chain of
+    parents. `lookup(run_id)` gives a run's row (a dict with `parent_run_id`) or None; a parent
+    it does not know ends the chain, and so does a cycle. `stop(row)` true: that row is the
+    last one walked (its parent is not followed)."""
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     cur: str | None = run_id
     while cur and cur not in seen:
         seen.add(cur)
-        row = store.execute(
-            "SELECT run_id, parent_run_id, resumed_from_step, source, world_size FROM runs_raw "
-            "WHERE run_id = ? LIMIT 1", [cur]).fetchone()
+        row = lookup(cur)
         if row is None:
             break
-        out.append(dict(zip(("run_id", "parent_run_id", "resumed_from_step", "source", "world_size"), row)))
-        cur = row[1]
+        out.append(row)
+        if stop is not None and stop(row):
+            break
+        cur = row["parent_run_id"]
     return out[::-1]
+
+
+def chain(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """The run and its ancestors through `parent_run_id`, root first (across replays too).
+    Parents that are not in this store end the chain."""
+    def lookup(rid: str) -> dict[str, Any] | None:
+        row = store.execute(f"SELECT {', '.join(CHAIN_KEYS)} FROM runs_raw WHERE run_id = ? LIMIT 1",
+                            [rid]).fetchone()
+        return None if row is None else dict(zip(CHAIN_KEYS, row))
+
+    return ancestors(lookup, run_id)
+
+
+def logical_chain(store: Store, ref: str) -> list[dict[str, Any]]:
+    """The launches that make up the logical run `ref` belongs to, root first: its ancestors
+    (through `parent_run_id`, not across a replay) and its descendants while each has exactly
+    one child that is not a replay (several: BadInputError naming them). Each row holds
+    LOGICAL_KEYS and `cut`: the last step of this launch that the logical run keeps (None:
+    all; the `lineage_steps` view's rule)."""
+    rid = store.resolve_run_id(ref)
+    rows = {r[0]: dict(zip(LOGICAL_KEYS, r))
+            for r in store.execute(f"SELECT {', '.join(LOGICAL_KEYS)} FROM runs").fetchall()}
+    out = ancestors(rows.get, rid, stop=is_replay)
+    while not is_replay(out[-1]):
+        kids = sorted(r["run_id"] for r in rows.values() if r["parent_run_id"] == out[-1]["run_id"]
+                      and (r.get("source") or "train") == "train")
+        if not kids or kids[0] in {r["run_id"] for r in out}:  # none, or a cycle of parents (forged)
+            break
+        if len(kids) > 1:
+            raise BadInputError(f"run {out[-1]['run_id']} has several continuations ({', '.join(kids)}): "
+                                f"export the one that heads the logical run")
+        out.append(rows[kids[0]])
+    for i, r in enumerate(out):
+        nxt = out[i + 1] if i + 1 < len(out) else None
+        r["cut"] = None if nxt is None or nxt["resumed_from_step"] is None else int(nxt["resumed_from_step"])
+    return out
 
 
 def deferred_at(store: Store, run_id: str) -> list[int]:
