@@ -34,7 +34,7 @@ def test_closed_form_count_matches_module() -> None:
 
 def test_forward_and_losses() -> None:
     cfg = load_config([])
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.train.seed)
     x = torch.randint(0, cfg.model.vocab_size, (2, 17))
     logits = model(x[:, :-1])
     assert logits.shape == (2, 16, cfg.model.vocab_size)
@@ -47,15 +47,17 @@ def test_forward_and_losses() -> None:
 
 def test_same_seed_same_init_across_builds() -> None:
     cfg = load_config([])
-    a, b = build_model(cfg), build_model(cfg)
+    a, b = build_model(cfg.model, cfg.train.seed), build_model(cfg.model, cfg.train.seed)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
-    c = build_model(load_config(["train.seed=99"]))
+    other = load_config(["train.seed=99"])
+    c = build_model(other.model, other.train.seed)
     assert not torch.equal(a.output.weight, c.output.weight)
 
 
 def test_causality() -> None:
-    model = build_model(load_config([]))
+    cfg = load_config([])
+    model = build_model(cfg.model, cfg.train.seed)
     x = torch.randint(0, 100, (1, 12))
     y = x.clone()
     y[0, 8] = (y[0, 8] + 1) % 100
