@@ -13,7 +13,8 @@ import pytest
 
 from k2repro.audit import schema as S
 from k2repro.audit.store import open_store
-from k2repro.audit.writer import ensure_store, to_arrow, write_segment
+from k2repro.audit.storemeta import ensure_store
+from k2repro.audit.writer import to_arrow, write_segment
 
 REPO = Path(__file__).resolve().parents[2]
 

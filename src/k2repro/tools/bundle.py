@@ -463,12 +463,12 @@ def import_bundle(bundle: str | Path, store_root: str | Path | None = None,
     then add the bundle's launches to the store; returns what was imported and every path
     rewrite. Nothing is written before every check passed, and nothing outside
     `<store>/bundle-<head>/` is written at all."""
-    from k2repro.audit.migrate import SchemaTooNew
     from k2repro.audit.store import default_store, open_store
+    from k2repro.audit.storemeta import ensure_store
+    from k2repro.audit.versions import SchemaTooNew
     from k2repro.audit.writer import (
         RUN_MARKER,
         atomic_write_bytes,
-        ensure_store,
         to_arrow,
         write_segment,
     )
