@@ -114,6 +114,8 @@ def _stage_code(cmd: str) -> tuple[set[str], list[str]]:
         argv = shlex.split(part)
         args = argv[1:]  # argv[0] is the interpreter (scripts/python)
         if args[:1] == ["-m"]:
+            if args[1] == "k2repro":
+                assert args[2:3] and args[2] in _commands(), f"dvc.yaml: {part.strip()!r} runs no k2repro command"
             entries += _entry(args[1], args[2:])
         elif args and args[0].endswith(".py"):
             scripts.append(args[0])
