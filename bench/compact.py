@@ -27,7 +27,8 @@ QUERY = "SELECT run_id, count(*), max(loss), min(step) FROM steps GROUP BY 1 ORD
 
 
 def build(root: Path, runs: int, segments: int, rows: int) -> int:
-    from k2repro.audit.writer import ensure_store, to_arrow, write_run_tables, write_segment
+    from k2repro.audit.storemeta import ensure_store
+    from k2repro.audit.writer import to_arrow, write_run_tables, write_segment
 
     ensure_store(root)
     files = 0

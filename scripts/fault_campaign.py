@@ -576,7 +576,7 @@ def _fill(mount: Path, leave_bytes: int) -> int:
 def disk_section(work: Path, packed: Path) -> dict:
     """The audit sink and the checkpointer meet a full disk."""
     import k2repro
-    from k2repro.audit.writer import ensure_store
+    from k2repro.audit.storemeta import ensure_store
     from k2repro.core.ckpt_manifest import verify_checkpoint
     from k2repro.errors import CheckpointError
 
@@ -1040,7 +1040,7 @@ def reader_main(store: str, out: str, stop: str, rate: float) -> int:
 
 
 def load_section(work: Path, packed: Path, steps: int) -> dict:
-    from k2repro.audit.writer import ensure_store
+    from k2repro.audit.storemeta import ensure_store
 
     store = work / "load" / "store"
     ensure_store(store)
@@ -1384,6 +1384,7 @@ def maintenance_section(work: Path, packed: Path) -> dict:
     must finish or roll back the swap: every table's rows, by count and content hash, as before,
     and verify-store clean."""
     from k2repro.audit import compact as C
+    from k2repro.audit.swaps import pending_swaps
 
     base = work / "maintenance"
     tpl = base / "template"
@@ -1420,7 +1421,7 @@ def maintenance_section(work: Path, packed: Path) -> dict:
                 p.wait(timeout=60)
             finally:
                 kill_group(p.pid)
-            journals = len(C.pending_swaps(store))
+            journals = len(pending_swaps(store))
             hidden = [h.name for h in (store / rid).glob(".*") if h.is_dir() and (".old-" in h.name or ".swap-" in h.name)]
             if recovery == "gc":
                 g = k2(["gc", "--compact", "--store", str(store)] + (["--offline"] if mode == "offline" else []),
@@ -1435,7 +1436,7 @@ def maintenance_section(work: Path, packed: Path) -> dict:
                  "rc_killed": p.returncode, "journals_left": journals, "hidden_folders_left_by_kill": hidden,
                  "recovery_rc": rec_rc, "tables_equal": not lost, "differences": lost, "verify_rc": v.rc,
                  "verify_message": first_line(v.stderr) if v.rc else "",
-                 "journals_after": len(C.pending_swaps(store)),
+                 "journals_after": len(pending_swaps(store)),
                  "hidden_after": [h.name for h in (store / rid).glob(".*.old-*")] + [
                      h.name for h in (store / rid).glob(".*.swap-*")]}
             c["ok"] = (reached and journals >= 1 and rec_rc == 0 and not lost and v.rc == 0
@@ -1452,7 +1453,7 @@ def fixture_run(work: Path, packed: Path, kills: dict | None) -> tuple[Path, str
     """A store holding one finished run with checkpoints (the kill reference when there is one)."""
     store = work / "fixture" / "store"
     if kills:  # the reference run alone, with its last two checkpoints (each case copies the store)
-        from k2repro.audit.writer import ensure_store
+        from k2repro.audit.storemeta import ensure_store
 
         rid = kills["reference_run"]
         src = work / "kills" / "store" / rid

@@ -18,6 +18,7 @@ import pytest
 from k2repro.audit import compact as C
 from k2repro.audit import sink as sink_mod
 from k2repro.audit.sink import AuditSink
+from k2repro.audit.swaps import pending_swaps
 from tests.conftest import k2
 
 COUNT = "SELECT (SELECT count(*) FROM layer_stats) AS n, (SELECT sum(step) FROM layer_stats) AS s"
@@ -79,13 +80,13 @@ def test_a_killed_compaction_is_finished_or_rolled_back(template: Path, tmp_path
     before = {"n": 80, "s": 4 * sum(range(20))}
     _kill_at(store, point, offline)
     run = store / "run-c"
-    journals = C.pending_swaps(store)
+    journals = pending_swaps(store)
     assert journals, "the swap left no journal"
     table = json.loads(journals[0].read_text())["table"]
     if point == "renamed-old":  # the moment the issue found: the table folder is gone
         assert not (run / table).exists() and list(run.glob(f".{table}.old-*"))
     assert _query(store) == before  # the open finished or rolled back the swap first
-    assert not C.pending_swaps(store)
+    assert not pending_swaps(store)
     assert (run / table).is_dir() and not list(run.glob(f".{table}.*"))
     if point == "renamed-old":  # and a rerun of gc compacts what is left
         r = k2("gc", "--compact", "--store", str(store), "--json")

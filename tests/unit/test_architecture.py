@@ -38,6 +38,11 @@ LAYER_OF: dict[str, str] = {
     "k2repro.audit.manifest": "audit",
     "k2repro.audit.views": "audit",
     "k2repro.audit.runrow": "audit",  # the runs row and run_end marker of every writer
+    "k2repro.audit.storemeta": "audit",  # schema stubs, their stamp, the DuckDB file, store path check
+    "k2repro.audit.hparams": "audit",  # the hparams rows format (written by the sink, read by Store)
+    "k2repro.audit.versions": "audit",  # schema versions of a store, refusing what would be misread
+    "k2repro.audit.swaps": "audit",  # the folder-swap journal and recovery of an interrupted swap
+    "k2repro.audit.capability": "audit",  # what each tool can do for a run, by its runs.source
     "k2repro.audit.api": "audit.record",
     "k2repro.audit.auditrun": "audit.record",
     "k2repro.audit.layerstats": "audit.record",
@@ -87,16 +92,6 @@ RANK = {layer: i for i, group in enumerate(ORDER) for layer in group}
 KNOWN: dict[tuple[str, str], str] = {
     ("k2repro.train.guard", "k2repro.forensics.detect"):
         "the guard uses forensics' robust-z spike rule (RobustZ); the rule belongs in core",
-    ("k2repro.audit.store", "k2repro.audit.writer"):
-        "the query side takes RUN_MARKER, store paths and the store meta file from the writer",
-    ("k2repro.audit.store", "k2repro.audit.sink"):
-        "the query side parses hparams values with the sink's parse_hparam",
-    ("k2repro.audit.store", "k2repro.audit.migrate"):
-        "opening a store checks its schema version (migrate.check_store)",
-    ("k2repro.audit.store", "k2repro.audit.compact"):
-        "opening a store finishes interrupted compaction swaps (compact.recover_swaps)",
-    ("k2repro.eval.runner", "k2repro.tools.capability"):
-        "eval prints the device capability line that tools owns",
     ("k2repro.forensics.causal", "k2repro.tools.replay"):
         "the causal check launches replays; the tool should pass a callable instead",
 }

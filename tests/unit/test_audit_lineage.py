@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from k2repro.audit.sink import AuditSink, hparam_rows, parse_hparam
+from k2repro.audit.hparams import hparam_rows, parse_hparam
+from k2repro.audit.sink import AuditSink
 from k2repro.audit.store import open_store
 from k2repro.audit.writer import write_run_tables
 from k2repro.config.load import flatten, load_config, to_dict

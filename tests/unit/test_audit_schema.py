@@ -13,7 +13,8 @@ import pytest
 
 from k2repro.audit import schema as S
 from k2repro.audit.store import open_store
-from k2repro.audit.writer import ensure_store, to_arrow, write_segment
+from k2repro.audit.storemeta import ensure_store
+from k2repro.audit.writer import to_arrow, write_segment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,16 +92,64 @@ def test_empty_or_missing_store_reads_zero_typed_rows(tmp_path, kind):
 DOC = REPO / "docs" / "audit-store.md"
 
 
-def test_docs_describe_every_table_and_column():
-    text = DOC.read_text()
+def _doc_section(text: str, heading: str) -> str:
+    """The body of `heading` (a `## ` line) up to the next `## ` heading."""
+    start = text.index(f"\n{heading}\n") + len(heading) + 2
+    nxt = text.find("\n## ", start)
+    return text[start: nxt if nxt >= 0 else None]
+
+
+def _doc_tables(section: str) -> dict[str, list[tuple[str, str, str]]]:
+    """`### <table>` heading -> its markdown rows (column, type, meaning); `\\|` is a literal pipe."""
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for m in re.finditer(r"^### `([^`]+)`\n(.*?)(?=^### |\Z)", section, re.M | re.S):
+        rows = []
+        for line in m.group(2).splitlines():
+            if line.startswith("| `"):
+                cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+                assert len(cells) == 3, f"docs: table {m.group(1)}: row {line!r} has {len(cells)} cells, not 3"
+                rows.append((cells[0].strip("`"), cells[1], cells[2]))
+        out[m.group(1)] = rows
+    return out
+
+
+def test_docs_list_exactly_the_schema_tables_and_columns():
+    """docs/audit-store.md is the one home of tables and columns for people: its "Tables"
+    section lists exactly schema.py's tables, in order, each with exactly its columns, in
+    order, with the DuckDB type, NOT NULL where the column is required, and the column's doc
+    (a "; since schema N" note may be added)."""
+    tables = _doc_tables(_doc_section(DOC.read_text(), "## Tables"))
+    assert list(tables) == list(S.TABLES), "docs: the tables listed differ from audit/schema.py"
     for name, cols in S.TABLES.items():
-        m = re.search(rf"^(#+) `{name}`$", text, re.M)
-        assert m, f"docs: no section for table {name}"
-        rest = text[m.end():]
-        nxt = re.search(rf"^{m.group(1)} ", rest, re.M)
-        section = rest[: nxt.start() if nxt else None]
-        for c in cols:
-            assert f"| `{c.name}` |" in section, f"docs: column {name}.{c.name} undocumented"
+        want = [(c.name, S.DUCKDB_TYPES[c.type] + ("" if c.nullable else " NOT NULL"), c.doc) for c in cols]
+        got = [(col, type_, re.sub(r"; since schema \d+", "", meaning)) for col, type_, meaning in tables[name]]
+        assert [g[0] for g in got] == [w[0] for w in want], f"docs: columns of {name} differ from audit/schema.py"
+        for g, w in zip(got, want, strict=True):
+            assert g == w, f"docs: {name}.{w[0]} is {g[1:]}, audit/schema.py says {w[1:]}"
+
+
+def test_docs_list_exactly_the_derived_views_columns(tmp_path):
+    """The "Derived views" list names every column each derived view has, as an empty store's
+    views (audit/views.py) report them; "every column of T" stands for T's columns."""
+    section = _doc_section(DOC.read_text(), "## Tables")
+    derived = section[section.index("### Derived views"):]
+    documented: dict[str, set[str]] = {}
+    for view, rest in re.findall(r"^- `(\w+)`: (.*?)(?=^- |^\s*$)", derived, re.M | re.S):
+        names: set[str] = set()
+        for ref in re.findall(r"every column of `(\w+)`", rest):
+            names |= set(S.column_names("runs" if ref == "runs_raw" else ref))
+        rest = re.sub(r"every column of `\w+`", "", rest)
+        for chunk in re.findall(r"`([^`]+)`", rest):
+            names |= {n.strip() for n in chunk.split(",")}
+        documented[view] = names
+    with open_store(tmp_path / "missing") as st:
+        views = set(st.tables()) - {"runs_raw"} - (set(S.TABLES) - {"runs"})  # `runs` is derived
+        actual = {v: {r[0] for r in st.execute("SELECT column_name FROM information_schema.columns "
+                                               "WHERE table_name = ?", [v]).fetchall()} for v in views}
+    assert set(documented) == set(actual), "docs: the derived views listed differ from the store's"
+    for view, cols in actual.items():
+        assert documented[view] == cols, f"docs: view {view}: missing {sorted(cols - documented[view])}, " \
+                                         f"not there {sorted(documented[view] - cols)}"
 
 
 def test_docs_example_queries_run(tmp_path):

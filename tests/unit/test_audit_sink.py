@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from k2repro.audit import sink as sink_mod
-from k2repro.audit.sink import AuditSink, AuditWriteError, hparam_rows, parse_hparam
+from k2repro.audit.hparams import hparam_rows, parse_hparam
+from k2repro.audit.sink import AuditSink, AuditWriteError
 from k2repro.audit.store import open_store
 from k2repro.audit.writer import append_table, write_run_tables
 from k2repro.errors import BadInputError

@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from k2repro.audit import schema as S
-from k2repro.audit.migrate import (
+from k2repro.audit.migrate import migrate_store
+from k2repro.audit.versions import (
     META_KEY,
     Migration,
     NeedsMigration,
     SchemaTooNew,
     check_store,
-    migrate_store,
 )
 from tests.conftest import k2
 

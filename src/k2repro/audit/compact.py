@@ -18,7 +18,8 @@ the store's DuckDB file see that error instead and run the query again.
 
 Never touched: a running run (the sink rewrites its open segment in place), a table folder
 with a segment in flight (`.*.tmp`: its writer's rename would miss after the swap).
-Segments of different schema versions are not merged together (see audit.migrate).
+Segments of different schema versions are not merged together (see audit.versions). The swap
+journal and the recovery of an interrupted swap are in audit.swaps (the query side runs it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import os
 import secrets
 import shutil
@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from k2repro.audit import schema as S
+from k2repro.audit.storemeta import COMPRESSION
+from k2repro.audit.swaps import finish_swap, segment_files, store_root_of, write_journal
+from k2repro.audit.versions import segment_version
 from k2repro.errors import BadInputError
 
 #: Segments smaller than this are merged; larger ones are left alone.
@@ -84,11 +87,6 @@ def new_segment_name(old_name: str, tag: str = "c") -> str:
     return f"{writer}-{tag}{time.time_ns():020d}{secrets.token_hex(4)}.parquet"
 
 
-def _segments(table_dir: Path) -> list[Path]:
-    return sorted(f for f in table_dir.iterdir()
-                  if f.is_file() and f.name.endswith(".parquet") and not f.name.startswith("."))
-
-
 def _in_flight(table_dir: Path) -> list[str]:
     return [f.name for f in table_dir.iterdir() if f.name.startswith(".") and f.name.endswith(".tmp")]
 
@@ -107,7 +105,6 @@ def _carry(src: Path, dst: Path, done: set[str]) -> None:
             os.link(e, dst / e.name, follow_symlinks=False)
 
 
-JOURNAL_DIR = "_k2repro/journal"
 #: Fault injection (tests, the fault campaign): `<point>:<seconds>` sleeps at that point of a
 #: folder swap (`journaled`, `renamed-old`, `renamed-new`, `exchanged`) so a test can SIGKILL the
 #: process there. Unset in normal use.
@@ -121,51 +118,13 @@ def _fault(point: str) -> None:
         time.sleep(float(spec.partition(":")[2] or 60))
 
 
-def _store_root(path: Path) -> Path:
-    """The store root above `path` (the folder holding `_k2repro/schema`); else the folder
-    above the run folder, where a store root normally is."""
-    for parent in Path(path).resolve().parents:
-        if (parent / "_k2repro" / "schema").is_dir():
-            return parent
-    return Path(path).resolve().parent.parent
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_journal(table_dir: Path, new: Path, old: Path | None, new_names: list[str],
-                   done: list[str]) -> Path:
-    """Record an exchange before its first rename, so an interrupted one can be finished or
-    rolled back (`recover_swaps`): without it, a kill between the offline renames left the
-    table folder gone and its rows in a hidden `.<table>.old-*` folder that no query reads."""
-    root = _store_root(table_dir)
-    jdir = root / JOURNAL_DIR
-    jdir.mkdir(parents=True, exist_ok=True)
-    body = {"run_dir": os.path.relpath(table_dir.parent.resolve(), root), "table": table_dir.name,
-            "new": new.name, "old": old.name if old else None, "new_names": new_names, "done": done}
-    path = jdir / f"swap-{time.time_ns():020d}-{secrets.token_hex(4)}.json"
-    tmp = jdir / f".{path.name}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(body, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(jdir)
-    return path
-
-
 def _manifest_changes(table_dir: Path, new: Path) -> list[tuple[str, str | None, int]]:
     """Manifest lines for an exchange: a checksum for every segment of the new folder that the
     old one lacks, a removal for every old segment the new folder drops."""
     from k2repro.audit.manifest import file_digest
 
-    old_names = {f.name for f in _segments(table_dir)}
-    new_names = {f.name for f in _segments(new)}
+    old_names = {f.name for f in segment_files(table_dir)}
+    new_names = {f.name for f in segment_files(new)}
     out: list[tuple[str, str | None, int]] = []
     for name in sorted(new_names - old_names):
         sha, size = file_digest(new / name)
@@ -201,7 +160,7 @@ def swap_table_dir(table_dir: Path, build: Callable[[Path], list[str]], offline:
             raise TableBusy(f"{table_dir}: a segment is being written")
         changes = _manifest_changes(table_dir, new)
         old = table_dir.parent / f".{table_dir.name}.old-{secrets.token_hex(4)}" if offline else None
-        journal = _write_journal(table_dir, new, old,
+        journal = write_journal(table_dir, new, old,
                                  [Path(rel).name for rel, sha, _ in changes if sha], sorted(done))
         record(table_dir.parent, "compact", changes, fsync=True)
         _fault("journaled")
@@ -214,7 +173,7 @@ def swap_table_dir(table_dir: Path, build: Callable[[Path], list[str]], offline:
         else:
             _exchange(new, table_dir)
             _fault("exchanged")
-        for f in _segments(new):  # the old folder now: anything that slipped in moves over
+        for f in segment_files(new):  # the old folder now: anything that slipped in moves over
             if f.name not in done and not (table_dir / f.name).exists():
                 os.rename(f, table_dir / f.name)
     except BaseException:
@@ -222,102 +181,16 @@ def swap_table_dir(table_dir: Path, build: Callable[[Path], list[str]], offline:
             shutil.rmtree(new, ignore_errors=True)
         else:  # finish or roll back now; what cannot be done here waits for recover_swaps
             with contextlib.suppress(Exception):
-                _finish_one(_store_root(table_dir), journal)
+                finish_swap(store_root_of(table_dir), journal)
         raise
     shutil.rmtree(new, ignore_errors=True)
     journal.unlink(missing_ok=True)
 
 
-class InterruptedSwap(BadInputError):
-    """A folder swap was interrupted and could not be finished here (a read-only store)."""
-
-
-def pending_swaps(root: Path) -> list[Path]:
-    """Journals of swaps that have not finished (cheap: one folder listing)."""
-    jdir = Path(root) / JOURNAL_DIR
-    return sorted(jdir.glob("swap-*.json")) if jdir.is_dir() else []
-
-
-def _finish_one(root: Path, journal: Path) -> str:
-    """Finish (the new folder is in place or complete beside it) or roll back (the old folder
-    never left) one journaled swap; returns what was done."""
-    from k2repro.audit.manifest import record
-
-    j = json.loads(journal.read_text())
-    run_dir = (root / j["run_dir"]).resolve()
-    for key in ("table", "new"):
-        if not isinstance(j.get(key), str) or "/" in j[key] or j[key] in ("", ".", ".."):
-            raise ValueError(f"journal {journal.name}: bad {key}")
-    if root.resolve() not in run_dir.parents:
-        raise ValueError(f"journal {journal.name}: run folder outside the store")
-    table_dir, new = run_dir / j["table"], run_dir / j["new"]
-    old = run_dir / j["old"] if j.get("old") else None
-    new_names = set(j.get("new_names") or [])
-    done = set(j.get("done") or [])
-    if not table_dir.exists():  # killed between the offline renames: the new folder is complete
-        if new.is_dir():
-            os.rename(new, table_dir)
-        elif old is not None and old.is_dir():
-            os.rename(old, table_dir)
-    if not table_dir.is_dir():
-        raise ValueError(f"journal {journal.name}: {table_dir.name} is gone with no copy to restore")
-    present = {f.name for f in _segments(table_dir)}
-    if new_names and not (new_names & present):  # the old folder never left: roll back
-        shutil.rmtree(new, ignore_errors=True)
-        record(run_dir, "compact", [(f"{j['table']}/{n}", None, -1) for n in sorted(new_names)], fsync=True)
-        action = "rolled back"
-    else:
-        for side in (new, old):  # the old folder: anything that slipped in moves over, then it goes
-            if side is None or not side.is_dir():
-                continue
-            for f in _segments(side):
-                if f.name not in done and f.name not in present:
-                    os.rename(f, table_dir / f.name)
-            shutil.rmtree(side, ignore_errors=True)
-        action = "finished"
-    journal.unlink(missing_ok=True)
-    return f"{action} the interrupted compaction of {os.path.relpath(table_dir, root)}"
-
-
-def restore_hidden_tables(run_dir: Path) -> list[str]:
-    """Put back a table folder that an unjournaled swap (a k2repro before the journal, killed
-    between its offline renames) left only as a hidden `.<table>.old-*` (or `.swap-*`)
-    folder. The `.old-*` folder is the complete old table; it wins over a swap folder."""
-    run_dir = Path(run_dir)
-    restored: list[str] = []
-    for table in S.TABLES:
-        if (run_dir / table).exists():
-            continue
-        hidden = sorted(run_dir.glob(f".{table}.old-*")) or sorted(run_dir.glob(f".{table}.swap-*"))
-        hidden = [h for h in hidden if h.is_dir() and not h.is_symlink()]
-        if hidden:
-            os.rename(hidden[0], run_dir / table)
-            restored.append(f"{run_dir.name}/{table} from {hidden[0].name}")
-    return restored
-
-
-def recover_swaps(root: str | Path) -> list[str]:
-    """Finish or roll back every interrupted folder swap of the store. Raises InterruptedSwap
-    (one line, with what to run) when that cannot be done here, so that no query answers
-    from a table whose rows sit in a hidden folder."""
-    root = Path(root)
-    done: list[str] = []
-    for journal in pending_swaps(root):
-        try:
-            done.append(_finish_one(root, journal))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InterruptedSwap(f"store {root}: an interrupted compaction ({journal.name}) could not be "
-                                  f"finished ({exc}); run `k2repro gc --compact` with write access to the "
-                                  f"store") from None
-    return done
-
-
 def _groups(table_dir: Path, small_bytes: int) -> dict[tuple[str, int], list[Path]]:
     """(writer prefix, schema version) -> its small segments, in name (= write) order."""
-    from k2repro.audit.migrate import segment_version
-
     out: dict[tuple[str, int], list[Path]] = {}
-    for f in _segments(table_dir):
+    for f in segment_files(table_dir):
         if f.stat().st_size >= small_bytes:
             continue
         writer = f.name.split("-", 1)[0] if "-" in f.name else "s"
@@ -339,8 +212,6 @@ def _merge_into(new_dir: Path, table_dir: Path, small_bytes: int) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from k2repro.audit.writer import COMPRESSION
-
     groups = _groups(table_dir, small_bytes)
     merged: set[str] = set()
     for files in groups.values():
@@ -352,7 +223,7 @@ def _merge_into(new_dir: Path, table_dir: Path, small_bytes: int) -> list[str]:
         pq.write_table(tbl, tmp, compression=COMPRESSION, write_page_checksum=True)
         os.replace(tmp, new_dir / name)
         merged.update(f.name for f in files)
-    kept = [f.name for f in _segments(table_dir) if f.name not in merged]
+    kept = [f.name for f in segment_files(table_dir) if f.name not in merged]
     for name in kept:
         os.link(table_dir / name, new_dir / name)
     return sorted(merged) + kept
@@ -368,14 +239,14 @@ def compact_run(run_dir: Path, small_bytes: int = SMALL_BYTES, offline: bool = F
     for tdir in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name in S.TABLES):
         if not _groups(tdir, small_bytes):
             continue
-        n0 = len(_segments(tdir))
+        n0 = len(segment_files(tdir))
         try:
             swap_table_dir(tdir, lambda new, t=tdir: _merge_into(new, t, small_bytes), offline=offline)
         except TableBusy:
             busy.append(tdir.name)
             continue
         before += n0
-        after += len(_segments(tdir))
+        after += len(segment_files(tdir))
         tables.append(tdir.name)
     # A run that ended without close() (SIGKILL) left its ranks' full-disk reserves behind.
     reserves = sorted(run_dir.glob(".reserve-r*"))
@@ -394,5 +265,5 @@ def require_exchange(root: Path, offline: bool) -> None:
                         f"pass --offline when nobody queries the store")
 
 
-__all__ = ["restore_hidden_tables", "recover_swaps", "pending_swaps", "InterruptedSwap", "FAULT_ENV", "compact_run", "plan_run", "swap_table_dir", "exchange_supported", "new_segment_name",
+__all__ = ["FAULT_ENV", "compact_run", "plan_run", "swap_table_dir", "exchange_supported", "new_segment_name",
            "require_exchange", "SMALL_BYTES", "TableBusy"]

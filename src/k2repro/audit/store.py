@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from k2repro.audit import schema as S
+from k2repro.audit.hparams import parse_hparam
+from k2repro.audit.storemeta import check_store_path, ensure_store, store_meta_current
+from k2repro.audit.swaps import pending_swaps, recover_swaps
+from k2repro.audit.versions import check_store
 from k2repro.audit.views import HEARTBEAT_DIR, all_view_sql, heartbeat_glob, sql_literal, table_glob
-from k2repro.audit.writer import check_store_path, ensure_store, store_meta_current
 from k2repro.core.layout import RUN_MARKER, default_store
 from k2repro.errors import BadInputError
 
@@ -171,8 +174,6 @@ class Store:
 
     def hparams(self, run_id: str) -> dict[str, Any]:
         """Dotted key -> typed value (floats exact), as the run resolved its config."""
-        from k2repro.audit.sink import parse_hparam
-
         run_id = self._need_run(run_id)
         rows = self.con.execute("SELECT key, value, value_type FROM hparams WHERE run_id = ? ORDER BY key",
                                 [run_id]).fetchall()
@@ -221,13 +222,9 @@ def open_store(path: str | Path | None = None, *, sandbox: bool = False, check_v
     import duckdb
 
     root = check_store_path(Path(path) if path is not None else default_store())
-    if check_version and root.is_dir():  # a newer store, or an older one read wrongly: refuse (audit/migrate.py)
-        from k2repro.audit.migrate import check_store
-
+    if check_version and root.is_dir():  # a newer store, or an older one read wrongly: refuse (audit/versions.py)
         check_store(root)
     if root.is_dir():  # an interrupted compaction is finished or rolled back before any query
-        from k2repro.audit.compact import pending_swaps, recover_swaps
-
         if pending_swaps(root):
             for msg in recover_swaps(root):
                 log.warning("store %s: %s", root, msg)

@@ -262,8 +262,8 @@ def _last_seqs(run_dir: Path) -> dict[int, int]:
 def verify_store(root: str | Path, run_ids: list[str] | None = None) -> list[RunCheck]:
     """Check the runs of a store (all, or those named). Raises BadInputError for a store
     that does not exist or a run id it does not hold."""
-    from k2repro.audit.compact import recover_swaps
-    from k2repro.audit.migrate import run_markers
+    from k2repro.audit.swaps import recover_swaps
+    from k2repro.audit.versions import run_markers
     from k2repro.errors import BadInputError
 
     root = Path(root)

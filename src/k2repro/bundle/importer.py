@@ -220,7 +220,7 @@ def _target(root: Path, chain: list[str], head: str) -> Path:
     """`<store>/bundle-<head>`, once no launch of the chain is in the store yet and that
     folder does not exist (BadInputError otherwise); the store is made if it is new."""
     from k2repro.audit.store import open_store
-    from k2repro.audit.writer import ensure_store
+    from k2repro.audit.storemeta import ensure_store
 
     root.mkdir(parents=True, exist_ok=True)
     with open_store(root) as store:
@@ -298,7 +298,7 @@ def import_bundle(bundle: str | Path, store_root: str | Path | None = None,
     then add the bundle's launches to the store; returns what was imported and every path
     rewrite. Nothing is written before every check passed, and nothing outside
     `<store>/bundle-<head>/` is written at all."""
-    from k2repro.audit.migrate import SchemaTooNew
+    from k2repro.audit.versions import SchemaTooNew
     from k2repro.core.layout import default_store
 
     say = progress or (lambda _m: None)

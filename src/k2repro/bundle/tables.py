@@ -38,7 +38,7 @@ def write_parquet(tbl: pa.Table, path: Path) -> None:
     import pyarrow.parquet as pq
 
     from k2repro.audit.redact import scrub_table
-    from k2repro.audit.writer import COMPRESSION
+    from k2repro.audit.storemeta import COMPRESSION
 
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(scrub_table(tbl), path, compression=COMPRESSION)

@@ -23,9 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from k2repro.audit.capability import partial_line
     from k2repro.audit.store import open_store
     from k2repro.tools.batch import batch_lookup, render_text
-    from k2repro.tools.capability import partial_line
 
     with open_store(args.store) as store:
         report = batch_lookup(store, args.run, args.step, packed_dir=args.packed_dir, text=not args.no_text)

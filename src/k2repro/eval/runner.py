@@ -215,7 +215,7 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         manifest_rows = st.sql("SELECT artifact, sha256 FROM data_manifest WHERE run_id = ?",
                                [run_id]).to_dict("records")
         eval_rows = st.execute(EVAL_ROWS_SQL, [run_id]).fetchall()
-    from k2repro.tools.capability import capability_line
+    from k2repro.audit.capability import capability_line
 
     refuse = capability_line("eval", run_id, row.get("source"), len(recorded))
     if refuse:  # before its config is read: an API run's config is not k2repro's
@@ -307,7 +307,8 @@ def write_eval_rows(out_store: str | os.PathLike, run_id: str, ck: CheckpointRef
                     rows: Sequence[tuple[str, float, int]], detail: dict) -> Path:
     """One deterministic segment per (checkpoint, manifest, settings): `--force` rewrites it in
     place; other settings add their own segment beside it."""
-    from k2repro.audit.writer import ensure_store, to_arrow, write_segment
+    from k2repro.audit.storemeta import ensure_store
+    from k2repro.audit.writer import to_arrow, write_segment
 
     root = Path(out_store)
     ensure_store(root)

@@ -172,7 +172,8 @@ def write_spike_rows(res: ForensicsResult, out_store: str | os.PathLike) -> Path
     "Data flow", keeps the pipeline's forensics stage in its own folder): one segment
     `<out_store>/<run_id>/spikes/forensics.parquet`, written as a temp file and renamed, so
     a rerun replaces the rows instead of adding a second copy."""
-    from k2repro.audit.writer import ensure_store, write_segment
+    from k2repro.audit.storemeta import ensure_store
+    from k2repro.audit.writer import write_segment
 
     root = Path(out_store)
     ensure_store(root)

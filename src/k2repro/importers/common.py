@@ -309,7 +309,7 @@ def _metrics_table(run: ImportedRun) -> pa.Table | None:
 
 
 def _hparam_table(h: Mapping[str, Any]) -> dict[str, list]:
-    from k2repro.audit.sink import hparam_rows
+    from k2repro.audit.hparams import hparam_rows
 
     return hparam_rows(h)
 
@@ -425,7 +425,7 @@ def commit_runs(store_root: str | Path, runs: Sequence[ImportedRun], name: str,
     runs written before it are removed again. `links` (importers/stitch.py) set each linked
     run's parent and resume step and add a `stitch` event to it; what they link is part of the
     options hash, so the same content linked differently is refused, not duplicated."""
-    from k2repro.audit.writer import check_store_path
+    from k2repro.audit.storemeta import check_store_path
 
     root = check_store_path(store_root)
     if not runs:

@@ -264,6 +264,7 @@ def compact(store_root: str | Path, run_ids: list[str] | None = None, dry_run: b
     """Merge small segments of every non-running run (or the given ones)."""
     from k2repro.audit import compact as C
     from k2repro.audit.store import open_store
+    from k2repro.audit.swaps import restore_hidden_tables
 
     root = Path(store_root)
     if not root.is_dir():
@@ -286,7 +287,7 @@ def compact(store_root: str | Path, run_ids: list[str] | None = None, dry_run: b
             continue
         for d in dirs:
             if not dry_run:  # a table an older, unjournaled compaction left hidden comes back first
-                report["restored"] += C.restore_hidden_tables(d)
+                report["restored"] += restore_hidden_tables(d)
             plan = C.plan_run(d, small)
             if not plan:
                 continue

@@ -165,7 +165,7 @@ def plan_replay(store: Store, ref: str, from_step: int, to_step: int, tolerance:
     rid = store.resolve_run_id(ref)
     row = store.run(rid)
     source = row.get("source") or "train"
-    from k2repro.tools.capability import capability_line
+    from k2repro.audit.capability import capability_line
 
     refuse = capability_line("replay", rid, source)
     if refuse:

@@ -7,6 +7,9 @@ checkpoints are the other framework's own folders, its config is not a k2repro m
 An imported run (`import:*`) carries curves and what the log held. Tools that need more than a
 run of that source holds refuse up front with this line, instead of failing later on a detail
 (an unknown config key, a checkpoint format) that hides the reason.
+
+It reads only a run's `runs.source` value, a fact of the audit records, and tools of several
+layers use it (eval, replay, the CLI): it sits in the shared audit layer, below all of them.
 """
 
 from __future__ import annotations
