@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from k2repro.errors import BadInputError
-from k2repro.importers.common import STEP_COLUMNS, ImportedRun, NameMap, bad, sha256_path
+from k2repro.importers.names import STEP_COLUMNS, NameMap
+from k2repro.importers.parsed import ImportedRun, bad, sha256_path
 
 KIND = "megatron-log"
 

@@ -15,18 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from k2repro.errors import BadInputError
-from k2repro.importers.common import (
-    STEP_COLUMNS,
-    ImportedRun,
-    NameMap,
-    bad,
-    check_steps,
-    csv_line_of,
-    read_csv_header,
-    read_csv_table,
-    sha256_background,
-    steps_from_float,
-)
+from k2repro.importers.csv_io import csv_line_of, read_csv_header, read_csv_table
+from k2repro.importers.names import STEP_COLUMNS, NameMap
+from k2repro.importers.parsed import ImportedRun, bad, sha256_background
+from k2repro.importers.values import check_steps, steps_from_float
 
 KIND = "wandb-csv"
 SEP = " - "
