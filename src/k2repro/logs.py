@@ -18,6 +18,19 @@ import sys
 _HANDLER_NAME = "k2repro"
 
 
+class _Formatter(logging.Formatter):
+    """`k2repro import: warning: ...`, the form of the CLI's own `error:` lines; below INFO the
+    module that logged is named too (for whoever debugs)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        where = f" ({record.name})" if record.levelno < logging.INFO else ""
+        return f"{self.prefix}: {record.levelname.lower()}: {record.getMessage()}{where}"
+
+
 def configure(prog: str = "k2repro", environ: dict[str, str] | None = None) -> logging.Logger:
     """Attach one stderr handler to the `k2repro` logger (idempotent; other libraries' loggers
     are left alone). Returns that logger."""
@@ -35,7 +48,7 @@ def configure(prog: str = "k2repro", environ: dict[str, str] | None = None) -> l
             root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(logging.Formatter(f"{prog}{where}: %(levelname)s: %(message)s (%(name)s)"))
+    handler.setFormatter(_Formatter(f"{prog}{where}"))
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False

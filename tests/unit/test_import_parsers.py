@@ -10,7 +10,7 @@ import pytest
 
 from k2repro.errors import BadInputError
 from k2repro.importers import generic, megatron_log, tensorboard, wandb_csv
-from k2repro.importers.common import NameMap
+from k2repro.importers.names import NameMap
 from k2repro.importers.wandb_csv import StepAxis
 from tests.integration.import_fixtures import (
     loss_curve,
@@ -324,7 +324,7 @@ def test_generic_nan_values_are_kept_and_reported(tmp_path):
     ("e.csv", "step,loss,_timestamp,skipped\n1,2.0,1704067200,0\n2,1.5,1704067210,1\n"),
 ])
 def test_generic_time_and_skipped_columns(tmp_path, name, text):
-    from k2repro.importers.common import _steps_table
+    from k2repro.importers.tables import _steps_table
 
     p = tmp_path / name
     p.write_text(text)

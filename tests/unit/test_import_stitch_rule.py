@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from k2repro.errors import BadInputError
-from k2repro.importers.common import ImportedRun
+from k2repro.importers.parsed import ImportedRun
 from k2repro.importers.stitch import plan, related, stem
 
 

@@ -171,7 +171,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from k2repro.core.layout import default_store
-    from k2repro.importers.common import NameMap, commit_runs
+    from k2repro.importers.names import NameMap
+    from k2repro.importers.transaction import commit_runs
 
     if args.kind in RUNNERS:
         return RUNNERS[args.kind][2](args)

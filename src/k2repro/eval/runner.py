@@ -197,24 +197,14 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
               batch_size: int = 8, force: bool = False) -> EvalPlan:
     """Resolve the run, its data and checkpoints, verify what will be evaluated; raise
     BadInputError / CheckpointError (exit 2) naming the culprit. Writes nothing."""
-    from k2repro.audit.store import open_store
-    from k2repro.config.load import from_dict
-    from k2repro.core.ckpt_manifest import MANIFEST, verify_checkpoint
     from k2repro.data.packed import PackedDataset
-    from k2repro.eval.memorization import effective_k
 
     if k < 1 or mem_samples < 0 or val_windows < 0 or batch_size < 1:
         raise BadInputError("--k and --batch-size must be >= 1, --mem-samples and --val-windows >= 0")
     root = Path(store)
     if not root.is_dir():
         raise BadInputError(f"no store at {root} (pass --store or set K2REPRO_STORE)")
-    with open_store(root) as st:
-        run_id = st.resolve_run_id(run_ref)
-        row = st.run(run_id)
-        recorded = st.checkpoints(run_id)[["step", "path", "manifest_sha256"]].to_dict("records")
-        manifest_rows = st.sql("SELECT artifact, sha256 FROM data_manifest WHERE run_id = ?",
-                               [run_id]).to_dict("records")
-        eval_rows = st.execute(EVAL_ROWS_SQL, [run_id]).fetchall()
+    run_id, row, recorded, manifest_rows, eval_rows = _run_rows(root, run_ref)
     from k2repro.audit.capability import capability_line
 
     refuse = capability_line("eval", run_id, row.get("source"), len(recorded))
@@ -222,8 +212,47 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         raise BadInputError(refuse)
     out_root = Path(out_store or root)
     if out_root.is_dir() and not _inside(out_root, root):  # the query layer sees nested roots already
-        with open_store(out_root) as st:
-            eval_rows += st.execute(EVAL_ROWS_SQL, [run_id]).fetchall()
+        eval_rows += _stored_evals(out_root, run_id)
+    config, cfg = _run_config(root, run_id, row)
+    ddir = Path(data_dir or cfg.data.packed_dir)
+    ds_train, ds_val = PackedDataset(ddir, "train"), PackedDataset(ddir, "val")
+    _check_data(ds_train, ds_val, ddir, run_id, manifest_rows, cfg.train.seq_len)
+    settings = _settings(cfg, ds_train, ds_val, k, mem_samples, val_windows)
+    plan = EvalPlan(run_id=run_id, config=config, data_dir=str(ddir), out_store=str(out_root),
+                    settings=settings, settings_hash=settings_hash(settings), batch_size=batch_size)
+    selected = _select_checkpoints(plan, root, cfg, recorded, steps)
+    _todo_or_done(plan, selected, recorded, {} if force else _existing(eval_rows))
+    return plan
+
+
+def _run_rows(root: Path, run_ref: str) -> tuple[str, dict, list[dict], list[dict], list]:
+    """(run id, runs row, recorded checkpoints, data manifest rows, stored eval rows) of the
+    run in the store at `root`."""
+    from k2repro.audit.store import open_store
+
+    with open_store(root) as st:
+        run_id = st.resolve_run_id(run_ref)
+        row = st.run(run_id)
+        recorded = st.checkpoints(run_id)[["step", "path", "manifest_sha256"]].to_dict("records")
+        manifest_rows = st.sql("SELECT artifact, sha256 FROM data_manifest WHERE run_id = ?",
+                               [run_id]).to_dict("records")
+        eval_rows = st.execute(EVAL_ROWS_SQL, [run_id]).fetchall()
+    return run_id, row, recorded, manifest_rows, eval_rows
+
+
+def _stored_evals(root: Path, run_id: str) -> list:
+    """Eval rows of the run in another store (`--out-store`): results stored there count too."""
+    from k2repro.audit.store import open_store
+
+    with open_store(root) as st:
+        return st.execute(EVAL_ROWS_SQL, [run_id]).fetchall()
+
+
+def _run_config(root: Path, run_id: str, row: dict) -> tuple[dict, Any]:
+    """(the run's config as this k2repro knows it, typed); keys this version no longer has are
+    dropped with a warning line."""
+    from k2repro.config.load import from_dict
+
     if not row.get("config_json"):
         raise BadInputError(f"run {run_id} has no resolved config in {root} (imported runs cannot be evaluated)")
     config, dropped = known_keys(json.loads(row["config_json"]))
@@ -231,22 +260,29 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
         _eprint(f"eval {run_id}: {len(dropped)} config key(s) unknown to this k2repro ignored: "
                 f"{', '.join(dropped[:5])}{more}")
-    cfg = from_dict(config)
-    ddir = Path(data_dir or cfg.data.packed_dir)
-    ds_train, ds_val = PackedDataset(ddir, "train"), PackedDataset(ddir, "val")
-    _check_data(ds_train, ds_val, ddir, run_id, manifest_rows, cfg.train.seq_len)
+    return config, from_dict(config)
 
-    k_eff = effective_k(k, cfg.train.seq_len, cfg.model.max_seq_len)
-    settings = {
-        "format": EVAL_FORMAT, "k": k_eff, "k_requested": k, "mem_samples": mem_samples,
+
+def _settings(cfg: Any, ds_train: Any, ds_val: Any, k: int, mem_samples: int, val_windows: int) -> dict:
+    """What an evaluation's numbers depend on (hashed: a stored result with the same hash and
+    checkpoint is reused)."""
+    from k2repro.eval.memorization import effective_k
+
+    return {
+        "format": EVAL_FORMAT, "k": effective_k(k, cfg.train.seq_len, cfg.model.max_seq_len),
+        "k_requested": k, "mem_samples": mem_samples,
         "val_windows": val_windows, "seq_len": cfg.train.seq_len, "mem_seed": cfg.train.seed,
         "val_sha256": _artifact_sha(ds_val, "packed/val.bin"),
         "val_docs_sha256": _artifact_sha(ds_val, "packed/val.docs"),
         "train_sha256": _artifact_sha(ds_train, "packed/train.bin"),
     }
-    plan = EvalPlan(run_id=run_id, config=config, data_dir=str(ddir), out_store=str(out_root),
-                    settings=settings, settings_hash=settings_hash(settings), batch_size=batch_size)
 
+
+def _select_checkpoints(plan: EvalPlan, root: Path, cfg: Any, recorded: list[dict],
+                        steps: Sequence[int] | None) -> dict[int, Path]:
+    """The checkpoints on disk to evaluate: those of `steps` (each must be there), else all
+    (recorded ones not on disk go to `plan.missing`)."""
+    run_id = plan.run_id
     found, missing = find_checkpoints(root, run_id, cfg, recorded)
     if steps is not None:
         absent = [s for s in steps if s not in found]
@@ -260,15 +296,23 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         plan.missing = missing
     if not selected:
         raise BadInputError(f"run {run_id} has no checkpoint on disk (ckpt.interval=0, or pruned)")
+    return selected
+
+
+def _todo_or_done(plan: EvalPlan, selected: dict[int, Path], recorded: list[dict],
+                  done: dict[tuple[str, str], dict]) -> None:
+    """Each selected checkpoint's manifest must be the one the run recorded; one evaluated
+    before with the same settings is skipped (its stored results reused), the others are
+    verified file by file and queued."""
+    from k2repro.core.ckpt_manifest import MANIFEST, verify_checkpoint
 
     by_step = {int(r["step"]): r.get("manifest_sha256") for r in recorded}
-    done = {} if force else _existing(eval_rows)
     for step, path in sorted(selected.items()):
         mpath = path / MANIFEST
         sha = _file_sha(mpath)
         want = by_step.get(step)
         if want and want != sha:
-            raise CheckpointError(f"checkpoint manifest {mpath} is not the one run {run_id} recorded "
+            raise CheckpointError(f"checkpoint manifest {mpath} is not the one run {plan.run_id} recorded "
                                   f"(sha256 {sha[:16]}..., recorded {str(want)[:16]}...)")
         ref = CheckpointRef(step=step, path=str(path), manifest_sha256=sha)
         if (sha, plan.settings_hash) in done:
@@ -277,7 +321,6 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
         else:
             verify_checkpoint(path)  # every file against the manifest: CheckpointError names it
             plan.todo.append(ref)
-    return plan
 
 
 # ------------------------------------------------------------------------------------ evaluate

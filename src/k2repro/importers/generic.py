@@ -14,22 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from k2repro.errors import BadInputError
-from k2repro.importers.common import (
-    STEP_BOOL,
-    STEP_COLUMNS,
-    ImportedRun,
-    NameMap,
-    bad,
-    check_steps,
+from k2repro.importers.csv_io import (
     csv_line_of,
     csv_sample,
     is_number,
     read_csv_header,
     read_csv_table,
-    sha256_background,
-    steps_from_float,
 )
-from k2repro.importers.values import show, time_ok, to_datetime
+from k2repro.importers.names import STEP_BOOL, STEP_COLUMNS, NameMap
+from k2repro.importers.parsed import ImportedRun, bad, sha256_background
+from k2repro.importers.values import check_steps, show, steps_from_float, time_ok, to_datetime
 from k2repro.importers.wandb_csv import StepAxis
 
 KIND = "csv"

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from k2repro.errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from k2repro.importers.common import ImportedRun
+    from k2repro.importers.parsed import ImportedRun
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from k2repro.errors import BadInputError
-from k2repro.importers.common import STEP_COLUMNS, ImportedRun, NameMap, sha256_path
+from k2repro.importers.names import STEP_COLUMNS, NameMap
+from k2repro.importers.parsed import ImportedRun, sha256_path
 
 KIND = "tensorboard"
 EVENT_GLOB = "*tfevents*"
@@ -283,18 +284,66 @@ def read(path: str | Path, names: NameMap, offset: int = 0) -> list[ImportedRun]
     return [_read_run(path, rel, files, names, offset, len(runs)) for rel, files in runs.items()]
 
 
+#: tag -> step -> (value, wall time)
+Series = dict[str, dict[int, tuple[float, float]]]
+
+
 def _read_run(root: Path, rel: str, files: list[Path], names: NameMap, offset: int,
               n_runs: int) -> ImportedRun:
     import numpy as np
     import pyarrow as pa
 
+    decoded = _decode_files(files)
+    series, restarts, skipped_tags = _merge(decoded, offset)
+    sha = sha256_path(root) if root.is_file() else sha256_path(files[0].parent, files)
+    label = None if rel == "." and n_runs == 1 else rel
+    run = ImportedRun(KIND, str(root if root.is_file() else root / rel), sha, source_run=label)
+    if not series:
+        raise BadInputError(f"{run.path}: no scalar summaries in the event file(s)")
+    col_series, mapped = _map_series(run, series, names)
+    all_steps = sorted(set().union(*[set(s) for s in col_series.values()])) if col_series else []
+    run.steps = pa.array(np.asarray(all_steps, dtype=np.int64), type=pa.int64())
+    for target, s in col_series.items():
+        run.columns[target] = pa.array([s[x][0] if x in s else None for x in all_steps], type=pa.float64())
+    if all_steps:
+        walls = [min(s[x][1] for s in col_series.values() if x in s) for x in all_steps]
+        run.columns["time"] = pa.array(walls, type=pa.float64())
+    every_wall = [w for s in series.values() for _, w in s.values()]
+    run.started_at, run.ended_at = min(every_wall), max(every_wall)
+    loss = col_series.get("loss", {})
+    for x in all_steps:
+        if x in loss and not np.isfinite(loss[x][0]):
+            run.event("nan", step=int(x), severity="warning", time_s=loss[x][1], signal="loss")
+    for rs in restarts:
+        run.event("restart", step=rs.pop("step"), severity="warning", time_s=rs.pop("time"), **rs)
+    run.hparams.update({
+        "import.kind": KIND, "import.path": run.path, "import.content_sha256": sha,
+        "import.source_run": label, "import.files": [f.name for _, _, f, _ in decoded],
+        "import.sampled": False, "import.step_offset": offset, "import.restarts": len(restarts),
+        **{f"import.map.{t}": m for t, m in sorted(mapped.items())},
+    })
+    if skipped_tags:
+        run.hparams["import.skipped_tags"] = sorted(skipped_tags)
+    return run
+
+
+def _decode_files(files: list[Path]) -> list[tuple[float, str, Path, list]]:
+    """(first wall time, name, path, items) of each file, in the order they were written."""
     scalar_tags: dict[str, bool] = {}
     decoded = []
     for f in files:
         first_wall, items = _decode(f, read_records(f), scalar_tags)
         decoded.append((first_wall if first_wall is not None else float("inf"), f.name, f, items))
     decoded.sort(key=lambda d: (d[0], d[1]))
-    series: dict[str, dict[int, tuple[float, float]]] = {}
+    return decoded
+
+
+def _merge(decoded: list[tuple[float, str, Path, list]], offset: int
+           ) -> tuple[Series, list[dict[str, Any]], set[str]]:
+    """The files' points as one series per tag: a step going back after a restart marker (a
+    new file, a SessionLog START) replaces the later points, as TensorBoard purges them.
+    Returns (series, restarts, tags left out for counting samples or tokens)."""
+    series: Series = {}
     last: dict[str, int] = {}
     restarts: list[dict[str, Any]] = []
     skipped_tags: set[str] = set()
@@ -318,28 +367,37 @@ def _read_run(root: Path, rel: str, files: list[Path], names: NameMap, offset: i
                     word = "repeats" if step == prev else "goes back"
                     raise BadInputError(f"{f}: record {k}: tag {p.tag!r} step {word} ({prev} then "
                                         f"{step}) without a restart marker")
-                purged = 0
-                for tag, s in series.items():
-                    drop = [x for x in s if x >= step]
-                    for x in drop:
-                        del s[x]
-                    purged += len(drop)
-                    last[tag] = max(s) if s else 0
                 restarts.append({"step": step, "time": p.wall, "file": f.name, "record": k,
                                  "marker": marker, "previous_last_step": prev,
-                                 "replaced_points": purged})
+                                 "replaced_points": _purge(series, last, step)})
                 marker = None
             elif marker is not None and prev is not None:
                 marker = None  # the new file continues where the last one stopped
             series.setdefault(p.tag, {})[step] = (p.value, p.wall)
             last[p.tag] = step
-    sha = sha256_path(root) if root.is_file() else sha256_path(files[0].parent, files)
-    label = None if rel == "." and n_runs == 1 else rel
-    run = ImportedRun(KIND, str(root if root.is_file() else root / rel), sha, source_run=label)
-    if not series:
-        raise BadInputError(f"{run.path}: no scalar summaries in the event file(s)")
+    return series, restarts, skipped_tags
+
+
+def _purge(series: Series, last: dict[str, int], step: int) -> int:
+    """Drop every tag's points at or after `step` (a restart resumed there); returns how many."""
+    purged = 0
+    for tag, s in series.items():
+        drop = [x for x in s if x >= step]
+        for x in drop:
+            del s[x]
+        purged += len(drop)
+        last[tag] = max(s) if s else 0
+    return purged
+
+
+def _map_series(run: ImportedRun, series: Series, names: NameMap) -> tuple[Series, dict[str, str]]:
+    """Tags onto `steps` columns (returned, by target) or `metrics` series (put in the run);
+    returns (column series, tag -> target)."""
+    import numpy as np
+    import pyarrow as pa
+
     mapped: dict[str, str] = {}
-    col_series: dict[str, dict[int, tuple[float, float]]] = {}
+    col_series: Series = {}
     for tag in sorted(series):
         target, scale = names.target(tag)
         if target is None or target == "step":
@@ -354,28 +412,4 @@ def _read_run(root: Path, rel: str, files: list[Path], names: NameMap, offset: i
             st = np.fromiter(sorted(s), dtype=np.int64, count=len(s))
             run.metrics[name] = (pa.array(st), pa.array([s[x][0] for x in st], type=pa.float64()))
         mapped[tag] = target
-    all_steps = sorted(set().union(*[set(s) for s in col_series.values()])) if col_series else []
-    steps = np.asarray(all_steps, dtype=np.int64)
-    run.steps = pa.array(steps, type=pa.int64())
-    for target, s in col_series.items():
-        run.columns[target] = pa.array([s[x][0] if x in s else None for x in all_steps], type=pa.float64())
-    if all_steps:
-        walls = [min(s[x][1] for s in col_series.values() if x in s) for x in all_steps]
-        run.columns["time"] = pa.array(walls, type=pa.float64())
-    every_wall = [w for s in series.values() for _, w in s.values()]
-    run.started_at, run.ended_at = min(every_wall), max(every_wall)
-    loss = col_series.get("loss", {})
-    for x in all_steps:
-        if x in loss and not np.isfinite(loss[x][0]):
-            run.event("nan", step=int(x), severity="warning", time_s=loss[x][1], signal="loss")
-    for rs in restarts:
-        run.event("restart", step=rs.pop("step"), severity="warning", time_s=rs.pop("time"), **rs)
-    run.hparams.update({
-        "import.kind": KIND, "import.path": run.path, "import.content_sha256": sha,
-        "import.source_run": label, "import.files": [f.name for _, _, f, _ in decoded],
-        "import.sampled": False, "import.step_offset": offset, "import.restarts": len(restarts),
-        **{f"import.map.{t}": m for t, m in sorted(mapped.items())},
-    })
-    if skipped_tags:
-        run.hparams["import.skipped_tags"] = sorted(skipped_tags)
-    return run
+    return col_series, mapped

@@ -1,4 +1,5 @@
-"""Validation every importer shares, run on a parsed run before anything is written.
+"""Validation every importer shares: step numbers while a source is parsed, and every value of
+a parsed run before anything is written.
 
 Parsers accept what looks like a number; the store's columns have limits that Arrow enforces
 late, with a traceback (`ArrowInvalid: Float value inf was truncated converting to int64`).
@@ -13,9 +14,13 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from k2repro.errors import BadInputError
+from k2repro.importers.names import STEP_INT
+from k2repro.importers.parsed import bad
 
 if TYPE_CHECKING:  # pragma: no cover
-    from k2repro.importers.common import ImportedRun
+    import numpy as np
+
+    from k2repro.importers.parsed import ImportedRun
 
 #: int64 columns (step, tokens, ...): what fits, as a float comparison (2^63 is exact in float).
 INT_LIMIT = 2.0**63
@@ -61,6 +66,50 @@ def check_step_range(path: str, steps: Any, line_of: Any, what: str = "step") ->
                             f"(steps are 64-bit: at most {2**63 - 1})")
 
 
+def check_steps(path: str, steps: np.ndarray, line_of: Any, what: str = "step") -> None:
+    """Steps must be integers >= 1 and strictly increasing. `line_of(i)` gives the source line
+    of row i (only called on the error path)."""
+    import numpy as np
+
+    if steps.size == 0:
+        return
+    low = np.flatnonzero(steps < 1)
+    if low.size:
+        i = int(low[0])
+        raise bad(path, line_of(i), f"{what} {int(steps[i])}: steps are numbered from 1 "
+                  "(if the source counts from 0, pass --step-offset 1)")
+    back = np.flatnonzero(np.diff(steps) <= 0)
+    if back.size:
+        i = int(back[0]) + 1
+        word = "repeats" if steps[i] == steps[i - 1] else "goes back"
+        raise bad(path, line_of(i), f"{what} {word} ({int(steps[i - 1])} then {int(steps[i])}) "
+                  "without a restart marker")
+
+
+def steps_from_float(path: str, x: np.ndarray, divisor: float, offset: int, line_of: Any,
+                     what: str = "step") -> np.ndarray:
+    """Step numbers from the source's step axis (iterations, samples or tokens): x / divisor +
+    offset, which must be a whole number."""
+    import numpy as np
+
+    bad_val = np.flatnonzero(~np.isfinite(x))
+    if bad_val.size:
+        i = int(bad_val[0])
+        raise bad(path, line_of(i), f"{what} value missing or not finite")
+    q = x / divisor
+    r = np.rint(q)
+    check_step_range(path, r + offset, line_of, what)
+    off = np.flatnonzero(np.abs(q - r) > 1e-6 * np.maximum(1.0, np.abs(q)))
+    if off.size:
+        i = int(off[0])
+        hint = (f" (step axis / {divisor:g}); check --step-unit/--global-batch/--seq-len/"
+                "--step-divisor (a batch-size ramp-up cannot be divided out)") if divisor != 1 else ""
+        v = float(x[i])
+        raise bad(path, line_of(i), f"{what} {int(v) if v.is_integer() else v!r} is not a whole "
+                  f"number{hint}")
+    return r.astype(np.int64) + int(offset)
+
+
 def time_ok(v: Any) -> bool:
     """A time value the store can hold: None, epoch seconds within years 1-9999, or an ISO
     8601 string that parses (to such a time)."""
@@ -102,8 +151,6 @@ def check_run_values(run: ImportedRun) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from k2repro.importers.common import STEP_INT
-
     for name, arr in run.columns.items():
         if name == "time":
             if pa.types.is_timestamp(arr.type):
@@ -115,16 +162,16 @@ def check_run_values(run: ImportedRun) -> None:
                 continue
             x = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
             valid = arr.is_valid().to_numpy(zero_copy_only=False)
-            bad = np.flatnonzero(valid & ~((x >= TIME_MIN) & (x <= TIME_MAX)))  # NaN compares false
-            if bad.size:
-                i = int(bad[0])
+            wrong = np.flatnonzero(valid & ~((x >= TIME_MIN) & (x <= TIME_MAX)))  # NaN compares false
+            if wrong.size:
+                i = int(wrong[0])
                 raise _time_error(run, i, float(x[i]))
         elif name in STEP_INT:
             x = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
             valid = arr.is_valid().to_numpy(zero_copy_only=False)
-            bad = np.flatnonzero(valid & ~(np.isfinite(x) & (np.abs(x) < INT_LIMIT)))
-            if bad.size:
-                i = int(bad[0])
+            wrong = np.flatnonzero(valid & ~(np.isfinite(x) & (np.abs(x) < INT_LIMIT)))
+            if wrong.size:
+                i = int(wrong[0])
                 v = float(x[i])
                 raise BadInputError(f"{where(run, i)}: {name} {v if not math.isfinite(v) else f'{v:.6g}'} "
                                     f"is not a whole number of at most 64 bits")
@@ -138,4 +185,5 @@ def check_run_values(run: ImportedRun) -> None:
                                 f"k2repro can store (epoch seconds between years 1 and 9999)")
 
 
-__all__ = ["check_run_values", "check_step_range", "show", "time_ok", "to_datetime", "where", "INT_LIMIT"]
+__all__ = ["check_run_values", "check_step_range", "check_steps", "show", "steps_from_float", "time_ok",
+           "to_datetime", "where", "INT_LIMIT"]

@@ -15,18 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from k2repro.errors import BadInputError
-from k2repro.importers.common import (
-    STEP_COLUMNS,
-    ImportedRun,
-    NameMap,
-    bad,
-    check_steps,
-    csv_line_of,
-    read_csv_header,
-    read_csv_table,
-    sha256_background,
-    steps_from_float,
-)
+from k2repro.importers.csv_io import csv_line_of, read_csv_header, read_csv_table
+from k2repro.importers.names import STEP_COLUMNS, NameMap
+from k2repro.importers.parsed import ImportedRun, bad, sha256_background
+from k2repro.importers.values import check_steps, steps_from_float
 
 KIND = "wandb-csv"
 SEP = " - "
@@ -96,12 +88,23 @@ def parse_header(path: Path, header: list[str]) -> dict[str, dict[str, dict[str,
     return runs
 
 
+@dataclass(frozen=True)
+class _Export:
+    """The file as read once for all its runs: header, every wanted column, row -> line."""
+
+    path: Path
+    header: list[str]
+    table: Any                  # pa.Table
+    row_index: Any              # pa.Array int64: the table's row numbers
+    line_of: Any                # data row -> file line
+    sha: str
+
+
 def read(path: str | Path, names: NameMap, axis: StepAxis, select_run: str | None = None
          ) -> list[ImportedRun]:
     """Parse a W&B CSV export into one ImportedRun per W&B run (or the one `select_run`)."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     path = Path(path)
     if not path.is_file():
@@ -118,82 +121,108 @@ def read(path: str | Path, names: NameMap, axis: StepAxis, select_run: str | Non
     wanted = [header[0]] + [c for m in layout.values() for p in m.values() for c in p.values()]
     tbl = read_csv_table(path, header, {c: "DOUBLE" for c in header}, wanted)
     line_of = csv_line_of(path)
-    sha = sha_job.result()
-    row_index = pa.array(np.arange(tbl.num_rows, dtype=np.int64))
-    out = []
-    for run_label, metrics in layout.items():
-        value_cols = [p["value"] for p in metrics.values()]
-        present = None
-        for c in value_cols:
-            v = tbl.column(c).is_valid()
-            present = v if present is None else pc.or_(present, v)
-        sub = tbl.filter(present)
-        idx = row_index.filter(present).to_numpy()
+    src = _Export(path, header, tbl, pa.array(np.arange(tbl.num_rows, dtype=np.int64)), line_of,
+                  sha_job.result())
+    return [_read_run(src, label, metrics, names, axis, divisor) for label, metrics in layout.items()]
 
-        def run_line(i: int, idx: np.ndarray = idx) -> int:
-            return line_of(int(idx[i]))
 
-        x = sub.column(header[0]).to_numpy(zero_copy_only=False).astype(np.float64)
-        if x.size == 0:
-            raise bad(path, None, f"run {run_label!r} has no values")
-        steps = steps_from_float(str(path), x, divisor, axis.offset, run_line, what=header[0])
-        check_steps(str(path), steps, run_line, what=header[0])
-        run = ImportedRun(KIND, str(path), sha, source_run=run_label,
-                          steps=pa.array(steps, type=pa.int64()))
-        step_arr = run.steps
-        sampled_reasons = []
-        mapped: dict[str, str] = {}
-        for metric, parts in metrics.items():
-            target, scale = names.target(metric)
-            if target is None:
-                continue
-            if target == "step":
-                raise bad(path, 1, f"--map: {metric!r} cannot be the step here (the step is the "
-                          f"first column, {header[0]!r})")
-            vals = sub.column(parts["value"]).combine_chunks()
-            if scale != 1.0:
-                vals = pc.multiply(vals, scale)
-            if target in STEP_COLUMNS and target not in run.columns:
-                run.columns[target] = vals
-            else:
-                if target in run.metrics or target in run.columns:
-                    target = metric  # two sources for one target: keep the second under its own name
-                run.metrics[target] = (step_arr, vals)
+def _read_run(src: _Export, run_label: str, metrics: dict[str, dict[str, str]], names: NameMap,
+              axis: StepAxis, divisor: float) -> ImportedRun:
+    """One W&B run of the file: the rows where it has a value, its steps, series and flags."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    path, step_col = src.path, src.header[0]
+    present = None
+    for c in [p["value"] for p in metrics.values()]:
+        v = src.table.column(c).is_valid()
+        present = v if present is None else pc.or_(present, v)
+    sub = src.table.filter(present)
+    idx = src.row_index.filter(present).to_numpy()
+
+    def run_line(i: int, idx: np.ndarray = idx) -> int:
+        return src.line_of(int(idx[i]))
+
+    x = sub.column(step_col).to_numpy(zero_copy_only=False).astype(np.float64)
+    if x.size == 0:
+        raise bad(path, None, f"run {run_label!r} has no values")
+    steps = steps_from_float(str(path), x, divisor, axis.offset, run_line, what=step_col)
+    check_steps(str(path), steps, run_line, what=step_col)
+    run = ImportedRun(KIND, str(path), src.sha, source_run=run_label,
+                      steps=pa.array(steps, type=pa.int64()))
+    sampled_reasons: list[str] = []
+    mapped: dict[str, str] = {}
+    for metric, parts in metrics.items():
+        target = _add_metric(run, sub, metric, parts, names, path, step_col, sampled_reasons)
+        if target is not None:
             mapped[metric] = target
-            lo = sub.column(parts["__MIN"]).combine_chunks() if "__MIN" in parts else None
-            hi = sub.column(parts["__MAX"]).combine_chunks() if "__MAX" in parts else None
-            for suf, arr in (("__MIN", lo), ("__MAX", hi)):
-                if arr is None:
-                    continue
-                # W&B writes the envelope for every point; it says something only where it
-                # differs from the value (a bucket of several steps): keep those points.
-                differs = pc.fill_null(pc.not_equal(arr, sub.column(parts["value"]).combine_chunks()), True)
-                if pc.any(differs).as_py():
-                    arr = pc.multiply(arr, scale) if scale != 1.0 else arr
-                    run.metrics[f"{target}{suf}"] = (step_arr.filter(differs), arr.filter(differs))
-            if lo is not None and hi is not None:
-                wide = pc.fill_null(pc.greater(hi, lo), False)
-                n_wide = int(pc.sum(wide.cast(pa.int64())).as_py() or 0)
-                if n_wide:
-                    sampled_reasons.append(f"{metric}: {n_wide} point(s) with __MIN < __MAX "
-                                           "(buckets of several steps)")
-        if steps.size > 2:
-            gaps = np.unique(np.diff(steps))
-            if gaps.size > 1:
-                sampled_reasons.append(f"irregular step spacing ({gaps.size} distinct gaps, "
-                                       f"{int(gaps.min())} to {int(gaps.max())})")
-        sampled = bool(sampled_reasons)
-        run.hparams.update({
-            "import.kind": KIND, "import.path": str(path), "import.content_sha256": sha,
-            "import.source_run": run_label, "import.step_column": header[0],
-            "import.sampled": sampled, **axis.as_hparams(),
-            **{f"import.map.{m}": t for m, t in sorted(mapped.items())},
-        })
-        if steps.size > 1 and not sampled:
-            run.hparams["import.step_interval"] = int(np.diff(steps)[0])
-        if sampled:
-            run.hparams["import.sampled_reason"] = "; ".join(sampled_reasons)
-            run.event("import_sampled", severity="warning", reasons=sampled_reasons,
-                      points=int(steps.size), first_step=int(steps[0]), last_step=int(steps[-1]))
-        out.append(run)
-    return out
+    if steps.size > 2:
+        gaps = np.unique(np.diff(steps))
+        if gaps.size > 1:
+            sampled_reasons.append(f"irregular step spacing ({gaps.size} distinct gaps, "
+                                   f"{int(gaps.min())} to {int(gaps.max())})")
+    _set_hparams(run, src, run_label, axis, steps, mapped, sampled_reasons)
+    return run
+
+
+def _add_metric(run: ImportedRun, sub: Any, metric: str, parts: dict[str, str], names: NameMap,
+                path: Path, step_col: str, sampled_reasons: list[str]) -> str | None:
+    """One metric of a run (its value column and envelope) into the run; returns its target
+    (None: left out). A bucketed envelope adds a reason to `sampled_reasons`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    target, scale = names.target(metric)
+    if target is None:
+        return None
+    if target == "step":
+        raise bad(path, 1, f"--map: {metric!r} cannot be the step here (the step is the "
+                  f"first column, {step_col!r})")
+    vals = sub.column(parts["value"]).combine_chunks()
+    if scale != 1.0:
+        vals = pc.multiply(vals, scale)
+    if target in STEP_COLUMNS and target not in run.columns:
+        run.columns[target] = vals
+    else:
+        if target in run.metrics or target in run.columns:
+            target = metric  # two sources for one target: keep the second under its own name
+        run.metrics[target] = (run.steps, vals)
+    lo = sub.column(parts["__MIN"]).combine_chunks() if "__MIN" in parts else None
+    hi = sub.column(parts["__MAX"]).combine_chunks() if "__MAX" in parts else None
+    for suf, arr in (("__MIN", lo), ("__MAX", hi)):
+        if arr is None:
+            continue
+        # W&B writes the envelope for every point; it says something only where it
+        # differs from the value (a bucket of several steps): keep those points.
+        differs = pc.fill_null(pc.not_equal(arr, sub.column(parts["value"]).combine_chunks()), True)
+        if pc.any(differs).as_py():
+            arr = pc.multiply(arr, scale) if scale != 1.0 else arr
+            run.metrics[f"{target}{suf}"] = (run.steps.filter(differs), arr.filter(differs))
+    if lo is not None and hi is not None:
+        wide = pc.fill_null(pc.greater(hi, lo), False)
+        n_wide = int(pc.sum(wide.cast(pa.int64())).as_py() or 0)
+        if n_wide:
+            sampled_reasons.append(f"{metric}: {n_wide} point(s) with __MIN < __MAX "
+                                   "(buckets of several steps)")
+    return target
+
+
+def _set_hparams(run: ImportedRun, src: _Export, run_label: str, axis: StepAxis, steps: Any,
+                 mapped: dict[str, str], sampled_reasons: list[str]) -> None:
+    """The import's facts; a sampled run also gets its reasons and an `import_sampled` event."""
+    import numpy as np
+
+    sampled = bool(sampled_reasons)
+    run.hparams.update({
+        "import.kind": KIND, "import.path": str(src.path), "import.content_sha256": src.sha,
+        "import.source_run": run_label, "import.step_column": src.header[0],
+        "import.sampled": sampled, **axis.as_hparams(),
+        **{f"import.map.{m}": t for m, t in sorted(mapped.items())},
+    })
+    if steps.size > 1 and not sampled:
+        run.hparams["import.step_interval"] = int(np.diff(steps)[0])
+    if sampled:
+        run.hparams["import.sampled_reason"] = "; ".join(sampled_reasons)
+        run.event("import_sampled", severity="warning", reasons=sampled_reasons,
+                  points=int(steps.size), first_step=int(steps[0]), last_step=int(steps[-1]))

@@ -157,16 +157,34 @@ def plan_replay(store: Store, ref: str, from_step: int, to_step: int, tolerance:
                 allow_reshard: bool = False, nproc: int | None = None,
                 progress: Progress | None = None) -> ReplayPlan:
     """Decide and verify everything before training; raises BadInputError/CheckpointError
-    (exit 2) naming the problem."""
-    from k2repro.config.load import config_hash, from_dict
-    from k2repro.errors import ConfigError
-
+    (exit 2) naming the problem. The checks run in this order, and the first failing one
+    is the error: what the run is and holds, its config, the step range, the starting
+    state, the data, the world size."""
     say = progress or (lambda _m: None)
     rid = store.resolve_run_id(ref)
     row = store.run(rid)
-    source = row.get("source") or "train"
-    from k2repro.audit.capability import capability_line
+    cfg, typed, notes = _replay_config(rid, row, from_step, to_step)
+    _check_range(store, rid, row, typed, from_step, to_step)
+    start, ckpt_path, ckpt_run = _starting_state(store, rid, row, cfg, from_step, notes)
+    _verify_start(ckpt_path, start, say)
+    checked = verify_data(store, rid, get_key(cfg, "data.packed_dir"))
+    say(f"data manifest verified: {', '.join(checked)}")
+    ws, target = _world_sizes(rid, row, nproc, allow_reshard, tolerance)
+    env = store.env(rid, 0)
+    return ReplayPlan(run_id=rid, store_root=Path(store.root), from_step=from_step, to_step=to_step,
+                      start_step=start, checkpoint=ckpt_path, checkpoint_run_id=ckpt_run, world_size=ws,
+                      nproc=target, tolerance=tolerance, config=cfg, threads=env.get("torch.num_threads"),
+                      data_checked=checked, notes=notes)
 
+
+def _replay_config(rid: str, row: dict, from_step: int, to_step: int) -> tuple[dict, Any, list[str]]:
+    """(stored config, typed config, notes) of a run that can be replayed over A..B; a config
+    that rebuilds to another hash is a note, not an error."""
+    from k2repro.audit.capability import capability_line
+    from k2repro.config.load import config_hash, from_dict
+    from k2repro.errors import ConfigError
+
+    source = row.get("source") or "train"
     refuse = capability_line("replay", rid, source)
     if refuse:
         raise BadInputError(refuse)
@@ -183,6 +201,11 @@ def plan_replay(store: Store, ref: str, from_step: int, to_step: int, tolerance:
     if row.get("config_hash") and config_hash(typed) != row["config_hash"]:
         notes.append(f"the rebuilt config hashes to {config_hash(typed)}, the run recorded {row['config_hash']} "
                      f"(schema defaults changed, or a value was redacted)")
+    return cfg, typed, notes
+
+
+def _check_range(store: Store, rid: str, row: dict, typed: Any, from_step: int, to_step: int) -> None:
+    """A..B must lie within the steps the run recorded and its train.max_steps."""
     steps = _recorded_steps(store, rid)
     if not steps:
         raise BadInputError(f"run '{rid}' recorded no steps")
@@ -194,37 +217,43 @@ def plan_replay(store: Store, ref: str, from_step: int, to_step: int, tolerance:
     if to_step > typed.train.max_steps:
         raise BadInputError(f"--to-step {to_step} is beyond the run's train.max_steps={typed.train.max_steps}")
 
-    # the starting state: newest usable one before A
+
+def _starting_state(store: Store, rid: str, row: dict, cfg: dict, from_step: int,
+                    notes: list[str]) -> tuple[int, Path | None, str | None]:
+    """(step, checkpoint folder, its run) of the newest usable state before A; (0, None, None)
+    for the initial state. A pruned checkpoint is a note, and the search goes further back."""
     cands = sorted(_start_candidates(store, row, cfg, from_step), key=lambda c: c[0], reverse=True)
     ckpt_base = get_key(cfg, "ckpt.dir") or None
-    start, ckpt_path, ckpt_run = None, None, None
     for step, crun, recorded in cands:
         if crun is None:
-            start = 0
-            break
+            return 0, None, None
         path = lineage.checkpoint_dir(store, crun, step, recorded, ckpt_base)
         if path is None:
             notes.append(f"checkpoint of step {step} (run {crun}) is gone (pruned?): looking further back")
             continue
-        start, ckpt_path, ckpt_run = step, path, crun
-        break
-    if start is None:
-        raise BadInputError(f"no usable checkpoint of run '{rid}' before step {from_step}: it resumed from step "
-                            f"{row['resumed_from_step']} of run '{row.get('parent_run_id')}', whose checkpoint "
-                            f"is gone, and its own checkpoints before step {from_step} are gone too")
+        return step, path, crun
+    raise BadInputError(f"no usable checkpoint of run '{rid}' before step {from_step}: it resumed from step "
+                        f"{row['resumed_from_step']} of run '{row.get('parent_run_id')}', whose checkpoint "
+                        f"is gone, and its own checkpoints before step {from_step} are gone too")
 
-    if ckpt_path is not None:
-        from k2repro.core.ckpt_manifest import verify_checkpoint
 
-        manifest = verify_checkpoint(ckpt_path)
-        if int(manifest.get("step", -1)) != start:
-            raise CheckpointError(f"checkpoint {ckpt_path} holds step {manifest.get('step')}, not {start}")
-        say(f"checkpoint of step {start} verified: {ckpt_path} ({len(manifest['files'])} files)")
-    else:
+def _verify_start(ckpt_path: Path | None, start: int, say: Progress) -> None:
+    """Every file of the starting checkpoint against its manifest, and the step it holds."""
+    if ckpt_path is None:
         say("starting from the initial state (step 0, rebuilt from the seed)")
-    checked = verify_data(store, rid, get_key(cfg, "data.packed_dir"))
-    say(f"data manifest verified: {', '.join(checked)}")
+        return
+    from k2repro.core.ckpt_manifest import verify_checkpoint
 
+    manifest = verify_checkpoint(ckpt_path)
+    if int(manifest.get("step", -1)) != start:
+        raise CheckpointError(f"checkpoint {ckpt_path} holds step {manifest.get('step')}, not {start}")
+    say(f"checkpoint of step {start} verified: {ckpt_path} ({len(manifest['files'])} files)")
+
+
+def _world_sizes(rid: str, row: dict, nproc: int | None, allow_reshard: bool,
+                 tolerance: float) -> tuple[int, int]:
+    """(the run's world size, the replay's): another one needs --allow-reshard and a tolerance,
+    since the reduction order changes."""
     ws = int(row.get("world_size") or 1)
     target = int(nproc or ws)
     if target < 1:
@@ -235,11 +264,7 @@ def plan_replay(store: Store, ref: str, from_step: int, to_step: int, tolerance:
         if tolerance <= 0:
             raise BadInputError(f"a replay at world size {target} of a world-size-{ws} run changes the reduction "
                                 f"order and cannot be bit-exact: give --tolerance")
-    env = store.env(rid, 0)
-    return ReplayPlan(run_id=rid, store_root=Path(store.root), from_step=from_step, to_step=to_step,
-                      start_step=start, checkpoint=ckpt_path, checkpoint_run_id=ckpt_run, world_size=ws,
-                      nproc=target, tolerance=tolerance, config=cfg, threads=env.get("torch.num_threads"),
-                      data_checked=checked, notes=notes)
+    return ws, target
 
 
 def launch_config(plan: ReplayPlan, out_store: Path, checkpoints: bool = True,
@@ -275,10 +300,12 @@ def train_replay(plan: ReplayPlan, out_store: Path, checkpoints: bool = True,
 
     say = progress or (lambda _m: None)
     cfg = launch_config(plan, out_store, checkpoints, overrides)
-    env = dict(os.environ, K2REPRO_SOURCE="replay", K2REPRO_PARENT_RUN_ID=plan.run_id, PYTHONUNBUFFERED="1")
+    from k2repro.train.launchenv import PER_LAUNCH, LaunchEnv
+
+    env = dict(os.environ, **LaunchEnv(source="replay", parent_run_id=plan.run_id).to_environ(), PYTHONUNBUFFERED="1")
     if plan.threads and plan.nproc == 1:
         env["OMP_NUM_THREADS"] = plan.threads  # the thread count can change CPU reduction order
-    for k in ("K2REPRO_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for k in PER_LAUNCH:  # a replay is a launch of its own
         env.pop(k, None)
     with tempfile.TemporaryDirectory(prefix="k2repro-replay-") as tmp:
         params = Path(tmp) / "config.yaml"
@@ -325,7 +352,8 @@ def replay(store_path: str | Path | None, ref: str, from_step: int, to_step: int
     """Plan, verify, train, compare. Returns the report (`--json`'s object); its `exit_code`
     is 0 when every step matched within the tolerance, 1 when not. `overrides` (dotted config
     keys) make a counterfactual replay; the report then lists them."""
-    from k2repro.audit.store import default_store, open_store
+    from k2repro.audit.store import open_store
+    from k2repro.core.layout import default_store
 
     root = Path(store_path) if store_path is not None else default_store()
     if not root.is_dir():
