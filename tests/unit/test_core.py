@@ -64,3 +64,15 @@ def test_an_atomic_dir_that_fails_leaves_the_old_output(tmp_path: Path) -> None:
     atomic_write_text(tmp_path / "a" / "b.txt", "x")
     assert (tmp_path / "a" / "b.txt").read_text() == "x"
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.txt"]
+
+
+def test_an_atomic_dir_that_must_not_replace_refuses_an_existing_output(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with atomic_dir(out, replace=False, tmp_prefix=".k2tmp-run-") as d:
+        (d / "a").write_text("1")
+    with pytest.raises(FileExistsError), atomic_dir(out, replace=False):
+        pass
+    with pytest.raises(FileExistsError), atomic_dir(tmp_path / "late", replace=False) as d:
+        (tmp_path / "late").mkdir()  # another writer finished first
+    assert (out / "a").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late", "run"]

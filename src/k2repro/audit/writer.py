@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import secrets as _secrets
-import shutil
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,7 +23,7 @@ from k2repro.audit import schema as S
 from k2repro.audit.manifest import record, writer_of
 from k2repro.audit.redact import REDACTED, Redactor, is_secret_name, scrub_table
 from k2repro.audit.storemeta import ensure_store
-from k2repro.core.atomic import atomic_write_bytes
+from k2repro.core.atomic import atomic_dir, atomic_write_bytes
 from k2repro.core.ids import check_run_id
 from k2repro.core.layout import RUN_MARKER
 from k2repro.errors import BadInputError
@@ -311,19 +310,13 @@ def write_run_tables(root: str | Path, run_id: str, tables: Mapping[str, Any],
         converted["run_end"] = to_arrow("run_end", {
             "rank": [0], "status": ["completed"], "ended_at": [utcnow()],
             "pid": [os.getpid()], "host": [socket.gethostname()]}, run_id)
-    stage = root / f".k2tmp-{run_id}-{_secrets.token_hex(4)}"
     try:
-        stage.mkdir()
-        write_run_marker(stage, run_id)
-        for name, tbl in converted.items():
-            write_segment(stage / name, "r0-00000000.parquet", tbl)
-        try:
-            os.rename(stage, final)
-        except OSError:
-            raise BadInputError(f"run {run_id} already exists in {root}") from None
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        with atomic_dir(final, replace=False, tmp_prefix=f".k2tmp-{run_id}-") as stage:
+            write_run_marker(stage, run_id)
+            for name, tbl in converted.items():
+                write_segment(stage / name, "r0-00000000.parquet", tbl)
+    except FileExistsError:
+        raise BadInputError(f"run {run_id} already exists in {root}") from None
     return final
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import secrets
 import shutil
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -48,6 +46,7 @@ from k2repro.bundle.tables import (
     write_parquet,
 )
 from k2repro.bundle.weights import export_checkpoints, parse_selection
+from k2repro.core.atomic import atomic_dir
 from k2repro.errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -296,21 +295,17 @@ def export_run(store_root: str | Path | None, ref: str, out: str | Path, checkpo
             "allow_incomplete": allow_incomplete}
     root, out = _check_paths(store_root, out)
     signing_key = load_private_key(sign) if sign is not None else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.k2tmp-{secrets.token_hex(4)}"
-    stage.mkdir()
     try:
-        with open_store(root) as store:
-            gathered = _gather(store, root, ref, stage, opts, say)
-        info = _finish(stage, gathered, opts, reports_dir)
-        if signing_key is not None:
-            signed = sign_bundle(stage, signing_key)
-            say(f"signed with ed25519 key {signed['fingerprint']}")
-            info["signed_by"] = signed["fingerprint"]
-        os.rename(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        with atomic_dir(out, replace=False, tmp_prefix=f".{out.name}.k2tmp-") as stage:
+            with open_store(root) as store:
+                gathered = _gather(store, root, ref, stage, opts, say)
+            info = _finish(stage, gathered, opts, reports_dir)
+            if signing_key is not None:
+                signed = sign_bundle(stage, signing_key)
+                say(f"signed with ed25519 key {signed['fingerprint']}")
+                info["signed_by"] = signed["fingerprint"]
+    except FileExistsError:
+        raise BadInputError(f"{out} already exists: choose another --out") from None
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {**info, "bundle": str(out), "bytes": size}
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ from k2repro.bundle.manifest import BUNDLE_FORMAT, BUNDLE_JSON, read_manifest
 from k2repro.bundle.relocate import rewrite_table
 from k2repro.bundle.signing import load_public_key
 from k2repro.bundle.verify import is_linked, safe_relpath, verify_bundle
+from k2repro.core.atomic import atomic_dir
 from k2repro.core.ids import check_run_id
 from k2repro.core.layout import RUN_MARKER, step_dirname
 from k2repro.errors import BadInputError
@@ -316,17 +316,11 @@ def import_bundle(bundle: str | Path, store_root: str | Path | None = None,
     signed_by = check["signature"]["key"] if pub is not None else None
     record = {"store": str(root.resolve()), "now": datetime.now(timezone.utc), "signed_by": signed_by,
               "manifest_self_sha256": manifest["self_sha256"]}
-    stage = root / f".k2imp-{secrets.token_hex(4)}"
-    stage.mkdir()
     try:
-        rewrites = _build(bundle, plan, info, final, stage, record)
-        try:
-            os.rename(stage, final)
-        except OSError:
-            raise BadInputError(f"{final} already exists: nothing imported") from None
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        with atomic_dir(final, replace=False, tmp_prefix=".k2imp-") as stage:
+            rewrites = _build(bundle, plan, info, final, stage, record)
+    except FileExistsError:
+        raise BadInputError(f"{final} already exists: nothing imported") from None
     for rid in chain:  # parents first: a child never shows up without its parent
         os.rename(final / f".{rid}", final / rid)
     say(f"imported {', '.join(chain)} into {final}")

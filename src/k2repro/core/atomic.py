@@ -38,16 +38,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 @contextmanager
-def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary sibling folder of `out`; on success it replaces `out` in one
-    rename (an existing `out` is moved aside first and removed after), on any error it is
-    removed and `out` is left as it was."""
+def atomic_dir(out: str | os.PathLike, *, replace: bool = True, tmp_prefix: str | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary sibling folder of `out`; on success it becomes `out` in one
+    rename, on any error it is removed and `out` is left as it was.
+
+    `replace=True` (data stages: a rerun replaces its output): an existing `out` is moved aside
+    first and removed after. `replace=False` (a run, a bundle, an import: never overwritten):
+    FileExistsError if `out` exists, before the work or when it is done. `tmp_prefix` names the
+    temporary folder (a dot name, so the store's readers skip it; default `.<name>.tmp-`)."""
     out = Path(out)
+    if not replace and out.exists():
+        raise FileExistsError(f"{out} already exists")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix or f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the output is an ordinary folder
     try:
         yield tmp
+        if not replace:
+            if out.exists():  # someone else finished first
+                raise FileExistsError(f"{out} already exists")
+            os.rename(tmp, out)
+            return
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
