@@ -58,9 +58,15 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--name", default="olmo-tiny")
+    ap.add_argument("--skip-step-adamw", action="store_true",
+                    help="OLMo-core's SkipStepAdamW (its skip decision per step is a metric)")
+    ap.add_argument("--skip-steps", type=int, nargs="*", default=[],
+                    help="steps the trainer skips on purpose (TrainerConfig.steps_to_skip)")
     ap.add_argument("--record", default=None)
     ap.add_argument("--hold-at", type=int, default=0)
-    ap.add_argument("--timings", default=None, help="rank 0 writes step wall times and the callback's host time here")
+    ap.add_argument("--timings", default=None,
+                    help="each rank writes its step wall times, the callback's host time and the audit "
+                         "writer thread's CPU time to TIMINGS.r<rank>.json")
     a = ap.parse_args()
 
     from olmo_core.config import DType
@@ -68,7 +74,7 @@ def main() -> None:
     from olmo_core.distributed.parallel import DataParallelType
     from olmo_core.distributed.utils import get_rank
     from olmo_core.nn.transformer import TransformerConfig
-    from olmo_core.optim import AdamWConfig
+    from olmo_core.optim import AdamWConfig, SkipStepAdamWConfig
     from olmo_core.train import (
         Duration,
         TrainerConfig,
@@ -76,6 +82,7 @@ def main() -> None:
         teardown_training_environment,
     )
     from olmo_core.train.callbacks import Callback, CheckpointerCallback
+    from olmo_core.train.common import StepSkipRange
     from olmo_core.train.train_module import (
         TransformerDataParallelConfig,
         TransformerTrainModuleConfig,
@@ -101,7 +108,8 @@ def main() -> None:
                                    work_dir=str(work / "data-work")).build(dataset)
     train_module = TransformerTrainModuleConfig(
         rank_microbatch_size=4 * SEQ, max_sequence_length=SEQ,
-        optim=AdamWConfig(lr=3e-3, weight_decay=0.0), max_grad_norm=1.0, z_loss_multiplier=1e-4,
+        optim=(SkipStepAdamWConfig if a.skip_step_adamw else AdamWConfig)(lr=3e-3, weight_decay=0.0),
+        max_grad_norm=1.0, z_loss_multiplier=1e-4,
         compile_model=False,
         dp_config=TransformerDataParallelConfig(name=DataParallelType.fsdp, param_dtype=DType.float32,
                                                 reduce_dtype=DType.float32),
@@ -162,16 +170,22 @@ def main() -> None:
                     out["n_params"] = sum(p.numel() for p in self.trainer.train_module.model.parameters())
                     out["run_id"] = audit.run_id if audit is not None else None
                 Path(f"{a.record}.r{rank}.json").write_text(json.dumps(out))
-            if a.timings and rank == 0:
-                Path(a.timings).write_text(json.dumps({
-                    "walls": self.walls, "host_s": None if audit is None else audit.host_s,
-                    "host_calls": None if audit is None else audit.host_calls}))
 
     callbacks["observe"] = Observe()
     trainer = TrainerConfig(save_folder=str(Path(a.save) if a.save else work / "ckpt"),
                             max_duration=Duration.steps(a.steps), metrics_collect_interval=5,
-                            callbacks=callbacks, save_overwrite=True).build(train_module, loader)
+                            callbacks=callbacks, save_overwrite=True,
+                            steps_to_skip=[StepSkipRange(s, s + 1) for s in a.skip_steps] or None,
+                            ).build(train_module, loader)
     trainer.fit()
+    if a.timings:  # after fit: the callback has closed its run, the writer thread is done
+        sink = None if audit is None or audit.run is None else audit.run.sink
+        Path(f"{a.timings}.r{rank}.json").write_text(json.dumps({
+            "walls": callbacks["observe"].walls, "steps": a.steps,
+            "host_s": None if audit is None else audit.host_s,
+            "host_calls": None if audit is None else audit.host_calls,
+            "setup_s": None if audit is None else audit.setup_s,
+            "writer_cpu_s": None if sink is None else sink.writer_cpu_s}))
     if rank == 0 and audit is not None:
         print("run_id=" + str(audit.run_id), flush=True)
     teardown_training_environment()

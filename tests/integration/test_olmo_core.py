@@ -40,6 +40,7 @@ pytestmark = pytest.mark.olmo_core
 HARNESS = REPO / "tests" / "integration" / "olmo_core_harness.py"
 STEPS = 20
 LAYER_STEPS = [5, 10, 15, 20]
+SKIPPED = 17  # TrainerConfig.steps_to_skip: OLMo-core consumes the batch but does not train on it
 
 
 def _env() -> dict:
@@ -50,7 +51,8 @@ def _launch(work: Path, tokens: Path, store: Path, name: str, save: Path, rec: P
     # own session: the test can kill torchrun's whole group (and then each worker's)
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HARNESS),
             "--work", str(work), "--tokens", str(tokens), "--store", str(store), "--name", name,
-            "--save", str(save), "--record", str(rec), "--steps", str(STEPS), "--seed", "0", *extra]
+            "--save", str(save), "--record", str(rec), "--steps", str(STEPS), "--seed", "0",
+            "--skip-step-adamw", "--skip-steps", str(SKIPPED), *extra]
     log = open(work / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(args, cwd=work, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -127,6 +129,11 @@ def _steps(st, rid: str):  # noqa: ANN001
     return st.steps(rid).set_index("step")
 
 
+def _vals(series) -> list:  # noqa: ANN001
+    """NULL as None, so lists with a NULL compare equal (NaN != NaN)."""
+    return [None if v != v else v for v in series.tolist()]
+
+
 def test_every_table_the_callback_claims_is_filled(olmo) -> None:
     a = olmo["A"]
     rid = a["run_id"]
@@ -137,7 +144,7 @@ def test_every_table_the_callback_claims_is_filled(olmo) -> None:
         assert hp["config.model.d_model"] == 64 and hp["config.seed"] == 0
         assert hp["olmo_core.data_loader.seed"] == 0 and hp["olmo_core.dataset.sequence_length"] == 32
         assert hp["olmo_core.dataset.fingerprint"] == a["fingerprint"]
-        assert hp["olmo_core.train_module.n_params"] == a["n_params"] and hp["olmo_core.optim.type"] == "AdamW"
+        assert hp["olmo_core.train_module.n_params"] == a["n_params"] and hp["olmo_core.optim.type"] == "SkipStepAdamW"
         assert hp["audit.layer_stats_every"] == 5
         for r in (0, 1):
             env = st.env(rid, rank=r)
@@ -153,6 +160,12 @@ def test_every_table_the_callback_claims_is_filled(olmo) -> None:
         assert steps.index.tolist() == list(range(1, STEPS + 1))
         assert (steps["tokens"] == 8 * 32).all() and (steps["lr"] == 3e-3).all()
         assert (steps["step_time_s"] > 0).all() and (steps["tokens_per_s"] > 0).all()
+        # the trainer's steps_to_skip: no loss, skipped, an event; SkipStepAdamW's decisions elsewhere
+        assert steps["skipped"].tolist() == [s == SKIPPED for s in range(1, STEPS + 1)]
+        assert steps["loss"].isna().tolist() == [s == SKIPPED for s in range(1, STEPS + 1)]
+        ev = st.events(rid, kind="step_skipped")
+        assert ev["step"].tolist() == [SKIPPED, SKIPPED] and sorted(ev["rank"]) == [0, 1]
+        assert json.loads(ev["detail"][0])["by"] == "trainer.steps_to_skip"
         for s in (1, 7, 20):  # batch_hash: the global batch's instance indices in order
             ids = [None] * 8
             for r in (0, 1):
@@ -184,9 +197,13 @@ def test_steps_equal_olmo_cores_own_metrics(olmo) -> None:
     with open_store(olmo["store"]) as st:
         steps = _steps(st, a["run_id"])
         z = st.sql("SELECT step, value FROM metrics WHERE run_id = ? AND name = 'train/Z loss'", [a["run_id"]])
-    assert steps["loss"].tolist() == [m[s]["train/CE loss"] for s in range(1, STEPS + 1)]  # bit for bit
-    assert steps["grad_norm"].tolist() == [m[s]["optim/total grad norm"] for s in range(1, STEPS + 1)]
-    assert dict(zip(z["step"], z["value"])) == {s: m[s]["train/Z loss"] for s in range(1, STEPS + 1)}
+    trained = [s for s in range(1, STEPS + 1) if s != SKIPPED]
+    assert "train/CE loss" not in m[SKIPPED]  # OLMo-core did not train on it
+    assert steps.loc[trained, "loss"].tolist() == [m[s]["train/CE loss"] for s in trained]  # bit for bit
+    assert steps.loc[trained, "grad_norm"].tolist() == [m[s]["optim/total grad norm"] for s in trained]
+    assert [m[s]["optim/step skipped"] for s in trained] == [0.0] * len(trained)  # SkipStepAdamW's own call
+    assert not steps.loc[trained, "skipped"].any()
+    assert dict(zip(z["step"], z["value"])) == {s: m[s]["train/Z loss"] for s in trained}
 
 
 _COMPARE = {
@@ -222,7 +239,7 @@ def test_sigkill_then_olmo_core_resume_is_a_crashed_run_and_a_linked_child(olmo)
         sc, sa = _steps(st, c), _steps(st, a)
         # what the callback flushed at the checkpoint of step 10 survived the kill
         assert sc.index.tolist() == list(range(1, 11)) and st.checkpoints(c)["step"].tolist() == [10]
-        assert sc["loss"].tolist() == sa.loc[1:10, "loss"].tolist()
+        assert _vals(sc["loss"]) == _vals(sa.loc[1:10, "loss"])
         child = st.run(d)
         assert child["status"] == "completed" and child["parent_run_id"] == c and child["resumed_from_step"] == 10
         ev = st.events(d, kind="resume")
@@ -231,14 +248,14 @@ def test_sigkill_then_olmo_core_resume_is_a_crashed_run_and_a_linked_child(olmo)
         sd = _steps(st, d)
         assert sd.index.tolist() == list(range(11, STEPS + 1))
         # OLMo-core resumes bit-exactly, and the child's rows say so
-        assert sd["loss"].tolist() == sa.loc[11:, "loss"].tolist()
+        assert _vals(sd["loss"]) == _vals(sa.loc[11:, "loss"]) and _vals(sd["skipped"]) == _vals(sa.loc[11:, "skipped"])
         assert sd["batch_hash"].tolist() == sa.loc[11:, "batch_hash"].tolist()
         lin = st.con.execute("SELECT lineage_root, depth FROM lineage WHERE run_id = ?", [d]).fetchone()
         assert lin == (c, 1)
         stitched = st.con.execute("SELECT step, loss FROM lineage_steps WHERE lineage_root = ? ORDER BY step",
                                   [c]).fetchall()
         assert [s for s, _ in stitched] == list(range(1, STEPS + 1))
-        assert [x for _, x in stitched] == sa["loss"].tolist()
+        assert [x for _, x in stitched] == _vals(sa["loss"])
 
 
 def test_forensics_and_diff_run_on_it(olmo) -> None:

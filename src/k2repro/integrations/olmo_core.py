@@ -74,7 +74,8 @@ class K2ReproCallback(Callback):
     Its priority is above the checkpointer's (1): it runs first in every hook, so a checkpoint
     saved at a step never comes before this step's sample ids, layer statistics and timing
     are recorded. `run`/`run_id` name the latest run (kept after `fit()`); `host_s` and
-    `host_calls` count the time spent in the callback's own hooks (bench/integrations.py)."""
+    `host_calls` count the time spent in the callback's per-step hooks, `setup_s` the time in
+    starting and closing the run (bench/integrations.py)."""
 
     priority: ClassVar[int] = 2
 
@@ -91,6 +92,7 @@ class K2ReproCallback(Callback):
     run_id: str | None = field(default=None, init=False)
     host_s: float = field(default=0.0, init=False)
     host_calls: int = field(default=0, init=False)
+    setup_s: float = field(default=0.0, init=False)
     _active: AuditRun | None = field(default=None, init=False, repr=False)
     _parent: dict | None = field(default=None, init=False, repr=False)
     _loaded_from: str | None = field(default=None, init=False, repr=False)
@@ -159,7 +161,7 @@ class K2ReproCallback(Callback):
                                    checkpoint=self._loaded_from)
         self._t_prev = None
         self._pending, self._done = {}, int(tr.global_step)
-        self._tick(t0)
+        self.setup_s += time.perf_counter() - t0
 
     def pre_step(self, batch: dict[str, Any]) -> None:
         t0 = time.perf_counter()
@@ -257,7 +259,7 @@ class K2ReproCallback(Callback):
             run.close("failed" if self._failed else "completed", self._failed)
         finally:
             self._failed = None
-            self._tick(t0)
+            self.setup_s += time.perf_counter() - t0
 
     # -- internals ----------------------------------------------------------------------------
 
