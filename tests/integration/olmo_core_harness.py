@@ -184,6 +184,7 @@ def main() -> None:
             "walls": callbacks["observe"].walls, "steps": a.steps,
             "host_s": None if audit is None else audit.host_s,
             "host_calls": None if audit is None else audit.host_calls,
+            "host_cpu_s": None if audit is None else audit.host_cpu_s,
             "setup_s": None if audit is None else audit.setup_s,
             "writer_cpu_s": None if sink is None else sink.writer_cpu_s}))
     if rank == 0 and audit is not None:

@@ -2,7 +2,7 @@
 torchrun, a token file built here, 20 steps (tests/integration/olmo_core_harness.py).
 
 One module fixture launches four runs: A and B (identical seeds), C (the same, SIGKILLed while
-held after step 15; its checkpoint of step 10 survives) and then D (OLMo-core's own resume of
+held after step 13; its checkpoint of step 8 survives) and then D (OLMo-core's own resume of
 C's save folder). The tests read the store against OLMo-core's own numbers and the batches it
 fed (recorded by a test-only observer callback in the harness).
 
@@ -41,6 +41,8 @@ HARNESS = REPO / "tests" / "integration" / "olmo_core_harness.py"
 STEPS = 20
 LAYER_STEPS = [5, 10, 15, 20]
 SKIPPED = 17  # TrainerConfig.steps_to_skip: OLMo-core consumes the batch but does not train on it
+SAVE_EVERY = 8  # checkpoints at 8 and 16 and, at the end (post_train), 20
+HOLD = 13  # the killed run is held (then SIGKILLed) after this step: its newest checkpoint is 8
 
 
 def _env() -> dict:
@@ -52,7 +54,7 @@ def _launch(work: Path, tokens: Path, store: Path, name: str, save: Path, rec: P
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HARNESS),
             "--work", str(work), "--tokens", str(tokens), "--store", str(store), "--name", name,
             "--save", str(save), "--record", str(rec), "--steps", str(STEPS), "--seed", "0",
-            "--skip-step-adamw", "--skip-steps", str(SKIPPED), *extra]
+            "--skip-step-adamw", "--skip-steps", str(SKIPPED), "--save-interval", str(SAVE_EVERY), *extra]
     log = open(work / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(args, cwd=work, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -108,7 +110,7 @@ def olmo(tmp_path_factory) -> dict:
     for d in dirs.values():
         d.mkdir()
     procs = {k: _launch(dirs[k], tokens, store, k, dirs[k] / "ckpt", dirs[k] / "rec",
-                        *(["--hold-at", "15"] if k == "C" else []))
+                        *(["--hold-at", str(HOLD)] if k == "C" else []))
              for k in "ABC"}
     _kill_held(procs["C"], dirs["C"])
     c_id = Path(f"{dirs['C'] / 'rec'}.runid").read_text()
@@ -182,7 +184,8 @@ def test_every_table_the_callback_claims_is_filled(olmo) -> None:
         s7 = ss[ss["step"] == 7].sort_values("batch_pos")
         assert s7["batch_pos"].tolist() == list(range(8)) and s7["rank"].tolist() == [0, 1] * 4
         ck = st.checkpoints(rid)
-        assert ck["step"].tolist() == [10, 20] and (ck["bytes"] > 0).all()
+        # 20: OLMo-core's final save in post_train, after the last step (the run's last rows too)
+        assert ck["step"].tolist() == [8, 16, 20] and (ck["bytes"] > 0).all()
         assert all(Path(p).is_dir() and Path(p).name == f"step{s}" for p, s in zip(ck["path"], ck["step"]))
         absent = st.events(rid, kind="audit_absent")
         assert [json.loads(d)["absent"] for d in absent["detail"]] == [["sample_stats"]]
@@ -237,19 +240,19 @@ def test_sigkill_then_olmo_core_resume_is_a_crashed_run_and_a_linked_child(olmo)
     with open_store(olmo["store"]) as st:
         assert st.run(c)["status"] == "crashed"
         sc, sa = _steps(st, c), _steps(st, a)
-        # what the callback flushed at the checkpoint of step 10 survived the kill
-        assert sc.index.tolist() == list(range(1, 11)) and st.checkpoints(c)["step"].tolist() == [10]
-        assert _vals(sc["loss"]) == _vals(sa.loc[1:10, "loss"])
+        # what the callback flushed at the checkpoint of step 8 survived the kill
+        assert sc.index.tolist() == list(range(1, 9)) and st.checkpoints(c)["step"].tolist() == [8]
+        assert _vals(sc["loss"]) == _vals(sa.loc[1:8, "loss"])
         child = st.run(d)
-        assert child["status"] == "completed" and child["parent_run_id"] == c and child["resumed_from_step"] == 10
+        assert child["status"] == "completed" and child["parent_run_id"] == c and child["resumed_from_step"] == 8
         ev = st.events(d, kind="resume")
         assert sorted(ev["rank"]) == [0, 1]  # every rank writes its own
         assert all(json.loads(x)["parent_run_id"] == c for x in ev["detail"])
         sd = _steps(st, d)
-        assert sd.index.tolist() == list(range(11, STEPS + 1))
+        assert sd.index.tolist() == list(range(9, STEPS + 1))
         # OLMo-core resumes bit-exactly, and the child's rows say so
-        assert _vals(sd["loss"]) == _vals(sa.loc[11:, "loss"]) and _vals(sd["skipped"]) == _vals(sa.loc[11:, "skipped"])
-        assert sd["batch_hash"].tolist() == sa.loc[11:, "batch_hash"].tolist()
+        assert _vals(sd["loss"]) == _vals(sa.loc[9:, "loss"]) and _vals(sd["skipped"]) == _vals(sa.loc[9:, "skipped"])
+        assert sd["batch_hash"].tolist() == sa.loc[9:, "batch_hash"].tolist()
         lin = st.con.execute("SELECT lineage_root, depth FROM lineage WHERE run_id = ?", [d]).fetchone()
         assert lin == (c, 1)
         stitched = st.con.execute("SELECT step, loss FROM lineage_steps WHERE lineage_root = ? ORDER BY step",

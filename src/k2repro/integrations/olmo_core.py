@@ -74,8 +74,9 @@ class K2ReproCallback(Callback):
     Its priority is above the checkpointer's (1): it runs first in every hook, so a checkpoint
     saved at a step never comes before this step's sample ids, layer statistics and timing
     are recorded. `run`/`run_id` name the latest run (kept after `fit()`); `host_s` and
-    `host_calls` count the time spent in the callback's per-step hooks, `setup_s` the time in
-    starting and closing the run (bench/integrations.py)."""
+    `host_calls` count the wall time spent in the callback's per-step hooks (`host_cpu_s`: the
+    training thread's CPU time in them, which other processes on the machine do not inflate),
+    `setup_s` the time in starting and closing the run (bench/integrations.py)."""
 
     priority: ClassVar[int] = 2
 
@@ -91,6 +92,7 @@ class K2ReproCallback(Callback):
     run: AuditRun | None = field(default=None, init=False, repr=False)
     run_id: str | None = field(default=None, init=False)
     host_s: float = field(default=0.0, init=False)
+    host_cpu_s: float = field(default=0.0, init=False)
     host_calls: int = field(default=0, init=False)
     setup_s: float = field(default=0.0, init=False)
     _active: AuditRun | None = field(default=None, init=False, repr=False)
@@ -165,6 +167,7 @@ class K2ReproCallback(Callback):
 
     def pre_step(self, batch: dict[str, Any]) -> None:
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         run = self._active
         if run is None:
             return
@@ -179,7 +182,7 @@ class K2ReproCallback(Callback):
             info["tokens"] = int(n_tok)
         local = _ints(batch.get("index"))
         glob = self._global_ids(dl)
-        pos: list[int | None] = [None] * len(local)
+        pos: list[int | None] = [None] * len(local or [])
         if glob is not None and local is not None:
             ws, r = run.world_size, run.rank
             if glob[r::ws] == local:
@@ -200,19 +203,21 @@ class K2ReproCallback(Callback):
         if any(sr.start <= step < sr.stop for sr in skip):
             info["skipped_by_config"] = True
         self._pending.setdefault(step, {}).update(info)
-        self._tick(t0)
+        self._tick(t0, c0)
 
     def pre_optim_step(self) -> None:
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         run = self._active
         step = int(self.trainer.global_step)
         if run is not None and self.layer_stats_every > 0 and step % self.layer_stats_every == 0:
             tm = self.trainer.train_module
             run.log_layer_stats(step, tm.model, getattr(tm, "optim", None))
-        self._tick(t0)
+        self._tick(t0, c0)
 
     def post_train_batch(self) -> None:
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         if self._active is not None:
             info = self._pending.setdefault(int(self.trainer.global_step), {})
             opt = getattr(self.trainer.train_module, "optim", None)
@@ -223,13 +228,14 @@ class K2ReproCallback(Callback):
             if self._t_prev is not None:
                 info["step_time_s"] = t0 - self._t_prev
             self._t_prev = t0
-        self._tick(t0)
+        self._tick(t0, c0)
 
     def post_step(self) -> None:
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         if self._active is not None:
             self._drain()
-        self._tick(t0)
+        self._tick(t0, c0)
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         # OLMo-core calls this from its bookkeeping thread (async bookkeeping, the default on
@@ -249,22 +255,26 @@ class K2ReproCallback(Callback):
     def close(self) -> None:
         """OLMo-core calls this last, after its bookkeeping threads finished: every step's
         metrics have arrived, so all rows are written before the run ends."""
-        run, self._active = self._active, None
+        run = self._active
         if run is None:
             return
         t0 = time.perf_counter()
         try:
-            if self._failed is None:
+            try:  # on failure too: what arrived is worth keeping (no collectives in here)
                 self._drain(final=True)
+            except Exception:  # noqa: BLE001 - the run still ends, as failed, with both errors
+                self._failed = (self._failed or "") + "\nwhile writing the last steps:\n" + traceback.format_exc()
+            self._active = None
             run.close("failed" if self._failed else "completed", self._failed)
         finally:
-            self._failed = None
+            self._active, self._failed = None, None
             self.setup_s += time.perf_counter() - t0
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _tick(self, t0: float) -> None:
+    def _tick(self, t0: float, c0: float) -> None:
         self.host_s += time.perf_counter() - t0
+        self.host_cpu_s += time.thread_time() - c0
         self.host_calls += 1
 
     def _global_ids(self, dl: Any) -> list[int] | None:
