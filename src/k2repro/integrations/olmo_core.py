@@ -335,7 +335,7 @@ class K2ReproCallback(Callback):
         vals = {k: float(v) for k, v in metrics.items()
                 if k not in _DROP and isinstance(v, int | float) and not isinstance(v, bool)}
         if vals:
-            run.log_metrics({"step": [step] * len(vals), "name": list(vals), "value": list(vals.values()),
+            run.sink.log_metrics({"step": [step] * len(vals), "name": list(vals), "value": list(vals.values()),
                              "rank": [0] * len(vals)})
 
     def _write_step(self, step: int, info: dict[str, Any]) -> None:
