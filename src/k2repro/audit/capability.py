@@ -42,7 +42,8 @@ def describe(source: str | None) -> str:
 
 #: Tools that work for every source but can do less for a run k2repro did not train.
 PARTIAL = {
-    "batch": "shows only the sample ids and losses the loop logged (run.log_samples); it cannot "
+    "batch": "shows only the sample ids and losses the loop logged (run.log_samples), and token ids "
+             "where the run recorded a fixed-length token layout (the OLMo-core callback); it cannot "
              "recompute the batch from a seed and data order, or decode text, without a k2repro run",
 }
 

@@ -75,6 +75,54 @@ def _data_state(store: Store, run_id: str, packed: Path | None) -> tuple[Any, bo
     return ds, same, None if same else f"the packed data in {packed} differs from what the run recorded"
 
 
+def fsl_layout(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """The run's fixed-length token files, from `data_manifest` rows whose detail says
+    `"layout": "fsl"` (the OLMo-core callback writes them): sample i of file f is tokens
+    [(i - first_sample) * L, (i - first_sample + 1) * L) of the raw array, L the sequence length."""
+    out = []
+    for path, sha, nbytes, detail in store.execute(
+            "SELECT path, sha256, bytes, detail FROM data_manifest WHERE run_id = ?", [run_id]).fetchall():
+        try:
+            d = json.loads(detail or "{}")
+        except ValueError:
+            continue
+        if d.get("layout") == "fsl" and d.get("sequence_length") and d.get("first_sample") is not None:
+            out.append({"path": path, "sha256": sha, "bytes": nbytes, "dtype": d.get("dtype") or "uint16",
+                        "seq": int(d["sequence_length"]), "first": int(d["first_sample"]),
+                        "end": int(d["end_sample"])})
+    return sorted(out, key=lambda f: f["first"])
+
+
+def _fsl_state(files: list[dict[str, Any]]) -> tuple[bool | None, str | None]:
+    """(are the token files the ones the run recorded?, why not): size always, sha256 where
+    the run recorded one."""
+    from k2repro.data.packed import sha256_file
+
+    for f in files:
+        p = Path(f["path"])
+        if not p.is_file():
+            return None, f"the run's token file {p} is not here: no token ids"
+        if f["bytes"] is not None and p.stat().st_size != int(f["bytes"]):
+            return False, f"the token file {p} differs from what the run recorded (size)"
+        if f["sha256"]:
+            if sha256_file(p) != f["sha256"]:
+                return False, f"the token file {p} differs from what the run recorded (sha256)"
+    return True, None
+
+
+def fsl_tokens(files: list[dict[str, Any]], sample_id: int) -> list[int] | None:
+    """The token ids of one sample of a fixed-length layout (None outside every file)."""
+    import numpy as np
+
+    for f in files:
+        if f["first"] <= sample_id < f["end"]:
+            dt = np.dtype(f["dtype"])
+            arr = np.memmap(f["path"], dtype=dt, mode="r", offset=(sample_id - f["first"]) * f["seq"] * dt.itemsize,
+                            shape=(f["seq"],))
+            return [int(x) for x in arr]
+    return None
+
+
 def batch_lookup(store: Store, ref: str, step: int, packed_dir: str | Path | None = None,
                  text: bool = True) -> dict[str, Any]:
     """Everything about one step's batch (`k2repro batch --json`'s object)."""
@@ -90,7 +138,13 @@ def batch_lookup(store: Store, ref: str, step: int, packed_dir: str | Path | Non
     logged = logged_ids(store, rid, step)
     notes: list[str] = []
     packed = _packed_dir(hp, packed_dir)
-    ds, data_same, why = _data_state(store, rid, packed)
+    fsl = fsl_layout(store, rid) if packed is None else []
+    if fsl:  # another trainer's raw token files (OLMo-core): token ids, no documents
+        ds, (data_same, why) = None, _fsl_state(fsl)
+        if data_same is not True:
+            fsl = []
+    else:
+        ds, data_same, why = _data_state(store, rid, packed)
     if why:
         notes.append(why)
     recomputed: list[int] | None = None
@@ -124,6 +178,8 @@ def batch_lookup(store: Store, ref: str, step: int, packed_dir: str | Path | Non
                              "sample_id": sid, "loss": rec["loss"] if rec else None,
                              "n_tokens": rec["n_tokens"] if rec else None, "injected": pos in injected,
                              "docs": []}
+        if fsl:
+            s["tokens"] = fsl_tokens(fsl, sid)
         if ds is not None and 0 <= sid < len(ds):
             s["docs"] = [{"doc_id": d} for d in ds.docs_of(sid)]
             if text and tok_note is None:
@@ -163,6 +219,9 @@ def render_text(r: dict[str, Any]) -> str:
         loss = "n/a" if s["loss"] is None else f"{s['loss']:.4f}"
         flag = "  [fault-injected]" if s["injected"] else ""
         out.append(f"\n[{s['batch_pos']}] sample {s['sample_id']}  rank {s['rank']}  loss {loss}{flag}")
+        if s.get("tokens") is not None:
+            more = " ..." if len(s["tokens"]) > 16 else ""
+            out.append(f"    tokens ({len(s['tokens'])}): {' '.join(map(str, s['tokens'][:16]))}{more}")
         for d in s["docs"]:
             snip = d.get("snippet")
             out.append(f"    {d['doc_id']}" + (f" ({d.get('domain')}): {snip[:160]!r}" if snip is not None else ""))
