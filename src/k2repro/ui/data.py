@@ -171,11 +171,9 @@ class StoreReader:
                 "FROM runs r LEFT JOIN lineage l USING (run_id) LEFT JOIN st USING (run_id) "
                 "LEFT JOIN tg USING (run_id) ORDER BY r.started_at DESC NULLS LAST, r.run_id")
             out = _rows(cur)
-        for r in out:
-            try:
-                r["tags"] = json.loads(r["tags"]) if r.get("tags") else []
-            except (json.JSONDecodeError, TypeError):
-                r["tags"] = [r["tags"]]
+        for r in out:  # run.tags is stored as JSON text of a list; anything else shows as one tag
+            t = _json(r.get("tags")) if r.get("tags") else []
+            r["tags"] = [str(x) for x in t] if isinstance(t, list) else [str(t)]
         return out
 
     def resolve(self, s: Any, ref: str) -> str:

@@ -98,6 +98,7 @@
       },
     }, data, el);
     u.over.addEventListener("mouseleave", () => tip(null));
+    el._uplot = u;  // scripts and tests reach the chart (scales, valToPos) through its element
     return u;
   }
 
