@@ -235,3 +235,51 @@ def _q(sql: str) -> str:
     from urllib.parse import quote
 
     return quote(sql)
+
+
+def test_heatmap_block_cache_is_exact_and_takes_new_steps(tmp_path: Path) -> None:
+    """The per-run block cache (built on the first wide request) gives, for every bucket it
+    names, exactly the raw maximum/mean of its steps; layer rows logged after the build (a
+    run still training) appear in the next heatmap."""
+    import numpy as np
+
+    from k2repro.audit.writer import append_table
+    from k2repro.forensics.synthetic import SyntheticRun, write_run
+    from k2repro.ui.data import StoreReader
+
+    write_run(tmp_path, SyntheticRun(run_id="big", n_steps=6000, seed=3))
+    r = StoreReader(tmp_path, cache_min_rows=0)
+    try:
+        h = r.heatmap("big", col="grad_norm", buckets=500)
+        assert h["cached"] and h["lo"] == 1 and h["hi"] == 6000
+        with r.cursor() as s:
+            raw = s.execute("SELECT param, step, grad_norm FROM layer_stats WHERE run_id = 'big'").fetchnumpy()
+        edges = h["bucket_start"] + [h["hi"] + 1]
+        for i, p in enumerate(h["params"]):
+            sel = raw["param"] == p
+            st, v = raw["step"][sel], raw["grad_norm"][sel]
+            want = [v[(st >= edges[b]) & (st < edges[b + 1])].max() for b in range(len(edges) - 1)]
+            assert np.array_equal(np.array(h["z"][i], dtype=float), np.array(want)), p
+        m = r.heatmap("big", col="grad_norm", buckets=500, agg="mean")
+        sel = raw["param"] == m["params"][0]
+        st, v = raw["step"][sel], raw["grad_norm"][sel]
+        assert abs(m["z"][0][0] - v[(st >= edges[0]) & (st < edges[1])].mean()) < 1e-9
+        param = h["params"][0]
+        append_table(tmp_path, "big", "layer_stats", {"step": [6001, 6002], "param": [param, param],
+                                                      "grad_norm": [1e6, 2.0]})
+        h2 = r.heatmap("big", col="grad_norm", buckets=500)
+        assert h2["hi"] == 6002 and max(v for v in h2["z"][0] if v is not None) == 1e6
+    finally:
+        r.close()
+
+
+def test_runs_listing_sees_a_new_run(srv: Server, store: Path) -> None:
+    from k2repro.forensics.synthetic import SyntheticRun, write_run
+
+    assert srv.json("/api/runs")[1]["runs"] and srv.json("/api/runs/gamma")[0] == 404
+    write_run(store, SyntheticRun(run_id="gamma", n_steps=50, seed=9))
+    try:
+        ids = {r["run_id"] for r in srv.json("/api/runs")[1]["runs"]}
+        assert "gamma" in ids and srv.json("/api/runs/gamma")[0] == 200
+    finally:
+        shutil.rmtree(store / "gamma")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -91,9 +92,10 @@ def _natural(s: str) -> list[Any]:
 
 class LayerCache:
     """Per (run, column): max/min/sum/count per (parameter, block of K steps) up to the last
-    step seen when it was built. A heatmap of a wide range is then aggregated from ~4k blocks
-    per parameter instead of the raw rows (a bare scan of one column of 100M rows is ~1 s);
-    steps logged after the build (a run still training) are aggregated raw and added."""
+    step seen when it was built, as numpy arrays. A heatmap of a wide range is then aggregated
+    from ~4k blocks per parameter instead of the raw rows (a bare scan of one column of 100M
+    rows is ~1 s); steps logged after the build (a run still training) are aggregated raw and
+    added. Built on the first request that needs it (the one-time cost bench/ui.py reports)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -101,7 +103,13 @@ class LayerCache:
         self._building: dict[tuple[str, str], threading.Lock] = {}
         self.build_s: dict[tuple[str, str], float] = {}
 
+    def peek(self, run_id: str, col: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._entries.get((run_id, col))
+
     def get(self, reader: StoreReader, run_id: str, col: str, first: int, last: int) -> dict[str, Any]:
+        import numpy as np
+
         key = (run_id, col)
         with self._lock:
             entry = self._entries.get(key)
@@ -116,32 +124,38 @@ class LayerCache:
             t0 = time.perf_counter()
             k = max(1, math.ceil((last - first + 1) / CACHE_BLOCKS))
             with reader.cursor() as cur:
-                rows = cur.execute(
-                    f"SELECT param, (step - ?) // ? AS blk, max({col}), min({col}), sum({col}), count({col}) "
-                    f"FROM layer_stats WHERE run_id = ? AND step BETWEEN ? AND ? AND isfinite({col}) "
-                    f"GROUP BY ALL", [first, k, run_id, first, last]).fetchall()
-            entry = {"first": first, "last": last, "k": k, "rows": rows}
+                tbl = cur.execute(
+                    f"SELECT param, (step - ?) // ? AS blk, max({col}) AS mx, min({col}) AS mn, sum({col}) AS sm, "
+                    f"count({col}) AS ct FROM layer_stats WHERE run_id = ? AND step BETWEEN ? AND ? "
+                    f"AND isfinite({col}) GROUP BY ALL", [first, k, run_id, first, last]).fetchnumpy()
+            params = sorted(set(tbl["param"].tolist()), key=_natural)
+            idx = {p: i for i, p in enumerate(params)}
+            entry = {"first": first, "last": last, "k": k, "params": params,
+                     "p": np.array([idx[p] for p in tbl["param"].tolist()], dtype=np.int64),
+                     "blk": np.asarray(tbl["blk"], dtype=np.int64), "mx": np.asarray(tbl["mx"], dtype=float),
+                     "mn": np.asarray(tbl["mn"], dtype=float), "sm": np.asarray(tbl["sm"], dtype=float),
+                     "ct": np.asarray(tbl["ct"], dtype=float)}
             with self._lock:
                 self._entries[key] = entry
                 self.build_s[key] = time.perf_counter() - t0
-            log.info("layer cache %s/%s: %d blocks of %d steps in %.2f s", run_id, col, len(rows), k,
+            log.info("layer cache %s/%s: %d blocks of %d steps in %.2f s", run_id, col, len(entry["blk"]), k,
                      self.build_s[key])
             return entry
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
 
 
 class StoreReader:
     """The UI's read-only view of one store: a sandboxed connection, a cursor per request."""
 
-    def __init__(self, root: str | Path | None) -> None:
+    def __init__(self, root: str | Path | None, cache_min_rows: int = CACHE_MIN_ROWS) -> None:
         from k2repro.audit.store import open_store
 
+        self.cache_min_rows = cache_min_rows
         self._store = open_store(root, sandbox=True)
         self.root = self._store.root
         self.layer_cache = LayerCache()
+        self._lock = threading.Lock()
+        self._runs_cache: tuple[tuple, list[dict[str, Any]]] | None = None
+        self._ids: set[str] = set()
 
     def close(self) -> None:
         self._store.close()
@@ -158,8 +172,32 @@ class StoreReader:
             s.con.close()
 
     # ------------------------------------------------------------------ runs
+    def _signature(self) -> tuple:
+        """(path, size, mtime) of every segment and heartbeat of the store: the runs page is
+        recomputed only when one changed (the views read every small file again, ~6 ms per run
+        here; a listing of the folder tree costs a fraction of that)."""
+        sig = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for f in filenames:
+                if f.endswith((".parquet", ".json")):
+                    try:
+                        st = os.stat(os.path.join(dirpath, f))
+                    except OSError:
+                        continue
+                    sig.append((dirpath, f, st.st_size, st.st_mtime_ns))
+        sig.sort()
+        return tuple(sig)
+
     def runs(self) -> list[dict[str, Any]]:
-        """Every run with status, lineage, step count, last loss and tags, newest first."""
+        """Every run with status, lineage, step count, last loss and tags, newest first.
+        Cached while no file of the store changed and no run is live (a running run's status
+        can turn `crashed` with no file written, so then it is recomputed each time)."""
+        sig = self._signature()
+        with self._lock:
+            hit = self._runs_cache
+        if hit is not None and hit[0] == sig and not any(r["status"] == "running" for r in hit[1]):
+            return hit[1]
         with self.cursor() as s:
             cur = s.execute(
                 "WITH st AS (SELECT run_id, count(*) AS steps, max(step) AS last_step, "
@@ -174,13 +212,25 @@ class StoreReader:
         for r in out:  # run.tags is stored as JSON text of a list; anything else shows as one tag
             t = _json(r.get("tags")) if r.get("tags") else []
             r["tags"] = [str(x) for x in t] if isinstance(t, list) else [str(t)]
+        with self._lock:
+            self._runs_cache = (sig, out)
+            self._ids = {r["run_id"] for r in out}
         return out
 
     def resolve(self, s: Any, ref: str) -> str:
+        """An exact run id known from the last listing answers at once (`resolve_run_id` reads
+        every runs segment: ~40 ms on a large store); anything else goes through it."""
+        with self._lock:
+            if ref in self._ids:
+                return ref
         try:
-            return s.resolve_run_id(ref)
+            rid = s.resolve_run_id(ref)
         except BadInputError as exc:
             raise NotFound(str(exc)) from None
+        if rid == ref:
+            with self._lock:
+                self._ids.add(rid)
+        return rid
 
     def run(self, ref: str) -> dict[str, Any]:
         """One run: its row, hparams, env (rank 0), data manifest, checkpoints, events, spikes,
@@ -239,7 +289,12 @@ class StoreReader:
             params: dict[str, Any] = {"rid": rid}
             if metric:
                 params["name"] = name
-            span = s.execute(f"SELECT min(step), max(step), count(y) FROM {src}", params).fetchone()
+            # one scan for the run's span, the points in range and the non-finite steps in range
+            span = s.execute(
+                f"SELECT min(step), max(step), count(y) FILTER (step BETWEEN $lo AND $hi AND isfinite(y)), "
+                f"list(step ORDER BY step) FILTER (step BETWEEN $lo AND $hi AND y IS NOT NULL AND NOT isfinite(y)), "
+                f"min(step) FILTER (step BETWEEN $lo AND $hi), max(step) FILTER (step BETWEEN $lo AND $hi) FROM {src}",
+                {**params, "lo": -(2**62) if lo is None else lo, "hi": 2**62 if hi is None else hi}).fetchone()
             if span[0] is None:
                 if metric:
                     raise NotFound(f"run '{rid}' has no metric series {name[:60]!r}")
@@ -252,8 +307,7 @@ class StoreReader:
                 raise BadParam(f"parameters 'lo'/'hi': empty range {lo}..{hi} (the run has steps "
                                f"{span[0]}..{span[1]})")
             params.update(lo=lo, hi=hi)
-            n = s.execute(f"SELECT count(*) FROM {src} WHERE step BETWEEN $lo AND $hi AND isfinite(y)",
-                          params).fetchone()[0]
+            n, bad = span[2], (span[3] or [])[:1000]
             nb = max(1, points // 2)
             if raw or n <= points:
                 rows = s.execute(f"SELECT step, y, tok, t FROM {src} WHERE step BETWEEN $lo AND $hi "
@@ -266,12 +320,10 @@ class StoreReader:
                     f"             arg_max({{'step': step, 'y': y, 'tok': tok, 't': t}}, y) AS z FROM b GROUP BY b) "
                     f"SELECT DISTINCT p.step, p.y, p.tok, p.t FROM (SELECT unnest([a, z]) AS p FROM m) ORDER BY 1",
                     {**params, "nb": nb}).fetchall()
-            bad = s.execute(f"SELECT step FROM {src} WHERE step BETWEEN $lo AND $hi AND y IS NOT NULL "
-                            f"AND NOT isfinite(y) ORDER BY step LIMIT 1000", params).fetchall()
         return {"run_id": rid, "col": col, "x": x, "lo": lo, "hi": hi, "first_step": span[0], "last_step": span[1],
                 "n": n, "downsampled": not (raw or n <= points), "step": [r[0] for r in rows],
                 "y": [r[1] for r in rows], "tokens": [r[2] for r in rows],
-                "time": [r[3] for r in rows], "nonfinite": [r[0] for r in bad],
+                "time": [r[3] for r in rows], "nonfinite": list(bad),
                 "ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     # ------------------------------------------------------------------ layers
@@ -279,13 +331,21 @@ class StoreReader:
                 buckets: int = 400, agg: str = "max", cache: bool = True) -> dict[str, Any]:
         """A `layer_stats` column as parameter x step-bucket, aggregated in DuckDB (or from the
         per-run block cache when each bucket spans at least one cache block)."""
+        import numpy as np
+
         if col not in LAYER_COLUMNS:
             raise BadParam(f"parameter 'col': unknown layer_stats column {col[:40]!r} (one of {', '.join(LAYER_COLUMNS)})")
         t0 = time.perf_counter()
         with self.cursor() as s:
             rid = self.resolve(s, ref)
-            first, last, nrows = s.execute("SELECT min(step), max(step), count(*) FROM layer_stats WHERE run_id = ?",
-                                           [rid]).fetchone()
+            entry = self.layer_cache.peek(rid, col) if cache else None
+            if entry is not None:  # the span is known; only steps logged since can be new
+                tail = s.execute("SELECT max(step) FROM layer_stats WHERE run_id = ? AND step > ?",
+                                 [rid, entry["last"]]).fetchone()[0]
+                first, last, nrows = entry["first"], max(entry["last"], tail or entry["last"]), self.cache_min_rows
+            else:
+                first, last, nrows = s.execute("SELECT min(step), max(step), count(*) FROM layer_stats "
+                                               "WHERE run_id = ?", [rid]).fetchone()
             if first is None:
                 raise NotFound(f"run '{rid}' has no layer_stats (audit.layer_stats_every off, or an import)")
             lo = first if lo is None else max(lo, first)
@@ -294,38 +354,63 @@ class StoreReader:
                 raise BadParam(f"parameters 'lo'/'hi': empty range {lo}..{hi} (layer_stats cover {first}..{last})")
             nb = max(1, min(buckets, hi - lo + 1))
             width = (hi - lo + 1) / nb
-            cells: dict[tuple[str, int], list[float]] = {}
-            use_cache = False
-            if cache and nrows >= CACHE_MIN_ROWS:
+            if cache and entry is None and nrows >= self.cache_min_rows:
                 entry = self.layer_cache.get(self, rid, col, first, last)
-                use_cache = width >= entry["k"]
+            use_cache = entry is not None and width >= entry["k"]
+            params: list[str] = list(entry["params"]) if use_cache else []
+            mx = mn = sm = ct = None
             if use_cache:
+                # buckets are whole cache blocks: the range snaps out to block edges (reported
+                # as lo/hi), so every cell is the exact aggregate of the steps it names
                 k, base = entry["k"], entry["first"]
-                for param, blk, mx, mn, sm, ct in entry["rows"]:
-                    b0 = base + blk * k
-                    if b0 + k - 1 < lo or b0 > hi:
-                        continue
-                    b = min(nb - 1, max(0, int((max(b0, lo) - lo) * nb // (hi - lo + 1))))
-                    _merge(cells, (param, b), mx, mn, sm, ct)
-                tail_lo = max(lo, entry["last"] + 1)
-            else:
-                tail_lo = lo
+                lo = base + (lo - base) // k * k
+                if hi <= entry["last"]:
+                    hi = min(entry["last"], base + (hi - base) // k * k + k - 1)
+                b0 = base + entry["blk"] * k
+                keep = (b0 + k - 1 >= lo) & (b0 <= hi)
+                b = np.clip((b0[keep] - lo) * nb // (hi - lo + 1), 0, nb - 1)
+                flat = entry["p"][keep] * nb + b
+                size = len(params) * nb
+                mx = np.full(size, -np.inf)
+                np.maximum.at(mx, flat, entry["mx"][keep])
+                mn = np.full(size, np.inf)
+                np.minimum.at(mn, flat, entry["mn"][keep])
+                sm = np.bincount(flat, weights=entry["sm"][keep], minlength=size)
+                ct = np.bincount(flat, weights=entry["ct"][keep], minlength=size)
+            tail_lo = max(lo, entry["last"] + 1) if use_cache else lo
+            extra = []
             if tail_lo <= hi:
-                rows = s.execute(
+                extra = s.execute(
                     f"SELECT param, ((step - ?) * ? // (? - ? + 1)) AS b, max({col}), min({col}), sum({col}), "
                     f"count({col}) FROM layer_stats WHERE run_id = ? AND step BETWEEN ? AND ? AND isfinite({col}) "
                     f"GROUP BY ALL", [lo, nb, hi, lo, rid, tail_lo, hi]).fetchall()
-                for param, b, mx, mn, sm, ct in rows:
-                    _merge(cells, (param, int(b)), mx, mn, sm, ct)
-            params = sorted({p for p, _ in cells} or
-                            {r[0] for r in s.execute("SELECT DISTINCT param FROM layer_stats WHERE run_id = ?",
-                                                     [rid]).fetchall()}, key=_natural)
-        idx = {p: i for i, p in enumerate(params)}
-        z: list[list[float | None]] = [[None] * nb for _ in params]
-        for (p, b), (mx, mn, sm, ct) in cells.items():
-            v = mx if agg == "max" else mn if agg == "min" else (sm / ct if ct else None)
-            z[idx[p]][b] = _num(v)
-        starts = [lo + math.floor(i * (hi - lo + 1) / nb) for i in range(nb)]
+            new = sorted({r[0] for r in extra} - set(params), key=_natural)
+            if not use_cache:
+                params = new
+                size = len(params) * nb
+                mx, mn = np.full(size, -np.inf), np.full(size, np.inf)
+                sm, ct = np.zeros(size), np.zeros(size)
+            elif new:  # parameters that appeared after the build (rare): grow the arrays
+                grow = len(new) * nb
+                mx, mn = np.concatenate([mx, np.full(grow, -np.inf)]), np.concatenate([mn, np.full(grow, np.inf)])
+                sm, ct = np.concatenate([sm, np.zeros(grow)]), np.concatenate([ct, np.zeros(grow)])
+                params = params + new
+            idx = {p: i for i, p in enumerate(params)}
+            for param, bi, a_mx, a_mn, a_sm, a_ct in extra:
+                j = idx[param] * nb + int(bi)
+                mx[j] = max(mx[j], a_mx)
+                mn[j] = min(mn[j], a_mn)
+                sm[j] += a_sm
+                ct[j] += a_ct
+        with np.errstate(invalid="ignore", divide="ignore"):
+            v = mx if agg == "max" else mn if agg == "min" else sm / ct
+        v = np.where(ct > 0, v, np.nan).reshape(len(params), nb)
+        z = [[None if not math.isfinite(x) else x for x in row] for row in v.tolist()]
+        if use_cache:  # bucket i starts at its first whole block: the first j with j*k >= i*W/nb
+            k, w = entry["k"], hi - lo + 1
+            starts = [lo + _ceil_div(_ceil_div(i * w, nb), k) * k for i in range(nb)]
+        else:
+            starts = [lo + math.floor(i * (hi - lo + 1) / nb) for i in range(nb)]
         return {"run_id": rid, "col": col, "agg": agg, "lo": lo, "hi": hi, "first_step": first, "last_step": last,
                 "params": params, "bucket_start": starts, "z": z, "cached": use_cache,
                 "ms": round((time.perf_counter() - t0) * 1000, 2)}
@@ -417,15 +502,8 @@ class StoreReader:
                 "limit": limit, "ms": round((time.perf_counter() - t0) * 1000, 2)}
 
 
-def _merge(cells: dict, key: tuple[str, int], mx: float, mn: float, sm: float, ct: int) -> None:
-    c = cells.get(key)
-    if c is None:
-        cells[key] = [mx, mn, sm, ct]
-    else:
-        c[0] = max(c[0], mx)
-        c[1] = min(c[1], mn)
-        c[2] += sm
-        c[3] += ct
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _json(v: Any) -> Any:

@@ -142,8 +142,8 @@
         xs, xLabel: state.x, xTime: state.x === "time", yLabel: state.col, logY: state.logY,
         series: [{ label: state.col, ys: P.ema(c.y, state.smooth) }],
         bands: bands.map(b => ({ ...b, from: stepToX(c, b.from), to: stepToX(c, b.to) })),
-        marks: d.checkpoints.map(k => ({ x: stepToX(c, k.step), label: `ckpt ${k.step}`, color: "#1e8449" }))
-          .concat(evs.map(e => ({ x: stepToX(c, e.step), label: e.kind, color: "#c0392b" }))),
+        marks: d.checkpoints.map(k => ({ x: stepToX(c, k.step), label: `ckpt ${k.step}`, color: "#1e8449", row: 0 }))
+          .concat(evs.map((e, i) => ({ x: stepToX(c, e.step), label: e.kind, color: "#c0392b", row: 1 + (i % 2) }))),
         onZoom: (a, b) => { state.lo = Math.max(c.first_step, xToStep(c, a)); state.hi = Math.max(state.lo, xToStep(c, b)); load(); },
       });
       info.textContent = `steps ${c.lo}..${c.hi} · ${c.n} points${c.downsampled ? `, ${c.step.length} drawn (min/max per bucket)` : ""}`;

@@ -61,12 +61,13 @@
         ctx.lineTo(cx, top + 8 * devicePixelRatio); ctx.fill();
         if (b.label) ctx.fillText(b.label, Math.min(x1 + 3, u.bbox.left + u.bbox.width - 120 * devicePixelRatio), top + 20 * devicePixelRatio);
       });
-      marks.forEach(m => {
+      marks.forEach((m, i) => {
         const x = u.valToPos(m.x, "x", true);
         if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) return;
         ctx.strokeStyle = m.color || "#7f8c8d"; ctx.setLineDash([4, 4]); ctx.lineWidth = devicePixelRatio;
         ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top + h); ctx.stroke();
-        if (m.label) { ctx.fillStyle = m.color || "#7f8c8d"; ctx.fillText(m.label, x + 3, top + h - 6 * devicePixelRatio); }
+        // labels of nearby marks stagger (a fault and a checkpoint at one step stay readable)
+        if (m.label) { ctx.fillStyle = m.color || "#7f8c8d"; ctx.fillText(m.label, x + 3, top + h - (6 + 14 * (m.row ?? (i % 3))) * devicePixelRatio); }
       });
       ctx.restore();
     }
