@@ -248,6 +248,9 @@ def test_step_page_shows_the_injected_samples(page, world) -> None:
 
 def test_layers_heatmap_click_opens_that_step(page, world) -> None:
     w = finished(world)
+    _, hm = w["srv"].json(f"/api/runs/{w['rid']}/layers")
+    # layer stats every 10 steps: one bucket per logged step at most, so no empty stripes
+    assert all(any(row[b] is not None for row in hm["z"]) for b in range(len(hm["bucket_start"])))
     open_page(page, w, f"/layers/{w['rid']}", shot="layers")
     box = page.locator("canvas.heat").bounding_box()
     page.mouse.click(box["x"] + 300 + (box["width"] - 310) * 0.5, box["y"] + 20)

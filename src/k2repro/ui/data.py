@@ -357,6 +357,10 @@ class StoreReader:
             if cache and entry is None and nrows >= self.cache_min_rows:
                 entry = self.layer_cache.get(self, rid, col, first, last)
             use_cache = entry is not None and width >= entry["k"]
+            if not use_cache:  # layer stats every N steps: no more buckets than logged steps (no empty stripes)
+                logged = s.execute("SELECT count(DISTINCT step) FROM layer_stats WHERE run_id = ? AND step BETWEEN ? AND ?",
+                                   [rid, lo, hi]).fetchone()[0]
+                nb = max(1, min(nb, logged))
             params: list[str] = list(entry["params"]) if use_cache else []
             mx = mn = sm = ct = None
             if use_cache:
