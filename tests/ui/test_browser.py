@@ -81,7 +81,7 @@ def finished(w: dict) -> dict:
     out, err = w["proc"].communicate(timeout=300)
     assert w["proc"].returncode == 0, err[-3000:]
     w["train_s"] = time.monotonic() - w["t0"]
-    f = k2("forensics", w["rid"], "--store", str(w["store"]), "--out", str(w["root"] / "rep"), "--no-html", "--json")
+    f = k2("forensics", w["rid"], "--store", str(w["store"]), "--out", str(w["root"] / "rep"), "--json")
     assert f.returncode == 0, f.stderr[-2000:]
     spikes = json.loads(f.stdout)["spikes"]
     near = [s for s in spikes if abs(s["onset_step"] - SPIKE_STEP) <= 2]
@@ -267,3 +267,23 @@ def test_spike_and_evals_pages(page, world) -> None:
     open_page(page, w, "/evals/reference", shot="evals")
     assert page.locator("#evalrows tbody tr").count() == 9
     assert page.locator(".chart canvas").count() >= 2
+
+
+def test_offline_forensics_report_zooms_and_hovers_without_a_server(page, world) -> None:
+    """The HTML report of `k2repro forensics`, opened as a file (no server): the same charts,
+    inlined; the overview marks the episode at step 200 and hovering it shows its value."""
+    w = finished(world)
+    report = w["root"] / "rep" / w["rid"] / "forensics.html"
+    page.route("**/*", lambda route: route.abort() if not route.request.url.startswith("file:") else route.continue_())
+    page.goto(report.as_uri())
+    page.wait_for_selector("div.k2chart[data-drawn='1'] canvas")
+    assert page.locator("div.k2chart[data-drawn='1']").count() >= 3  # overview, zoom, heatmap
+    box = page.locator("div.k2chart").first.locator("div").first
+    g = page.evaluate("""(x) => { const el = document.querySelector('div.k2chart > div'), u = el._uplot,
+        r = u.over.getBoundingClientRect(); return {left: r.left + u.valToPos(x, 'x'), top: r.top, h: r.height}; }""",
+                      w["spike"]["peak_step"])
+    page.mouse.move(g["left"], g["top"] + g["h"] * 0.5)
+    page.wait_for_function("document.querySelector('div.k2chart > div').hasAttribute('data-hover')")
+    hover = box.get_attribute("data-hover")
+    assert "loss:" in hover and "step" in hover, hover
+    page.screenshot(path=str(SHOTS / "report-forensics.png"), full_page=False)

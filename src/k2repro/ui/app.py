@@ -2,8 +2,9 @@
 
 Why Starlette: a small, well-kept ASGI toolkit (the core FastAPI is built on) with no
 template engine or ORM to pull in; uvicorn serves it. Pages are one static shell plus vanilla
-JavaScript and the vendored uPlot (static/vendor/, licences in static/THIRD-PARTY.md); they
-read the same API that scripts use.
+JavaScript; the plotting (plot.js and the vendored uPlot, licences in THIRD-PARTY.md) lives in
+k2repro/forensics/assets/, shared with the offline HTML reports, and is served under
+/static/plot/. The pages read the same API that scripts use.
 
 Safe by default (docs/ui.md, "Security"): read-only (GET and HEAD only; no endpoint writes);
 a token, when set, is required on every request, pages and /api alike (401 without); without
@@ -169,8 +170,11 @@ def create_app(store: str | Path | None, token: str | None = None, static_dir: P
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
+    from k2repro.forensics.plots import ASSET_DIR
+
     reader = StoreReader(store)
     static = (static_dir or STATIC_DIR).resolve()
+    plot_assets = ASSET_DIR.resolve()
 
     def api(fn: Any) -> Any:
         """Run a data call in the thread pool; map errors to 4xx/5xx JSON."""
@@ -258,7 +262,9 @@ def create_app(store: str | Path | None, token: str | None = None, static_dir: P
         return res
 
     def static_file(request: Request) -> Response:
-        path = safe_static(static, request.path_params["path"])
+        rel = request.path_params["path"]
+        # the plotting (plot.js, vendored uPlot) is shared with the offline reports: forensics' assets
+        path = safe_static(plot_assets, rel[len("plot/"):]) if rel.startswith("plot/") else safe_static(static, rel)
         if path is None:
             return JSONResponse({"error": "no such file"}, status_code=404)
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"

@@ -41,8 +41,10 @@
     const series = [{ label: opts.xLabel || "step", value: (u, v) => fmt(v) }];
     opts.series.forEach((s, i) => series.push({
       label: s.label, stroke: s.color || COLORS[i % COLORS.length], width: s.width || 1.25,
-      dash: s.dash, points: { show: false }, spanGaps: false, value: (u, v) => fmt(v),
+      dash: s.dash, points: { show: !!s.points, size: 4 }, spanGaps: false, value: (u, v) => fmt(v),
+      scale: s.scale || "y",
     }));
+    const y2 = opts.series.find(s => s.scale === "y2");
     const data = [opts.xs].concat(opts.series.map(s => opts.logY ? s.ys.map(v => (v != null && v > 0) ? v : null) : s.ys));
     function drawOverlays(u) {
       const ctx = u.ctx, top = u.bbox.top, h = u.bbox.height;
@@ -73,8 +75,10 @@
     }
     const u = new uPlot({
       width, height: opts.height || 320, series, legend: { live: true },
-      scales: { x: { time: !!opts.xTime }, y: opts.logY ? { distr: 3 } : {} },
-      axes: [{ label: opts.xLabel || "step" }, { label: opts.yLabel || "", size: 70, values: (u, vs) => vs.map(fmt) }],
+      scales: Object.assign({ x: { time: !!opts.xTime }, y: opts.logY ? { distr: 3 } : (opts.yRange ? { range: () => opts.yRange } : {}) },
+        y2 ? { y2: y2.logY ? { distr: 3 } : {} } : {}),
+      axes: [{ label: opts.xLabel || "step" }, { label: opts.yLabel || "", size: 70, values: (u, vs) => vs.map(fmt) }]
+        .concat(y2 ? [{ scale: "y2", side: 1, label: y2.label, size: 70, stroke: y2.color, grid: { show: false }, values: (u, vs) => vs.map(fmt) }] : []),
       cursor: { drag: { x: true, y: false, setScale: false } },
       hooks: {
         draw: [drawOverlays],
@@ -110,7 +114,13 @@
     return `rgb(${c[0]},${c[1]},${c[2]})`;
   }
 
-  /* h: {params, bucket_start, z, hi}; opts: {onClick(step, param), log} */
+  function diverge(t) { // 0..1 -> blue, white, red (a log ratio around 0)
+    t = Math.max(0, Math.min(1, t));
+    const a = t < 0.5 ? [33, 102, 172] : [178, 24, 43], w = t < 0.5 ? 1 - 2 * t : 2 * t - 1;
+    return `rgb(${Math.round(255 + w * (a[0] - 255))},${Math.round(255 + w * (a[1] - 255))},${Math.round(255 + w * (a[2] - 255))})`;
+  }
+
+  /* h: {params, bucket_start, z, hi}; opts: {onClick(step, param), log, diverging, label} */
   function heat(el, h, opts) {
     el.innerHTML = "";
     const rowH = 14, labelW = 300, cols = h.bucket_start.length;
@@ -121,12 +131,14 @@
     const vals = h.z.flat().filter(v => v != null && (!opts.log || v > 0));
     const tr = v => opts.log ? Math.log10(v) : v;
     let lo = Math.min(...vals.map(tr)), hi = Math.max(...vals.map(tr)); if (!(hi > lo)) { hi = lo + 1; }
+    if (opts.diverging) { const m = Math.max(Math.abs(lo), Math.abs(hi), 0.5); lo = -m; hi = m; }
+    const paint = opts.diverging ? diverge : color;
     ctx.font = "12px ui-monospace, monospace"; ctx.textBaseline = "middle";
     const cw = plotW / cols;
     h.params.forEach((p, r) => {
       ctx.fillStyle = "#1d2330"; ctx.fillText(p.length > 42 ? "…" + p.slice(-41) : p, 2, r * rowH + rowH / 2);
       h.z[r].forEach((v, c) => {
-        ctx.fillStyle = (v == null || (opts.log && v <= 0)) ? "#eee" : color((tr(v) - lo) / (hi - lo));
+        ctx.fillStyle = (v == null || (opts.log && v <= 0)) ? "#eee" : paint((tr(v) - lo) / (hi - lo));
         ctx.fillRect(labelW + c * cw, r * rowH, Math.ceil(cw), rowH - 1);
       });
     });
@@ -144,12 +156,29 @@
     }
     cv.addEventListener("mousemove", ev => {
       const a = at(ev); if (!a) { tip(null); return; }
-      tip(`${a.param}  steps ${a.step}..${a.end}: ${fmt(a.v)}`, ev);
+      tip(`${a.param}  steps ${a.step}..${a.end}: ${fmt(a.v)}${opts.label ? " " + opts.label : ""}`, ev);
     });
     cv.addEventListener("mouseleave", () => tip(null));
     cv.addEventListener("click", ev => { const a = at(ev); if (a && opts.onClick) opts.onClick(a.step, a.param); });
     return cv;
   }
 
-  window.K2Plot = { line, heat, ema, fmt, COLORS };
+  /* offline reports: every div.k2chart holds its spec in a child script of type application/json
+     child ({kind: "line"|"heat", ...the options of line()/heat()}); drawn once the page has loaded */
+  function renderAll(root) {
+    (root || document).querySelectorAll("div.k2chart").forEach(el => {
+      const src = el.querySelector("script[type='application/json']");
+      if (!src || el.dataset.drawn) return;
+      const spec = JSON.parse(src.textContent);
+      const box = document.createElement("div"); el.appendChild(box);
+      if (spec.kind === "heat") heat(box, spec.data, spec); else line(box, spec);
+      el.dataset.drawn = "1";
+    });
+  }
+
+  window.K2Plot = { line, heat, ema, fmt, COLORS, renderAll };
+  if (document.querySelector("div.k2chart")) {
+    if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", () => renderAll());
+    else renderAll();
+  }
 })();
