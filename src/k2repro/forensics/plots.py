@@ -55,7 +55,7 @@ def _bands(spikes: list[Any]) -> list[dict]:
             for i, sp in enumerate(spikes, 1)]
 
 
-def _joint(xs_list: list[np.ndarray], ys_list: list[np.ndarray]) -> tuple[list, list[list]]:
+def joint(xs_list: list[np.ndarray], ys_list: list[np.ndarray]) -> tuple[list, list[list]]:
     """Several (x, y) series on one x axis (uPlot's data layout): None where a series has no point."""
     all_x = sorted({float(v) for xs in xs_list for v in xs})
     pos = {x: i for i, x in enumerate(all_x)}
@@ -68,7 +68,7 @@ def _joint(xs_list: list[np.ndarray], ys_list: list[np.ndarray]) -> tuple[list, 
     return all_x, out
 
 
-def _post_warmup_range(steps: np.ndarray, y: np.ndarray) -> list[float] | None:
+def post_warmup_range(steps: np.ndarray, y: np.ndarray) -> list[float] | None:
     """The loss axis from the values after the warm-up (0.1st..99.9th percentile, padded), so
     the early loss does not squash the rest; None when that would hide nothing."""
     fin = np.isfinite(y)
@@ -98,10 +98,10 @@ def overview_spec(result: Any) -> dict | None:
         ys_l.append(gy)
         series.append({"label": "grad_norm", "color": "#c05a00", "scale": "y2", "width": 1.0,
                        "logY": bool(np.nanmin(np.where(gy > 0, gy, np.nan)) > 0)})
-    xs, cols = _joint(xs_l, ys_l)
+    xs, cols = joint(xs_l, ys_l)
     for sr, col in zip(series, cols, strict=True):
         sr["ys"] = col
-    rng = _post_warmup_range(s["step"], s["loss"])
+    rng = post_warmup_range(s["step"], s["loss"])
     return {"kind": "line", "xs": xs, "series": series, "bands": _bands(result.spikes), "yLabel": "loss",
             "yRange": rng, "height": 300,
             "note": ("loss axis from the values after the first 5% of steps: the early loss runs off the top"

@@ -19,8 +19,8 @@ th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:to
 th{background:#f3f3f3}code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em}
 .transient{background:#fdf0cf}.slow{background:#fde0d3}.persistent{background:#f3d0db}.divergence{background:#dcd0e0}
 .imp{background:#fff6e0;border-left:4px solid #e0a000;padding:.4em .8em}
-.note{color:#555;font-size:.9em}.txt{white-space:pre-wrap;max-width:100%;overflow-wrap:anywhere;font-size:.8em}
-table{width:100%;table-layout:auto}td{overflow-wrap:anywhere}.k2chart canvas{max-width:100%}
+.note{color:#555;font-size:.9em}.txt{white-space:pre-wrap;max-width:100%;overflow-wrap:break-word;font-size:.8em}
+table{width:100%;table-layout:auto}td{overflow-wrap:break-word}.k2chart canvas{max-width:100%}
 .verdict-data{color:#a00;font-weight:bold}.verdict-not_data{color:#060;font-weight:bold}
 """
 

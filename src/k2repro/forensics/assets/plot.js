@@ -50,7 +50,7 @@
       const ctx = u.ctx, top = u.bbox.top, h = u.bbox.height;
       ctx.save();
       ctx.font = `${Math.round(11 * devicePixelRatio)}px system-ui, sans-serif`;
-      bands.forEach(b => {
+      bands.forEach((b, bi) => {
         let x0 = u.valToPos(b.from, "x", true), x1 = u.valToPos(b.to, "x", true);
         if (x1 < u.bbox.left || x0 > u.bbox.left + u.bbox.width) return;
         const minw = 4 * devicePixelRatio;             // an episode never thinner than 4 px
@@ -61,7 +61,8 @@
         ctx.beginPath(); const cx = (x0 + x1) / 2;      // a marker per episode, visible at any zoom
         ctx.moveTo(cx - 5 * devicePixelRatio, top); ctx.lineTo(cx + 5 * devicePixelRatio, top);
         ctx.lineTo(cx, top + 8 * devicePixelRatio); ctx.fill();
-        if (b.label) ctx.fillText(b.label, Math.min(x1 + 3, u.bbox.left + u.bbox.width - 120 * devicePixelRatio), top + 20 * devicePixelRatio);
+        // labels of neighbouring episodes stagger over three rows instead of overprinting
+        if (b.label) ctx.fillText(b.label, Math.min(x1 + 3, u.bbox.left + u.bbox.width - 120 * devicePixelRatio), top + (20 + 13 * (bi % 3)) * devicePixelRatio);
       });
       marks.forEach((m, i) => {
         const x = u.valToPos(m.x, "x", true);
@@ -76,9 +77,9 @@
     const u = new uPlot({
       width, height: opts.height || 320, series, legend: { live: true },
       scales: Object.assign({ x: { time: !!opts.xTime }, y: opts.logY ? { distr: 3 } : (opts.yRange ? { range: () => opts.yRange } : {}) },
-        y2 ? { y2: y2.logY ? { distr: 3 } : {} } : {}),
-      axes: [{ label: opts.xLabel || "step" }, { label: opts.yLabel || "", size: 70, values: (u, vs) => vs.map(fmt) }]
-        .concat(y2 ? [{ scale: "y2", side: 1, label: y2.label, size: 70, stroke: y2.color, grid: { show: false }, values: (u, vs) => vs.map(fmt) }] : []),
+        y2 ? { y2: y2.logY ? { distr: 3 } : (opts.y2Range ? { range: () => opts.y2Range } : {}) } : {}),
+      axes: [{ label: opts.xLabel || "step" }, { label: opts.yLabel || "", size: 70, values: (u, vs) => vs.map(v => v == null ? "" : fmt(v)) }]
+        .concat(y2 ? [{ scale: "y2", side: 1, label: y2.label, size: 70, stroke: y2.color, grid: { show: false }, values: (u, vs) => vs.map(v => v == null ? "" : fmt(v)) }] : []),
       cursor: { drag: { x: true, y: false, setScale: false } },
       hooks: {
         draw: [drawOverlays],
