@@ -287,3 +287,24 @@ def test_offline_forensics_report_zooms_and_hovers_without_a_server(page, world)
     hover = box.get_attribute("data-hover")
     assert "loss:" in hover and "step" in hover, hover
     page.screenshot(path=str(SHOTS / "report-forensics.png"), full_page=False)
+
+
+def test_a_100_step_episode_of_a_240k_step_run_is_visible(page) -> None:
+    """The reader's complaint about the old overview: on 240,000 steps a 100-step band is a
+    fraction of a pixel. The shared charts draw every episode at least 4 px wide with a marker."""
+    from k2repro.forensics.plots import assets_html, plot_script
+
+    page.set_content(f"<html><head>{assets_html()}</head><body><div id='c' style='width:1000px'></div>"
+                     f"{plot_script()}</body></html>")
+    page.evaluate("""() => {
+        const xs = [], ys = []; for (let s = 1; s <= 240000; s += 120) { xs.push(s); ys.push(xs.length === 1 ? 0 : 3); }
+        K2Plot.line(document.getElementById('c'), {xs, series: [{label: 'loss', ys}],
+                    bands: [{from: 120000, to: 120100, severity: 'malignant', label: 'slow'}]}); }""")
+    page.wait_for_timeout(200)  # uPlot sizes and draws on its next frame
+    cols = page.evaluate("""() => { const el = document.getElementById('c'), u = el._uplot, c = u.ctx, y = Math.round(u.bbox.top + 0.6 * u.bbox.height), x0 = Math.round(u.valToPos(120050, 'x', true));
+        const tinted = dx => { const p = c.getImageData(x0 + dx, y, 1, 1).data; return p[3] >= 35 && p[0] - p[2] > 50; };
+        const mark = c.getImageData(x0, Math.round(u.bbox.top + 2), 1, 1).data;
+        let w = 0; for (let dx = -10; dx <= 10; dx++) if (tinted(dx)) w++;
+        return {w, dpr: devicePixelRatio, mark: Array.from(mark), far: tinted(-200)}; }""")
+    assert cols["w"] >= 4 * cols["dpr"] - 1 and not cols["far"], cols
+    assert cols["mark"][3] > 200, cols  # the marker on top of the band

@@ -96,11 +96,12 @@ def overview_spec(result: Any) -> dict | None:
         gx, gy = envelope(s["step"], s["grad_norm"])
         xs_l.append(gx)
         ys_l.append(gy)
-        series.append({"label": "grad_norm", "color": "#c05a00", "scale": "y2", "width": 1.0,
+        series.append({"label": "grad_norm", "color": "rgba(192,90,0,0.45)", "scale": "y2", "width": 0.8,
                        "logY": bool(np.nanmin(np.where(gy > 0, gy, np.nan)) > 0)})
     xs, cols = joint(xs_l, ys_l)
     for sr, col in zip(series, cols, strict=True):
         sr["ys"] = col
+        sr["spanGaps"] = True  # the envelopes keep different steps: a series has no point at the other's
     rng = post_warmup_range(s["step"], s["loss"])
     return {"kind": "line", "xs": xs, "series": series, "bands": _bands(result.spikes), "yLabel": "loss",
             "yRange": rng, "height": 300,

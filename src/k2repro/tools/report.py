@@ -219,9 +219,11 @@ def training_specs(data: ReportData, obj: dict) -> list[dict]:
     if "loss" in have:
         parts = [_series(data, "loss")] + ([_series(data, "grad_norm")] if "grad_norm" in have else [])
         xs, cols = joint([p[0] for p in parts], [p[1] for p in parts])
-        series = [{"label": "loss", "ys": cols[0], "color": "#1f4e79"}]
+        # the envelopes keep different steps: each series spans the other's points (spanGaps)
+        series = [{"label": "loss", "ys": cols[0], "color": "#1f4e79", "spanGaps": True}]
         if len(cols) > 1:
-            series.append({"label": "grad_norm", "ys": cols[1], "color": "#c05a00", "scale": "y2", "width": 1.0})
+            series.append({"label": "grad_norm", "ys": cols[1], "color": "rgba(192,90,0,0.45)", "scale": "y2", "width": 0.8,
+                           "spanGaps": True})
         out.append({"kind": "line", "xs": xs, "series": series, "yLabel": "loss", "height": 280,
                     "bands": _spike_bands(obj["spikes"]),
                     "yRange": post_warmup_range(np.asarray(st["step"], dtype=float),

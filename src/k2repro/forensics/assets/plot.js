@@ -41,7 +41,7 @@
     const series = [{ label: opts.xLabel || "step", value: (u, v) => fmt(v) }];
     opts.series.forEach((s, i) => series.push({
       label: s.label, stroke: s.color || COLORS[i % COLORS.length], width: s.width || 1.25,
-      dash: s.dash, points: { show: !!s.points, size: 4 }, spanGaps: false, value: (u, v) => fmt(v),
+      dash: s.dash, points: { show: !!s.points, size: 4 }, spanGaps: !!s.spanGaps, value: (u, v) => fmt(v),
       scale: s.scale || "y",
     }));
     const y2 = opts.series.find(s => s.scale === "y2");
