@@ -50,6 +50,7 @@
       const ctx = u.ctx, top = u.bbox.top, h = u.bbox.height;
       ctx.save();
       ctx.font = `${Math.round(11 * devicePixelRatio)}px system-ui, sans-serif`;
+      ctx.textAlign = "left"; ctx.textBaseline = "alphabetic";  // uPlot's axes leave other settings behind
       bands.forEach((b, bi) => {
         let x0 = u.valToPos(b.from, "x", true), x1 = u.valToPos(b.to, "x", true);
         if (x1 < u.bbox.left || x0 > u.bbox.left + u.bbox.width) return;

@@ -39,7 +39,7 @@
       tbody.innerHTML = "";
       rs.forEach(r => tbody.append(h("tr", { class: opts.rowClass ? opts.rowClass(r) : null },
         cols.map(c => { const v = r[c.key]; const out = c.fmt ? c.fmt(v, r) : (isNum(v) ? fmt(v) : (v == null ? "" : typeof v === "object" ? JSON.stringify(v) : String(v)));
-          return h("td", { class: (c.num || isNum(v)) ? "num" : null }, out); }))));
+          return h("td", { class: (c.num || (!c.fmt && isNum(v))) ? "num" : null }, out); }))));
     }
     fill();
     return h("div", { class: "wrap" }, h("table", { id: opts.id }, thead, tbody));
@@ -208,7 +208,7 @@
         const fd = df.first_loss_divergence_step ?? df.first_batch_divergence_step;
         if (fd != null && x === "step") marks.push({ x: fd, label: `first divergence ${other.slice(0, 18)} @${fd}`, color: "#8e44ad" });
         diffBox.append(h("p", { class: "first-divergence" }, `${ids[0]} vs ${other}: first loss divergence ${df.first_loss_divergence_step ?? "none"}, first batch divergence ${df.first_batch_divergence_step ?? "none"}`),
-          rows.length ? table([{ key: "run" }, { key: "key" }, { key: "a", label: ids[0] }, { key: "b", label: "this run" }], rows) : h("p", { class: "muted" }, "same config"));
+          rows.length ? table([{ key: "run" }, { key: "key" }, { key: "a", label: ids[0], fmt: v => v == null ? "" : String(v) }, { key: "b", label: "this run", fmt: v => v == null ? "" : String(v) }], rows) : h("p", { class: "muted" }, "same config"));
       } catch (e) { diffBox.append(h("p", { class: "err" }, String(e.message))); }
     }
     P.line(chart, { xs, xLabel: x, yLabel: col, series, marks });
