@@ -259,11 +259,12 @@ def test_heatmap_block_cache_is_exact_and_takes_new_steps(tmp_path: Path) -> Non
             sel = raw["param"] == p
             st, v = raw["step"][sel], raw["grad_norm"][sel]
             want = [v[(st >= edges[b]) & (st < edges[b + 1])].max() for b in range(len(edges) - 1)]
-            assert np.array_equal(np.array(h["z"][i], dtype=float), np.array(want)), p
+            assert np.allclose(np.array(h["z"][i], dtype=float), np.array(want), rtol=1e-6, atol=0), p  # 7 digits sent
         m = r.heatmap("big", col="grad_norm", buckets=500, agg="mean")
         sel = raw["param"] == m["params"][0]
         st, v = raw["step"][sel], raw["grad_norm"][sel]
-        assert abs(m["z"][0][0] - v[(st >= edges[0]) & (st < edges[1])].mean()) < 1e-9
+        want = v[(st >= edges[0]) & (st < edges[1])].mean()
+        assert abs(m["z"][0][0] - want) <= 1e-6 * abs(want)
         param = h["params"][0]
         append_table(tmp_path, "big", "layer_stats", {"step": [6001, 6002], "param": [param, param],
                                                       "grad_norm": [1e6, 2.0]})

@@ -382,13 +382,14 @@ class StoreReader:
                 sm = np.bincount(flat, weights=entry["sm"][keep], minlength=size)
                 ct = np.bincount(flat, weights=entry["ct"][keep], minlength=size)
             tail_lo = max(lo, entry["last"] + 1) if use_cache else lo
-            extra = []
+            extra: dict[str, Any] = {"param": np.array([], dtype=object)}
             if tail_lo <= hi:
                 extra = s.execute(
-                    f"SELECT param, ((step - ?) * ? // (? - ? + 1)) AS b, max({col}), min({col}), sum({col}), "
-                    f"count({col}) FROM layer_stats WHERE run_id = ? AND step BETWEEN ? AND ? AND isfinite({col}) "
-                    f"GROUP BY ALL", [lo, nb, hi, lo, rid, tail_lo, hi]).fetchall()
-            new = sorted({r[0] for r in extra} - set(params), key=_natural)
+                    f"SELECT param, ((step - ?) * ? // (? - ? + 1)) AS b, max({col}) AS mx, min({col}) AS mn, "
+                    f"sum({col}) AS sm, count({col}) AS ct FROM layer_stats WHERE run_id = ? AND step BETWEEN ? AND ? "
+                    f"AND isfinite({col}) GROUP BY ALL", [lo, nb, hi, lo, rid, tail_lo, hi]).fetchnumpy()
+            names = [str(p) for p in np.asarray(extra["param"]).tolist()]
+            new = sorted(set(names) - set(params), key=_natural)
             if not use_cache:
                 params = new
                 size = len(params) * nb
@@ -399,17 +400,18 @@ class StoreReader:
                 mx, mn = np.concatenate([mx, np.full(grow, -np.inf)]), np.concatenate([mn, np.full(grow, np.inf)])
                 sm, ct = np.concatenate([sm, np.zeros(grow)]), np.concatenate([ct, np.zeros(grow)])
                 params = params + new
-            idx = {p: i for i, p in enumerate(params)}
-            for param, bi, a_mx, a_mn, a_sm, a_ct in extra:
-                j = idx[param] * nb + int(bi)
-                mx[j] = max(mx[j], a_mx)
-                mn[j] = min(mn[j], a_mn)
-                sm[j] += a_sm
-                ct[j] += a_ct
+            if names:  # the raw rows, merged in numpy (a loop over 60k cells cost ~0.3 s)
+                idx = {p: i for i, p in enumerate(params)}
+                flat = np.array([idx[p] for p in names], dtype=np.int64) * nb + np.asarray(extra["b"], dtype=np.int64)
+                np.maximum.at(mx, flat, np.asarray(extra["mx"], dtype=float))
+                np.minimum.at(mn, flat, np.asarray(extra["mn"], dtype=float))
+                np.add.at(sm, flat, np.asarray(extra["sm"], dtype=float))
+                np.add.at(ct, flat, np.asarray(extra["ct"], dtype=float))
         with np.errstate(invalid="ignore", divide="ignore"):
             v = mx if agg == "max" else mn if agg == "min" else sm / ct
         v = np.where(ct > 0, v, np.nan).reshape(len(params), nb)
-        z = [[None if not math.isfinite(x) else x for x in row] for row in v.tolist()]
+        # 7 significant digits are more than a colour or a hover needs, and halve the JSON
+        z = [[None if x != x else float(f"{x:.7g}") for x in row] for row in v.tolist()]
         if use_cache:  # bucket i starts at its first whole block: the first j with j*k >= i*W/nb
             k, w = entry["k"], hi - lo + 1
             starts = [lo + _ceil_div(_ceil_div(i * w, nb), k) * k for i in range(nb)]
