@@ -235,7 +235,10 @@ class StoreReader:
     def run(self, ref: str) -> dict[str, Any]:
         """One run: its row, hparams, env (rank 0), data manifest, checkpoints, events, spikes,
         the columns and metric series it can draw, and its lineage family."""
-        from k2repro.tools.lineage import family
+        try:  # issue 19 moves the lineage walkers from tools/ to audit/; either tree works
+            from k2repro.audit.lineage import family
+        except ImportError:
+            from k2repro.tools.lineage import family
 
         with self.cursor() as s:
             rid = self.resolve(s, ref)
