@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	@command -v chromium >/dev/null || (apt-get install -y chromium || sudo apt-get install -y chromium)  # browser tests (tests/ui)
 	@touch $(STAMP)
 
 run: setup

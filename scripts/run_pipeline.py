@@ -41,6 +41,7 @@ def main() -> int:
         print(f"forensics report: reports/pipeline/forensics/{run_id}/forensics.html")
     print("audit store:      runs (every experiment's run; try: .venv/bin/k2repro runs), this revision's: pipeline/train")
     print("metrics:          reports/metrics.json (dvc metrics show), loss curve: dvc plots show")
+    print("browse it:        .venv/bin/k2repro ui --store pipeline   (then open http://127.0.0.1:8050/)")
     print("The demo config injects one known bad batch (faults.bad_batch_steps in conf/faults/demo.yaml);"
           " `dvc exp run -S faults=none` turns it off.")
     return 0

@@ -241,7 +241,8 @@ def test_report_has_an_over_training_section_with_spikes_and_forensics_link(worl
     assert obj["spikes"][0]["onset_step"] == 30 and obj["spikes"][0]["class"] == "transient"
     assert obj["forensics"] == {"html": "forensics.html"}
     page = Path(obj["files"]["html"]).read_text()
-    assert 'id="over-training"' in page and page.count("data:image/png;base64,") == 2
+    # the UI's charts, inlined (issue 20): loss + grad norm, lr; eval loss, perplexities, memorization
+    assert 'id="over-training"' in page and page.count('class="k2chart"') >= 4 and "<img" not in page
     assert "http://" not in page and "https://" not in page
     assert 'href="forensics.html"' in page
     md = Path(obj["files"]["md"]).read_text()

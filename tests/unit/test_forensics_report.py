@@ -5,7 +5,6 @@ from real packed data made by the data pipeline."""
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from html.parser import HTMLParser
@@ -36,12 +35,18 @@ class Checker(HTMLParser):
         self.errors: list[str] = []
         self.imgs: list[str] = []
         self.urls: list[str] = []
+        self.charts = 0
+        self.scripts: list[dict] = []
         self.text: list[str] = []
 
     def handle_starttag(self, tag, attrs):  # noqa: ANN001
         a = dict(attrs)
         if tag == "img":
             self.imgs.append(a.get("src") or "")
+        if tag == "div" and a.get("class") == "k2chart":
+            self.charts += 1
+        if tag == "script":
+            self.scripts.append(a)
         for k in ("src", "href", "action", "data"):
             if a.get(k):
                 self.urls.append(a[k])
@@ -103,13 +108,21 @@ def test_html_is_well_formed_self_contained_with_plots(reports) -> None:
     # overview + per spike a zoom and (with layer stats) a heatmap
     n_spikes = len(reports["res"]["rep"].spikes)
     assert n_spikes == 3
-    assert len(c.imgs) >= 1 + 2 * n_spikes
-    for src in c.imgs:
-        assert src.startswith("data:image/png;base64,")
-        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    # charts (issue 20): overview + per spike a zoom and (with layer stats) a heatmap, drawn by the
+    # inlined uPlot + plot.js from embedded JSON; no image, no script from elsewhere
+    assert c.imgs == [] and c.charts >= 1 + 2 * n_spikes
+    assert all("src" not in a for a in c.scripts), c.scripts
+    specs = [json.loads(m) for m in re.findall(r'<script type="application/json">(.*?)</script>', html, re.S)]
+    assert len(specs) == c.charts and {s["kind"] for s in specs} == {"line", "heat"}
+    overview = specs[0]
+    assert len(overview["bands"]) == n_spikes  # a marker per episode, however short
+    assert [s["label"] for s in overview["series"]] == ["loss", "grad_norm"]  # grad norm in the legend
+    assert overview["series"][1]["scale"] == "y2"  # on its own axis, not hidden behind the loss
+    assert "uPlot" in html and "K2Plot" in html
     assert all(u.startswith(("data:", "#")) for u in c.urls), c.urls
     assert not re.search(r"https?://", html)
-    assert "<script" not in html.lower()
+    heat = next(s for s in specs if s["kind"] == "heat")
+    assert heat["data"]["params"] and len(heat["data"]["z"]) == len(heat["data"]["params"])
 
 
 def test_report_shows_sample_text_doc_ids_and_features(reports) -> None:

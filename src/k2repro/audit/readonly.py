@@ -10,8 +10,11 @@ transactions, several statements at once, ...) is refused with the statement typ
 from __future__ import annotations
 
 import re
+import threading
+import time
+from typing import Any
 
-from k2repro.errors import BadInputError
+from k2repro.errors import BadInputError, K2ReproError
 
 ALLOWED_TYPES = ("SELECT", "EXPLAIN", "PRAGMA")
 READ_ONLY_PRAGMAS = frozenset({
@@ -63,3 +66,73 @@ def _check_one(stmt: object, text: str) -> None:
         raise BadInputError(f"read-only: PRAGMA {name} is not allowed (read-only pragmas: "
                             f"{', '.join(sorted(READ_ONLY_PRAGMAS))})")
     raise BadInputError(f"read-only: {kind} statements are not allowed (allowed: {ALLOWED_TEXT})")
+
+
+class QueryTimeout(K2ReproError):
+    """The query ran past its time limit and was stopped."""
+
+    exit_code = 124
+
+
+class QueryInterrupted(K2ReproError):
+    """Ctrl-C (SIGINT) stopped the query."""
+
+    exit_code = 130
+
+
+def run_query(store: Any, query: str, params: list[Any] | None, timeout: float,
+              max_rows: int | None = None) -> tuple[list[str], list, bool]:
+    """Run one (already checked) query on `store` in a worker thread, so that the calling
+    thread can stop it: at the deadline, or on SIGINT (Python raises KeyboardInterrupt in the
+    main thread only), by DuckDB's `interrupt()`. Before, Ctrl-C surfaced as a RuntimeError
+    traceback and a query could run for ever. Shared by `k2repro sql` and the UI's SQL page
+    (which passes `max_rows`: a page must not pull a billion rows into memory).
+
+    Returns (columns, rows, truncated): `truncated` is True when `max_rows` cut the result."""
+    import duckdb
+
+    out: dict[str, Any] = {}
+    finished = threading.Event()  # not Thread.join: an interrupted join can report a live thread dead
+
+    def work() -> None:
+        try:
+            cur = store.execute(query, params)
+            out["columns"] = [d[0] for d in cur.description] if cur.description else []
+            if not cur.description:
+                out["rows"] = []
+            elif max_rows is None:
+                out["rows"] = cur.fetchall()
+            else:
+                out["rows"] = cur.fetchmany(max_rows + 1)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            out["exc"] = exc
+        finally:
+            finished.set()
+
+    worker = threading.Thread(target=work, name="k2repro-sql", daemon=True)
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    why = None
+    worker.start()
+    try:
+        while not finished.wait(0.05):
+            if deadline is not None and time.monotonic() > deadline:
+                why = "timeout"
+                store.con.interrupt()
+                break
+    except KeyboardInterrupt:
+        why = "sigint"
+        store.con.interrupt()
+    while not finished.wait(10):  # DuckDB stops at its next check; keep asking
+        store.con.interrupt()
+    if why == "timeout":
+        raise QueryTimeout(f"SQL: the query ran longer than {timeout:g} s and was stopped (--timeout to change it)")
+    if why == "sigint":
+        raise QueryInterrupted("SQL: interrupted (SIGINT); the query was stopped, nothing was changed")
+    exc = out.get("exc")
+    if isinstance(exc, duckdb.Error):
+        raise BadInputError(f"SQL: {str(exc).strip().splitlines()[0]}") from None
+    if exc is not None:
+        raise exc
+    rows = out["rows"]
+    truncated = max_rows is not None and len(rows) > max_rows
+    return out["columns"], rows[:max_rows] if truncated else rows, truncated

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify-bundle": ("verify_bundle", "check a release bundle's checksums"),
     "gc": ("gc", "remove runs from a store, compact segments"),
     "verify-store": ("verify_store", "read every segment whole (page checksums) and find deleted ones"),
+    "ui": ("ui", "a live run browser over the store (local web app, read-only)"),
 }
 
 

@@ -10,8 +10,11 @@ import argparse
 import sys
 from typing import Any
 
+from k2repro.audit.readonly import QueryInterrupted, QueryTimeout, run_query
 from k2repro.cli.render import add_format_args, chosen_format, render
-from k2repro.errors import BadInputError, K2ReproError
+from k2repro.errors import BadInputError
+
+__all__ = ["QueryInterrupted", "QueryTimeout", "configure", "parse_param", "run"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -32,18 +35,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_format_args(parser)
 
 
-class QueryTimeout(K2ReproError):
-    """The query ran past --timeout and was stopped."""
-
-    exit_code = 124
-
-
-class QueryInterrupted(K2ReproError):
-    """Ctrl-C (SIGINT) stopped the query."""
-
-    exit_code = 130
-
-
 def parse_param(text: str) -> Any:
     if text == "null":
         return None
@@ -53,56 +44,6 @@ def parse_param(text: str) -> Any:
         except ValueError:
             pass
     return text
-
-
-def _run_query(store: Any, query: str, params: list[Any] | None, timeout: float) -> tuple[list[str], list]:
-    """Run the query in a worker thread, so that the main thread can stop it: at the
-    deadline, or on SIGINT (Python raises KeyboardInterrupt in the main thread only), by
-    DuckDB's `interrupt()`. Before, Ctrl-C surfaced as a RuntimeError traceback and a query
-    could run for ever."""
-    import threading
-    import time
-
-    import duckdb
-
-    out: dict[str, Any] = {}
-    finished = threading.Event()  # not Thread.join: an interrupted join can report a live thread dead
-
-    def work() -> None:
-        try:
-            cur = store.execute(query, params)
-            out["columns"] = [d[0] for d in cur.description] if cur.description else []
-            out["rows"] = cur.fetchall() if cur.description else []
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            out["exc"] = exc
-        finally:
-            finished.set()
-
-    worker = threading.Thread(target=work, name="k2repro-sql", daemon=True)
-    deadline = time.monotonic() + timeout if timeout > 0 else None
-    why = None
-    worker.start()
-    try:
-        while not finished.wait(0.05):
-            if deadline is not None and time.monotonic() > deadline:
-                why = "timeout"
-                store.con.interrupt()
-                break
-    except KeyboardInterrupt:
-        why = "sigint"
-        store.con.interrupt()
-    while not finished.wait(10):  # DuckDB stops at its next check; keep asking
-        store.con.interrupt()
-    if why == "timeout":
-        raise QueryTimeout(f"SQL: the query ran longer than {timeout:g} s and was stopped (--timeout to change it)")
-    if why == "sigint":
-        raise QueryInterrupted("SQL: interrupted (SIGINT); the query was stopped, nothing was changed")
-    exc = out.get("exc")
-    if isinstance(exc, duckdb.Error):
-        raise BadInputError(f"SQL: {str(exc).strip().splitlines()[0]}") from None
-    if exc is not None:
-        raise exc
-    return out["columns"], out["rows"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     params = [parse_param(p) for p in args.param]
     store = open_store(args.store, sandbox=True)
     try:
-        columns, rows = _run_query(store, query, params if params else None, args.timeout)
+        columns, rows, _ = run_query(store, query, params if params else None, args.timeout)
     finally:
         store.close()
     render(columns, rows, chosen_format(args))

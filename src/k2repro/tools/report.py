@@ -13,9 +13,7 @@ size, data); the report shows the settings that cover the most checkpoints, and 
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 import os
@@ -26,8 +24,6 @@ from typing import Any
 from k2repro.errors import BadInputError
 
 METRIC_ORDER = ("val/loss", "val/ppl", "mem/exact_match", "mem/matched_prefix")
-MAX_POINTS = 2000
-SPIKE_COLOR = "#e8743b"
 
 
 @dataclass
@@ -197,120 +193,90 @@ def _plain(v: Any) -> Any:
 
 # ------------------------------------------------------------------------------------- figures
 
-def _mpl() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+def _spike_bands(spikes: list[dict]) -> list[dict]:
+    return [{"from": s["onset_step"], "to": s["end_step"] if s["end_step"] is not None else s["onset_step"],
+             "severity": s.get("severity"), "label": f"{s.get('class') or 'spike'} · {s.get('severity') or ''}"}
+            for s in spikes if s["onset_step"] is not None]
 
 
-def _png(fig: Any) -> bytes:
-    plt = _mpl()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _thin(x: Any, y: Any) -> tuple[Any, Any]:
+def _series(data: ReportData, col: str) -> tuple[Any, Any]:
     import numpy as np
 
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if x.size <= MAX_POINTS:
-        return x, y
-    b = int(math.ceil(x.size / MAX_POINTS))
-    m = (x.size // b) * b
-    return x[:m].reshape(-1, b)[:, 0], np.nanmax(y[:m].reshape(-1, b), axis=1)  # keep spikes visible
+    from k2repro.forensics.plots import envelope
 
-
-def _mark_spikes(ax: Any, spikes: list[dict], label: bool = False) -> None:
-    first = True
-    for s in spikes:
-        if s["onset_step"] is None:
-            continue
-        end = s["end_step"] if s["end_step"] is not None else s["onset_step"]
-        ax.axvspan(s["onset_step"], max(end, s["onset_step"] + 1), color=SPIKE_COLOR, alpha=0.25, lw=0,
-                   label="spike (forensics)" if label and first else None)
-        first = False
-
-
-def _tokens_axis(ax: Any, obj: dict) -> None:
-    """A top axis in tokens (tokens per step is constant in k2repro runs)."""
-    t = obj["training"]
-    if not t.get("tokens") or not t.get("last_step") or t.get("first_step") != 1:
-        return
-    per = t["tokens"] / t["last_step"]
-    sec = ax.secondary_xaxis("top", functions=(lambda s: s * per, lambda n: n / per))
-    sec.set_xlabel("tokens")
-
-
-def training_png(data: ReportData, obj: dict) -> bytes | None:
     st = data.steps
-    panels = [k for k in ("loss", "lr", "grad_norm") if len(st) and st[k].notna().any()]
-    if not panels:
-        return None
-    plt = _mpl()
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 0.6 + 2.0 * len(panels)), sharex=True, squeeze=False)
-    for ax, k in zip(axes[:, 0], panels, strict=True):
-        x, y = _thin(st["step"], st[k])
-        ax.plot(x, y, lw=0.8, color="#1f4e79")
-        _mark_spikes(ax, obj["spikes"])
-        ax.set_ylabel(k)
-        ax.grid(alpha=0.3)
-    _tokens_axis(axes[0, 0], obj)
-    axes[-1, 0].set_xlabel("step")
-    return _png(fig)
+    return envelope(np.asarray(st["step"], dtype=float), np.asarray(st[col], dtype=float))
 
 
-def over_training_png(data: ReportData, obj: dict) -> bytes | None:
+def training_specs(data: ReportData, obj: dict) -> list[dict]:
+    """Loss with grad norm on its own axis (spikes marked), and the learning rate: the charts
+    of `k2repro ui` (forensics/plots.py), drawn offline from the embedded data."""
+    import numpy as np
+
+    from k2repro.forensics.plots import joint, post_warmup_range
+
+    st = data.steps
+    have = [k for k in ("loss", "grad_norm", "lr") if len(st) and st[k].notna().any()]
+    out: list[dict] = []
+    if "loss" in have:
+        parts = [_series(data, "loss")] + ([_series(data, "grad_norm")] if "grad_norm" in have else [])
+        xs, cols = joint([p[0] for p in parts], [p[1] for p in parts])
+        # the envelopes keep different steps: each series spans the other's points (spanGaps)
+        series = [{"label": "loss", "ys": cols[0], "color": "#1f4e79", "spanGaps": True}]
+        if len(cols) > 1:
+            series.append({"label": "grad_norm", "ys": cols[1], "color": "rgba(192,90,0,0.45)", "scale": "y2", "width": 0.8,
+                           "spanGaps": True})
+        out.append({"kind": "line", "xs": xs, "series": series, "yLabel": "loss", "height": 280,
+                    "bands": _spike_bands(obj["spikes"]),
+                    "yRange": post_warmup_range(np.asarray(st["step"], dtype=float),
+                                                np.asarray(st["loss"], dtype=float))})
+    if "lr" in have:
+        x, y = _series(data, "lr")
+        out.append({"kind": "line", "xs": [float(v) for v in x], "series": [{"label": "lr", "ys": _floats(y)}],
+                    "yLabel": "lr", "height": 160})
+    return out
+
+
+def _floats(vals: Any) -> list:
+    return [None if v is None or not math.isfinite(float(v)) else float(v) for v in vals]
+
+
+def over_training_specs(data: ReportData, obj: dict) -> list[dict]:
+    """Evals against checkpoint step: loss (train and val), perplexities, memorization. A
+    share (exact match) keeps its whole 0..1 axis and the matched prefix starts at 0, so a
+    0.05 change no longer reads as a peak."""
     ot = obj["over_training"]
     rows = ot["rows"]
     if not rows:
-        return None
-    plt = _mpl()
-    steps = [r["step"] for r in rows]
+        return []
+    steps = [float(r["step"]) for r in rows]
+    bands = _spike_bands(obj["spikes"])
+    out = [{"kind": "line", "xs": steps, "yLabel": "loss", "height": 220, "bands": bands,
+            "series": [{"label": "train loss", "ys": _floats(r.get("train_loss") for r in rows), "color": "#9bb0c8"}]
+            + ([{"label": "val/loss", "ys": _floats(r.get("val/loss") for r in rows), "color": "#1f4e79",
+                 "points": True}] if "val/loss" in ot["metrics"] else [])}]
+    ppl = [m for m in ot["metrics"] if m.startswith("val/ppl")]
+    if ppl:
+        vals = [v for r in rows for m in ppl if (v := r.get(m))]
+        out.append({"kind": "line", "xs": steps, "yLabel": "perplexity", "height": 220, "bands": bands,
+                    "logY": bool(vals and min(vals) > 0 and max(vals) / min(vals) > 20),
+                    "series": [{"label": m, "ys": _floats(r.get(m) for r in rows), "points": True} for m in ppl]})
     mem = [m for m in ot["metrics"] if m.startswith("mem/")]
-    fig, axes = plt.subplots(1 + bool(mem) + 1, 1, figsize=(10, 2.3 * (2 + bool(mem)) + 0.6), sharex=True,
-                             squeeze=False)
-    ax = axes[0, 0]
-    if len(data.steps):
-        x, y = _thin(data.steps["step"], data.steps["loss"])
-        ax.plot(x, y, lw=0.6, color="#9bb0c8", label="train loss")
-    if "val/loss" in ot["metrics"]:
-        ax.plot(steps, [r.get("val/loss") for r in rows], "o-", color="#1f4e79", ms=4, label="val/loss")
-    ax.set_ylabel("loss")
-    _mark_spikes(ax, obj["spikes"], label=True)
-    ax = axes[1, 0]
-    for m in [m for m in ot["metrics"] if m.startswith("val/ppl")]:
-        ax.plot(steps, [r.get(m) for r in rows], "o-", ms=3, lw=1.4 if m == "val/ppl" else 0.9, label=m)
-    ax.set_ylabel("perplexity")
-    ppl = [v for r in rows for m in ot["metrics"] if m.startswith("val/ppl") and (v := r.get(m))]
-    if ppl and min(ppl) > 0 and max(ppl) / min(ppl) > 20:
-        ax.set_yscale("log")
-    ax.legend(fontsize=8, loc="upper right")
     if mem:
-        ax = axes[2, 0]
+        series = []
         if "mem/exact_match" in mem:
-            ax.plot(steps, [r.get("mem/exact_match") for r in rows], "o-", ms=3, color="#6a3d9a",
-                    label="mem/exact_match")
-            ax.set_ylim(-0.03, 1.03)
-        ax.set_ylabel("exact match")
+            series.append({"label": "mem/exact_match", "ys": _floats(r.get("mem/exact_match") for r in rows),
+                           "color": "#6a3d9a", "points": True})
         if "mem/matched_prefix" in mem:
-            ax2 = ax.twinx()
-            ax2.plot(steps, [r.get("mem/matched_prefix") for r in rows], "s--", ms=3, color="#c05a00",
-                     label="mem/matched_prefix")
-            ax2.set_ylabel("matched prefix (tokens)", color="#c05a00")
-        ax.legend(fontsize=8, loc="upper left")
-    for a in axes[1:, 0]:
-        _mark_spikes(a, obj["spikes"])
-    for a in axes[:, 0]:
-        a.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8, loc="upper right")
-    _tokens_axis(axes[0, 0], obj)
-    axes[-1, 0].set_xlabel("step")
-    return _png(fig)
+            pre = _floats(r.get("mem/matched_prefix") for r in rows)
+            series.append({"label": "mem/matched_prefix", "ys": pre, "color": "#c05a00", "points": True,
+                           "scale": "y2" if series else "y"})
+        top = max([v for v in series[-1]["ys"] if v is not None] or [1.0])
+        out.append({"kind": "line", "xs": steps, "yLabel": "exact match" if "mem/exact_match" in mem else "tokens",
+                    "height": 220, "bands": bands, "series": series,
+                    "yRange": [0.0, 1.0] if "mem/exact_match" in mem else [0.0, top * 1.1],
+                    "y2Range": [0.0, top * 1.1]})
+    return out
 
 
 # ------------------------------------------------------------------------------------ renderers
@@ -398,35 +364,38 @@ h1{font-size:1.4em}h2{font-size:1.15em;border-bottom:1px solid #ddd;padding-bott
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}th{background:#f3f3f3}
 code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em}
-.note{color:#555;font-size:.9em}img{max-width:100%;height:auto;display:block;margin:.4em 0}
+.note{color:#555;font-size:.9em}.tw{max-width:100%;overflow-x:auto}
 """
 
 
 def _html_table(cols: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="tw"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def _img(png: bytes | None, alt: str) -> str:
-    if not png:
-        return ""
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+def _charts(specs: list[dict], alt: str) -> str:
+    from k2repro.forensics.plots import chart_html
+
+    return "".join(chart_html(s, alt) for s in specs)
 
 
 def to_html(obj: dict, data: ReportData | None = None) -> str:
     e = html.escape
+    from k2repro.forensics.plots import assets_html, plot_script
+
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>Run report: {e(obj['run_id'])}</title><style>{CSS}</style></head><body>",
+             f"<title>Run report: {e(obj['run_id'])}</title><style>{CSS}</style>",
+             assets_html() if data is not None else "", "</head><body>",
              f"<h1>Run report: <code>{e(obj['run_id'])}</code></h1>",
              "<ul>" + "".join(f"<li>{e(x)}</li>" for x in _summary_lines(obj)) + "</ul>"]
     parts.append("<h2>Training</h2>")
-    parts.append(_img(training_png(data, obj), "training loss, learning rate and gradient norm") if data is not None
-                 else "")
+    parts.append(_charts(training_specs(data, obj), "training loss, gradient norm and learning rate")
+                 if data is not None else "")
     parts.append('<h2 id="over-training">Over training</h2>')
     parts.append(f'<p class="note">{e(_eval_note(obj))}</p>')
     if data is not None:
-        parts.append(_img(over_training_png(data, obj), "eval metrics against step and tokens"))
+        parts.append(_charts(over_training_specs(data, obj), "eval metrics against step"))
     cols, rows = _table_rows(obj)
     if rows:
         parts.append(_html_table(cols, rows))
@@ -439,7 +408,8 @@ def to_html(obj: dict, data: ReportData | None = None) -> str:
     if obj["forensics"]:
         parts.append("<p>Forensics report: " + ", ".join(
             f'<a href="{e(v, quote=True)}">{e(k)}</a>' for k, v in obj["forensics"].items()) + "</p>")
-    parts.append('<p class="note">Generated by k2repro report (docs/eval.md).</p></body></html>')
+    parts.append('<p class="note">Generated by k2repro report (docs/eval.md). Charts: drag to zoom, double-click '
+                 'to reset, hover for values.</p>' + (plot_script() if data is not None else "") + "</body></html>")
     return "\n".join(p for p in parts if p)
 
 
