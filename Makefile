@@ -16,8 +16,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	@command -v chromium >/dev/null || (apt-get install -y chromium || sudo apt-get install -y chromium)  # browser tests (tests/ui)
+	$(BIN)/python -m pip install -q -e '.[dev]' torch==2.13.0
+	@# browser tests (tests/ui) drive Debian's Chromium; nothing downloads a browser at run time
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| (sudo apt-get update -qq && sudo apt-get install -y -qq chromium)
 	@touch $(STAMP)
 
 run: setup
