@@ -77,10 +77,6 @@ RANK = {layer: i for i, group in enumerate(ORDER) for layer in group}
 #: (importing module, imported module) -> why it is there today. Remove an entry when the
 #: import goes (the test fails while a gone entry is still listed).
 KNOWN: dict[tuple[str, str], str] = {
-    ("k2repro.train.guard", "k2repro.forensics.detect"):
-        "the guard uses forensics' robust-z spike rule (RobustZ); the rule belongs in core",
-    ("k2repro.train.trainer", "k2repro.forensics.detect"):
-        "the trainer flags guard rows with forensics' robust_z_flag_rows; the rule belongs in core",
     ("k2repro.audit.store", "k2repro.audit.writer"):
         "the query side takes RUN_MARKER, store paths and the store meta file from the writer",
     ("k2repro.audit.store", "k2repro.audit.sink"):
@@ -91,8 +87,6 @@ KNOWN: dict[tuple[str, str], str] = {
         "opening a store finishes interrupted compaction swaps (compact.recover_swaps)",
     ("k2repro.eval.runner", "k2repro.tools.capability"):
         "eval prints the device capability line that tools owns",
-    ("k2repro.forensics.causal", "k2repro.tools.replay"):
-        "the causal check launches replays; the tool should pass a callable instead",
 }
 
 #: A package's __init__ may re-export modules of its own package through imports inside

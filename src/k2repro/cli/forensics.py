@@ -127,12 +127,7 @@ def run(args: argparse.Namespace) -> int:
     prog.note(f"forensics {run_id}: {res.n_steps} steps read, {len(res.spikes)} episode(s) analysed "
               f"[{res.timings.get('total_s', 0.0):.1f}s]")
     if args.replay:
-        from k2repro.forensics.causal import causal_check
-
-        res.notes = [n for n in res.notes if not n.startswith("causal check")]
-        for sp in res.spikes:
-            c = causal_check(store, res, sp, progress=lambda m: print(f"[replay] {m}", file=sys.stderr, flush=True))
-            res.notes.append(f"causal check, spike at {sp.episode.onset_step}: {c['verdict']}: {c['reason']}")
+        _causal_checks(store, res)
     prog = Progress(f"forensics {run_id}")
     with prog:
         prog(f"writing reports to {args.out}")
@@ -164,6 +159,23 @@ def run(args: argparse.Namespace) -> int:
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0
+
+
+def _causal_checks(store: Path, res: Any) -> None:
+    """`--replay`: the causal check of every spike, its replays launched by the replay tool
+    (forensics decides what to replay; launching a training run is a tool's job)."""
+    from k2repro.forensics.causal import causal_check
+    from k2repro.tools.replay import replay
+
+    def launch(a: int, b: int, out_store: Path, overrides: dict[str, Any] | None) -> dict[str, Any]:
+        return replay(store, res.run_id, a, b, out_store=out_store, checkpoints=False,
+                      progress=lambda m: print(f"[replay] {m}", file=sys.stderr, flush=True),
+                      overrides=overrides)
+
+    res.notes = [n for n in res.notes if not n.startswith("causal check")]
+    for sp in res.spikes:
+        sp.causal = c = causal_check(res, sp, launch)
+        res.notes.append(f"causal check, spike at {sp.episode.onset_step}: {c['verdict']}: {c['reason']}")
 
 
 def _mag(v: float | None) -> str:

@@ -1,4 +1,4 @@
-"""The online spike guard: forensics' robust z-score rule (`k2repro.forensics.detect.RobustZ`)
+"""The online spike guard: the robust z-score rule shared with forensics (`k2repro.core.spike.RobustZ`)
 evaluated on the device, one step at a time.
 
 Every rank sees the same reduced loss and grad norm (the trainer's single all_gather), so
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-MAD_TO_SIGMA = 1.4826
+from k2repro.core.spike import MAD_TO_SIGMA, RobustZ
 
 
 def _nanmedian_lin(x: torch.Tensor, min_count: int) -> torch.Tensor:
@@ -27,8 +27,6 @@ class SpikeGuard:
     """Ring buffers of the signal and of its residuals; `observe` returns the update mask."""
 
     def __init__(self, g, device: torch.device) -> None:  # noqa: ANN001 - schema.GuardConfig
-        from k2repro.forensics.detect import RobustZ
-
         self.rule = RobustZ(short_window=g.short_window, long_window=g.long_window,
                             threshold=g.threshold, min_history=g.min_history)
         self.signal = g.signal

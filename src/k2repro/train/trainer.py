@@ -459,7 +459,7 @@ class Trainer:
         which the next step paid in full)."""
         import math
 
-        from k2repro.forensics.detect import RobustZ, robust_z_flag_rows
+        from k2repro.core.spike import RobustZ, robust_z_flag_rows
 
         g = self.cfg.guard
         rule = RobustZ(short_window=g.short_window, long_window=g.long_window, threshold=g.threshold,
