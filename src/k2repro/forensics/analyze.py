@@ -115,7 +115,6 @@ class ForensicsParams:
         }
 
 
-
 @dataclass
 class Spike:
     """One episode with everything forensics found about it."""
@@ -157,7 +156,6 @@ class Spike:
         }
 
 
-
 @dataclass
 class ForensicsResult:
     """Everything `analyze_run` found about one run: what the reports and the `spikes` rows
@@ -183,13 +181,11 @@ class ForensicsResult:
     restarts: list[dict] = field(default_factory=list)
 
 
-
 def rank_key(e: Episode) -> tuple:
     """What matters first: malignant before benign, then excess x duration."""
     ex = e.excess if np.isfinite(e.excess) else float("inf")
     rel = ex / e.baseline if e.baseline and np.isfinite(e.baseline) and e.baseline > 0 else ex
     return (e.severity != "malignant", -(rel * max(1, e.duration_steps)), e.onset_step)
-
 
 
 def analyze_run(con_or_store: Any, run_id: str, params: ForensicsParams = ForensicsParams()) -> ForensicsResult:
@@ -300,7 +296,6 @@ def _parse_detail(d: Any) -> dict:
     return {}
 
 
-
 def run_detectors(st: dict[str, np.ndarray], p: ForensicsParams, pre: Precomputed
                   ) -> tuple[dict[str, Detection], dict[str, dict], dict[str, np.ndarray], list[str]]:
     """Stage: every detector side by side on the primary signal, robust_z over the scan
@@ -382,7 +377,6 @@ def find_all_episodes(st: dict[str, np.ndarray], dets: dict[str, Detection], int
             eps.append(g)
     eps.sort(key=lambda e: (e.onset_step, e.signal != p.signal))
     return eps
-
 
 
 def weigh_restarts(src: RunSource, eps: list[Episode], restarts: list[dict], p: EpisodeParams,

@@ -142,7 +142,6 @@ class TextContext:
                 s["text"] = text[: self.p.text_chars]
 
 
-
 def _replaced_samples(faults: list[dict]) -> dict[tuple[int, int], tuple[int, int, str]]:
     """(step, sample id) -> (batch position, data position, kind) of every sample that a
     recorded bad_batch fault replaced."""
