@@ -4,7 +4,7 @@ for k2repro and for the built-in guards of OLMo-core, llm-foundry and Megatron-L
 
     .venv/bin/python bench/forensics_truth.py [--quick] [--seed 0] [--out PATH] [--keep DIR]
 
-Per category (`k2repro.forensics.realistic.CATEGORIES`, plus `real`): each log is written
+Per category (`k2repro.forensics.realistic_categories.CATEGORIES`, plus `real`): each log is written
 as a W&B chart CSV (one row per logged point; a restart branch is a second W&B run of the
 same file), imported with `k2repro import wandb-csv` into a temporary store, and analysed
 with `analyze_run` + `report.to_json` (what `k2repro forensics RUN --json` prints). The
@@ -351,7 +351,7 @@ def bench_generated(category: str, seed: int, quick: bool, work: Path, store: Pa
     """Import and score every log of one generated category (into the store at `store`,
     default WORK/store)."""
     import k2repro
-    from k2repro.forensics.realistic import category_logs
+    from k2repro.forensics.realistic_categories import category_logs
 
     tallies = {d: Tally() for d in DETECTORS}
     per_log = []
@@ -527,7 +527,7 @@ def goals(cats: dict[str, dict[str, Any]], overall: dict[str, Any]) -> dict[str,
 def run_benchmark(quick: bool = False, seed: int = 0, keep: Path | None = None,
                   categories: tuple[str, ...] | None = None, real: bool = True) -> dict[str, Any]:
     """The whole benchmark; returns the report object."""
-    from k2repro.forensics.realistic import CATEGORIES
+    from k2repro.forensics.realistic_categories import CATEGORIES
 
     t0 = time.perf_counter()
     MISMATCHES.clear()

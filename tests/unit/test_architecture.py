@@ -89,12 +89,7 @@ RANK = {layer: i for i, group in enumerate(ORDER) for layer in group}
 
 #: (importing module, imported module) -> why it is there today. Remove an entry when the
 #: import goes (the test fails while a gone entry is still listed).
-KNOWN: dict[tuple[str, str], str] = {
-    ("k2repro.train.guard", "k2repro.forensics.detect"):
-        "the guard uses forensics' robust-z spike rule (RobustZ); the rule belongs in core",
-    ("k2repro.forensics.causal", "k2repro.tools.replay"):
-        "the causal check launches replays; the tool should pass a callable instead",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 #: A package's __init__ may re-export modules of its own package through imports inside
 #: functions (k2repro.open_store, k2repro.audit's __getattr__): that is its public face.

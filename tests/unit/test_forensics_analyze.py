@@ -208,3 +208,22 @@ def test_loss_max_opens_an_episode_only_with_the_loss_behind_it(tmp_path: Path) 
     assert set(r.detectors["loss_max:robust_z"]["flagged_steps"]) == {200, 300}
     assert [sp.episode.onset_step for sp in r.spikes] == [200]
     assert r.spikes[0].detectors == ["loss_max:robust_z"]
+
+
+def test_analyze_run_leaves_its_inputs_as_they_were(store: Path) -> None:
+    """Issue 19: analyze_run changes nothing it is given. The store's connection keeps its own
+    parquet_metadata_cache setting (forensics turns it on only while it reads), the params are
+    equal afterwards, and two calls on the same connection give the same spikes."""
+    s = k2repro.open_store(store)
+    setting = "SELECT current_setting('parquet_metadata_cache')"
+    assert s.con.execute(setting).fetchone()[0] is False
+    params = ForensicsParams(workers=1)
+    kept = repr(params)
+    first = analyze_run(s, "gt", params)
+    assert s.con.execute(setting).fetchone()[0] is False, "analyze_run left a setting changed on the caller's connection"
+    assert repr(params) == kept
+    s.con.execute("SET parquet_metadata_cache = true")
+    again = analyze_run(s, "gt", params)
+    assert s.con.execute(setting).fetchone()[0] is True
+    assert repr([sp.row() for sp in again.spikes]) == repr([sp.row() for sp in first.spikes])  # NaN != NaN
+    assert first.spikes[0] is not again.spikes[0] and first.notes == again.notes

@@ -7,21 +7,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from k2repro.core.spike import (
+    RobustZ,
+    robust_z_flag,
+    robust_z_flag_rows,
+    robust_z_last,
+    robust_z_rows,
+)
 from k2repro.forensics.detect import (
     EwmRatio,
     MeanRatio,
-    RobustZ,
     coerce_params,
     ewm_ratio,
     mean_ratio,
     nonfinite,
     parse_spec,
     robust_z,
-    robust_z_flag,
-    robust_z_flag_rows,
-    robust_z_last,
     robust_z_parts,
-    robust_z_rows,
 )
 from k2repro.forensics.episodes import build_episodes
 from k2repro.forensics.synthetic import InjectedSpike, SyntheticRun, generate
@@ -159,3 +161,22 @@ def test_spec_parsing_names_the_bad_key() -> None:
         coerce_params(RobustZ(), {"long_window": "many"})
     with pytest.raises(ValueError, match="direction"):
         RobustZ(direction="sideways")
+
+
+def test_the_spike_rule_lives_in_core_without_pandas_or_torch() -> None:
+    """Issue 19: the guard and forensics share one definition of the robust-z rule in
+    k2repro.core.spike, which loads numpy only (core is below train and forensics)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, k2repro.core.spike as s\n"
+            "print(sorted(m for m in ('pandas', 'torch', 'scipy', 'k2repro.forensics', 'k2repro.train') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    import k2repro.core.spike as spike
+    import k2repro.forensics.detect as detect
+    import k2repro.train.guard as guard
+
+    assert guard.MAD_TO_SIGMA is spike.MAD_TO_SIGMA and guard.RobustZ is spike.RobustZ
+    assert detect.RobustZ is spike.RobustZ and not hasattr(detect, "robust_z_flag_rows")

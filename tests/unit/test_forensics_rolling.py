@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from k2repro.forensics.detect import RobustZ, _window_starts, robust_z_parts
+from k2repro.core.spike import RobustZ
+from k2repro.forensics.detect import _window_starts, robust_z_parts
 from k2repro.forensics.rolling import _pandas_quantiles, _slow_points, trailing_quantiles
 
 QS = (0.5, 0.25, 0.75)

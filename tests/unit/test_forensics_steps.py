@@ -256,7 +256,8 @@ def test_many_near_threshold_blips_are_grouped_not_n_sections(tmp_path: Path) ->
 def test_on_a_log_of_every_step_the_step_windows_are_the_guards_point_windows() -> None:
     """The online guard sees every step and counts points; forensics counts steps. On a log
     with every step they are the same rule (after the first windows fill)."""
-    from k2repro.forensics.detect import RobustZ, _robust_z_steps, robust_z
+    from k2repro.core.spike import RobustZ
+    from k2repro.forensics.detect import _robust_z_steps, robust_z
 
     steps = np.arange(1, 3_001)
     x = add_spike(steps, clean_loss(steps, 12), 1_500, 0.8, 5.0)

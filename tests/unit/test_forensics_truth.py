@@ -23,14 +23,8 @@ from k2repro.forensics.peers import (
     peer_episodes,
     run_peers,
 )
-from k2repro.forensics.realistic import (
-    CATEGORIES,
-    LN_VOCAB,
-    VISIBLE_SIGMA,
-    Curve,
-    category_logs,
-    sample_points,
-)
+from k2repro.forensics.realistic import LN_VOCAB, VISIBLE_SIGMA, Curve, sample_points
+from k2repro.forensics.realistic_categories import CATEGORIES, category_logs
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from k2repro.config.schema import GuardConfig
-from k2repro.forensics.detect import RobustZ, robust_z
+from k2repro.core.spike import RobustZ
+from k2repro.forensics.detect import robust_z
 from k2repro.train.guard import LogGuard, SpikeGuard
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +18,7 @@ from k2repro.errors import BadInputError
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="run id, a unique prefix of one, or a unique run name")
-    parser.add_argument("--store", default=os.environ.get("K2REPRO_STORE", "runs"),
+    parser.add_argument("--store", default=None,
                         help="audit store to read (default: $K2REPRO_STORE or runs)")
     parser.add_argument("--out", default="reports",
                         help="report folder: writes OUT/RUN/forensics.{html,md,json} (default: reports)")
@@ -110,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
     from k2repro.forensics.source import open_source
 
     params = build_params(args)
-    store = Path(args.store)
+    from k2repro.core.layout import default_store
+
+    store = Path(args.store) if args.store else default_store()
     if not store.is_dir():
         raise BadInputError(f"no store at {store} (pass --store or set K2REPRO_STORE)")
     src = open_source(store)
@@ -127,19 +128,14 @@ def run(args: argparse.Namespace) -> int:
     prog.note(f"forensics {run_id}: {res.n_steps} steps read, {len(res.spikes)} episode(s) analysed "
               f"[{res.timings.get('total_s', 0.0):.1f}s]")
     if args.replay:
-        from k2repro.forensics.causal import causal_check
-
-        res.notes = [n for n in res.notes if not n.startswith("causal check")]
-        for sp in res.spikes:
-            c = causal_check(store, res, sp, progress=lambda m: print(f"[replay] {m}", file=sys.stderr, flush=True))
-            res.notes.append(f"causal check, spike at {sp.episode.onset_step}: {c['verdict']}: {c['reason']}")
+        _causal_checks(store, res)
     prog = Progress(f"forensics {run_id}")
     with prog:
         prog(f"writing reports to {args.out}")
         paths = write_reports(res, args.out, html_report=not args.no_html)
         if not args.no_spike_rows:
-            prog(f"writing spike rows to {args.out_store or args.store}")
-            paths["spikes"] = write_spike_rows(res, args.out_store or args.store)
+            prog(f"writing spike rows to {args.out_store or store}")
+            paths["spikes"] = write_spike_rows(res, args.out_store or store)
     obj = to_json(res)
     if args.json:
         obj["files"] = {k: str(v) for k, v in paths.items()}
@@ -164,6 +160,23 @@ def run(args: argparse.Namespace) -> int:
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0
+
+
+def _causal_checks(store: Path, res: Any) -> None:
+    """`--replay`: the causal check of every spike, its replays launched by the replay tool
+    (forensics decides what to replay; launching a training run is a tool's job)."""
+    from k2repro.forensics.causal import causal_check
+    from k2repro.tools.replay import replay
+
+    def launch(a: int, b: int, out_store: Path, overrides: dict[str, Any] | None) -> dict[str, Any]:
+        return replay(store, res.run_id, a, b, out_store=out_store, checkpoints=False,
+                      progress=lambda m: print(f"[replay] {m}", file=sys.stderr, flush=True),
+                      overrides=overrides)
+
+    res.notes = [n for n in res.notes if not n.startswith("causal check")]
+    for sp in res.spikes:
+        sp.causal = c = causal_check(res, sp, launch)
+        res.notes.append(f"causal check, spike at {sp.episode.onset_step}: {c['verdict']}: {c['reason']}")
 
 
 def _mag(v: float | None) -> str:

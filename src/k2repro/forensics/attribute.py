@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from k2repro.forensics.detect import RobustZ, robust_z_rows
+from k2repro.core.spike import MAD_TO_SIGMA, RobustZ, robust_z_rows
 from k2repro.forensics.precursors import PrecursorParams, crossing_start
 from k2repro.forensics.source import LayerWindow
 
@@ -80,6 +80,19 @@ def layer_attribution(
     if before.size == 0:
         out.note = "no layer_stats rows before onset to compare against"
         return out
+    order, jumps, out.top = _jumps(ls, in_win, before, p)
+    if ls.has("grad_norm"):
+        out.first_to_cross = _first_to_cross(ls, onset_step, max(peak_step, hi), rule, pre, out.interval, jumps)
+        out.heat_params, out.heat_steps, out.heat = _heatmap(ls, order, before, onset_step, max(peak_step, hi),
+                                                             out.interval, p)
+    return out
+
+
+def _jumps(ls: LayerWindow, in_win: np.ndarray, before: np.ndarray, p: LayerParams
+           ) -> tuple[np.ndarray, dict[str, float], list[dict]]:
+    """(param indices logged in the onset window by jump, largest first and NaN last, ties by
+    name; param -> jump; the top_n rows): a param's jump is the largest over JUMP_STATS of
+    its max over the onset window / its median before it."""
     stats = [c for c in JUMP_STATS if ls.has(c)]
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN params: NaN, as pandas
@@ -88,53 +101,56 @@ def layer_attribution(
                           for c in stats], axis=1) if stats else np.full((len(ls.params), 0), np.nan)
         ratio[~np.isfinite(ratio)] = np.nan
         jump = np.nanmax(ratio, axis=1) if stats else np.full(len(ls.params), np.nan)
-    # params logged in the onset window, by jump (largest first, NaN last; ties by name)
     seen = np.flatnonzero(np.isfinite(np.stack([ls.stats[c][in_win] for c in stats])).any(axis=(0, 1))) \
         if stats else np.zeros(0, dtype=np.int64)
     key = np.where(np.isnan(jump[seen]), np.inf, -jump[seen])
     order = seen[np.argsort(key, kind="stable")]
     jumps = {ls.params[j]: float(jump[j]) for j in order}
+    top = []
     for j in order[: p.top_n]:
         row = {"param": ls.params[j], "jump": _r(jump[j])}
         for k, c in enumerate(stats):
             row[f"{c}_ratio"] = _r(ratio[j, k])
-        out.top.append(row)
+        top.append(row)
+    return order, jumps, top
 
-    # first to cross: each param's grad_norm under the robust-z rule, walked back like a
-    # precursor crossing
-    if ls.has("grad_norm"):
-        wide = ls.stats["grad_norm"]
-        wsteps = steps_all
-        r = replace(rule, threshold=pre.layer_threshold, direction="up")
-        lo_c = int(np.searchsorted(wsteps, onset_step - pre.lookback, side="left"))
-        hi_c = int(np.searchsorted(wsteps, max(peak_step, hi), side="right"))
-        z = robust_z_rows(wide, lo_c, hi_c, r)
-        best: tuple | None = None
-        gap = max(pre.max_gap, 2 * out.interval)
-        for j, param in enumerate(ls.params):
-            c = crossing_start(z[:, j], lo_c, wsteps, onset_step, pre.layer_threshold, gap)
-            if c is None:
-                continue
-            jv = jumps.get(param, 0.0)
-            key_j = (int(wsteps[c]), -(jv if np.isfinite(jv) else 0.0))
-            if best is None or key_j < best[0]:
-                best = (key_j, param, int(wsteps[c]), float(z[c - lo_c, j]))
-        if best is not None:
-            out.first_to_cross = {"param": best[1], "step": best[2],
-                                  "lead_steps": int(onset_step - best[2]), "z": _r(best[3])}
 
-        # heatmap: log10 of grad_norm over its pre-onset median, top params by jump
-        hp = order[: p.heatmap_params]
-        hs = (wsteps >= onset_step - p.heat_before * out.interval) \
-            & (wsteps <= max(peak_step, hi) + p.heat_after * out.interval)
-        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(wide[before][:, hp], axis=0)
-            heat = np.log10(wide[hs][:, hp] / med).T
-        out.heat_params = [ls.params[j] for j in hp]
-        out.heat_steps = wsteps[hs]
-        out.heat = np.where(np.isfinite(heat), heat, np.nan)
-    return out
+def _first_to_cross(ls: LayerWindow, onset_step: int, last_step: int, rule: RobustZ, pre: PrecursorParams,
+                    interval: int, jumps: dict[str, float]) -> dict | None:
+    """The param whose grad_norm crossed its own robust-z threshold first (walked back like a
+    precursor crossing; ties go to the larger jump), up to `last_step`."""
+    wide, wsteps = ls.stats["grad_norm"], ls.steps
+    r = replace(rule, threshold=pre.layer_threshold, direction="up")
+    lo_c = int(np.searchsorted(wsteps, onset_step - pre.lookback, side="left"))
+    hi_c = int(np.searchsorted(wsteps, last_step, side="right"))
+    z = robust_z_rows(wide, lo_c, hi_c, r)
+    best: tuple | None = None
+    gap = max(pre.max_gap, 2 * interval)
+    for j, param in enumerate(ls.params):
+        c = crossing_start(z[:, j], lo_c, wsteps, onset_step, pre.layer_threshold, gap)
+        if c is None:
+            continue
+        jv = jumps.get(param, 0.0)
+        key_j = (int(wsteps[c]), -(jv if np.isfinite(jv) else 0.0))
+        if best is None or key_j < best[0]:
+            best = (key_j, param, int(wsteps[c]), float(z[c - lo_c, j]))
+    if best is None:
+        return None
+    return {"param": best[1], "step": best[2], "lead_steps": int(onset_step - best[2]), "z": _r(best[3])}
+
+
+def _heatmap(ls: LayerWindow, order: np.ndarray, before: np.ndarray, onset_step: int, last_step: int,
+             interval: int, p: LayerParams) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(params, steps, log10 of grad_norm over its pre-onset median as params x steps) for the
+    top params by jump, from heat_before intervals before onset to heat_after after `last_step`."""
+    wide, wsteps = ls.stats["grad_norm"], ls.steps
+    hp = order[: p.heatmap_params]
+    hs = (wsteps >= onset_step - p.heat_before * interval) & (wsteps <= last_step + p.heat_after * interval)
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(wide[before][:, hp], axis=0)
+        heat = np.log10(wide[hs][:, hp] / med).T
+    return [ls.params[j] for j in hp], wsteps[hs], np.where(np.isfinite(heat), heat, np.nan)
 
 
 def update_ratio(ls: LayerWindow | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -165,7 +181,7 @@ def _r(v: Any, nd: int = 4) -> float | None:
 class DataParams:
     """- lookback: besides the onset step, the steps up to this many before it are examined
       (the one whose outliers explain the most excess wins).
-    - outlier_z: a sample is an outlier when (loss - median) / (1.4826 * MAD) >= outlier_z,
+    - outlier_z: a sample is an outlier when (loss - median) / (MAD_TO_SIGMA * MAD) >= outlier_z,
       median and MAD of the per-sample losses of the `reference_steps` steps before the
       examined ones (a wide, uncontaminated reference: a batch with a quarter of bad samples
       would inflate its own MAD), or of the step itself when those are missing.
@@ -231,7 +247,7 @@ def rank_step_samples(ss: Any, typical: float, noise: float, p: DataParams,
         ref = loss
         out.outlier_reference = "the step's own samples"
     rmed = float(np.median(ref))
-    sc = max(1.4826 * float(np.median(np.abs(ref - rmed))), 1e-12, 1e-6 * abs(rmed))
+    sc = max(MAD_TO_SIGMA * float(np.median(np.abs(ref - rmed))), 1e-12, 1e-6 * abs(rmed))
     zs = (loss - rmed) / sc
     ex_step, ex_run = loss - med, loss - typical
     order = np.lexsort((sid, -ex_step))  # by excess over the step's median, then sample id
@@ -254,29 +270,29 @@ def rank_step_samples(ss: Any, typical: float, noise: float, p: DataParams,
          "z": _r(zs[i], 3), "outlier": bool(is_out[i])}
         for i in top
     ]
+    out.verdict, out.reason = _verdict(out.step, n, out.n_outliers, excess, contrib, typical, noise, p)
+    return out
+
+
+def _verdict(step: int | None, n: int, n_outliers: int, excess: float, contrib: float, typical: float,
+             noise: float, p: DataParams) -> tuple[str, str]:
+    """(verdict, reason) of one step: `data` when a few outliers account for most of the
+    step's excess loss over the run's typical loss (see DataParams)."""
     noise_floor = p.min_excess_sigma * noise if np.isfinite(noise) else 0.0
     if excess <= noise_floor or excess <= 0:
-        out.verdict = "inconclusive"
-        out.reason = (f"step {out.step}: mean sample loss exceeds the typical loss {typical:.4g} by "
-                      f"{excess:.3g}, within {p.min_excess_sigma:g} noise units ({noise:.3g})")
-    elif out.n_outliers == 0:
-        out.verdict = "not_data"
-        out.reason = (f"step {out.step}: no sample stands out (robust z >= {p.outlier_z:g}); the "
-                      f"excess loss {excess:.3g} is spread over all {n} samples")
-    elif out.n_outliers > p.max_outlier_frac * n:
-        out.verdict = "not_data"
-        out.reason = (f"step {out.step}: {out.n_outliers} of {n} samples stand out: the batch "
-                      f"as a whole is off")
-    elif contrib / excess >= p.share:
-        out.verdict = "data"
-        out.reason = (f"step {out.step}: the top {out.n_outliers} of {n} samples account for "
-                      f"{100 * contrib / excess:.0f}% of the step's excess loss {excess:.3g}")
-    else:
-        out.verdict = "not_data"
-        out.reason = (f"step {out.step}: the top {out.n_outliers} samples account for only "
-                      f"{100 * contrib / excess:.0f}% of the excess loss {excess:.3g}; the rest is "
-                      f"spread over the batch")
-    return out
+        return "inconclusive", (f"step {step}: mean sample loss exceeds the typical loss {typical:.4g} by "
+                                f"{excess:.3g}, within {p.min_excess_sigma:g} noise units ({noise:.3g})")
+    if n_outliers == 0:
+        return "not_data", (f"step {step}: no sample stands out (robust z >= {p.outlier_z:g}); the "
+                            f"excess loss {excess:.3g} is spread over all {n} samples")
+    if n_outliers > p.max_outlier_frac * n:
+        return "not_data", f"step {step}: {n_outliers} of {n} samples stand out: the batch as a whole is off"
+    if contrib / excess >= p.share:
+        return "data", (f"step {step}: the top {n_outliers} of {n} samples account for "
+                        f"{100 * contrib / excess:.0f}% of the step's excess loss {excess:.3g}")
+    return "not_data", (f"step {step}: the top {n_outliers} samples account for only "
+                        f"{100 * contrib / excess:.0f}% of the excess loss {excess:.3g}; the rest is "
+                        f"spread over the batch")
 
 
 def data_attribution(

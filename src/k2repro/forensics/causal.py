@@ -8,25 +8,33 @@ For one spike, from the newest checkpoint before its onset (or the initial state
    if the spike goes, the data caused it; if it stays, the optimizer state did (PaLM saw
    the latter: the same batches from an earlier state did not spike).
 
-Replays train into a temporary store, so the user's store is not touched.
+Replays train into a temporary store, so the user's store is not touched. This module decides
+what to replay and what the replays show; launching them is the replay tool's job (a layer
+above forensics), so the caller passes a `LaunchReplay` (`cli/forensics.py` binds
+`k2repro.tools.replay.replay` to the store and the run).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+#: launch(from_step, to_step, out_store, overrides) -> the replay report (`bit_exact`,
+#: `replay_run_id`): replays steps from_step..to_step of the analysed run into the store
+#: `out_store`, with the dotted config `overrides` (None: the recorded config)
+LaunchReplay = Callable[[int, int, Path, dict[str, Any] | None], dict[str, Any]]
 
 #: the spike counts as gone when masking removes at least this share of its excess loss
 GONE_SHARE = 0.5
 
 
-def causal_check(store: str | os.PathLike, result: Any, spike: Any, progress=None) -> dict[str, Any]:  # noqa: ANN001
-    """Run the replays for one spike and return what they showed (also set on `spike.causal`)."""
+def causal_check(result: Any, spike: Any, launch: LaunchReplay) -> dict[str, Any]:
+    """Run the replays for one spike (`launch` starts each) and return what they showed; the
+    caller records it on the spike (`Spike.causal`)."""
     import k2repro
-    from k2repro.tools.replay import replay
 
     ep = spike.episode
     last = int(result.step_range[1]) if result.step_range else ep.end_step
@@ -34,18 +42,14 @@ def causal_check(store: str | os.PathLike, result: Any, spike: Any, progress=Non
     out: dict[str, Any] = {"from_step": a, "to_step": b}
     tmp = Path(tempfile.mkdtemp(prefix="k2repro-causal-"))
     try:
-        reps = []
-        for k in range(2):
-            r = replay(store, result.run_id, a, b, out_store=tmp / f"rep{k}", checkpoints=False, progress=progress)
-            reps.append(r)
+        reps = [launch(a, b, tmp / f"rep{k}", None) for k in range(2)]
         out["replays_bit_exact"] = [bool(r["bit_exact"]) for r in reps]
         out["deterministic"] = all(out["replays_bit_exact"])
         suspects = [int(x) for x in spike.top_samples]
         out["masked_samples"] = suspects
         if suspects:
             over = {"train.mask_steps": list(range(a, ep.peak_step + 1)), "train.mask_sample_ids": suspects}
-            r = replay(store, result.run_id, a, b, out_store=tmp / "masked", checkpoints=False,
-                       progress=progress, overrides=over)
+            r = launch(a, b, tmp / "masked", over)
             with k2repro.open_store(tmp / "masked") as s:
                 st = s.steps(r["replay_run_id"]).set_index("step")
             masked_peak = float(st.loc[a:ep.peak_step + 1, "loss"].max())
@@ -64,5 +68,4 @@ def causal_check(store: str | os.PathLike, result: Any, spike: Any, progress=Non
             out["reason"] = "a replay of the same window differed from the recorded run: " + out["reason"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    spike.causal = out
     return out

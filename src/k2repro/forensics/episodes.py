@@ -1,6 +1,6 @@
 """Episodes: flagged points of one signal merged into spikes with onset, peak, end, an honest
 baseline, magnitude, excess and recovery, then a class and a severity with its reason
-(docs/forensics.md has the rules and defaults).
+(classify.py decides those; docs/forensics.md has the rules and defaults).
 
 Everything is measured in steps, never in logged points, so that a W&B export sampled down
 to 10,000 points, a log every 4 steps and a dense burst around an incident all read the same.
@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from k2repro.forensics.detect import RobustZ, robust_z_parts
+from k2repro.core.spike import MAD_TO_SIGMA, RobustZ
+from k2repro.forensics.classify import episode_class, judge
+from k2repro.forensics.detect import robust_z_parts
 
 CLASSES = ("transient", "slow", "persistent", "divergence")
 SEVERITIES = ("benign", "malignant")
@@ -132,12 +134,8 @@ def _pre_onset(x: np.ndarray, masked: np.ndarray, onset: int, k: int, cut: int =
 def _noise_of(vals: np.ndarray) -> float:
     if vals.size >= 4:
         d = np.diff(vals)
-        return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0)) or 1e-12
+        return float(MAD_TO_SIGMA * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0)) or 1e-12
     return 1e-12
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.4g}"
 
 
 def _tol(band: float, frac: float, runmax: np.ndarray, baseline: float) -> np.ndarray:
@@ -233,7 +231,7 @@ class _Finder:
             if not nxt.size:
                 break
             first = i + int(nxt[0])
-            ep = self._open(first, out, interventions)
+            ep = self._open(first, interventions)
             if ep is None:
                 i = first + 1
                 continue
@@ -305,9 +303,25 @@ class _Finder:
         hit = np.flatnonzero(good)
         return int(onset + idx[hit[0]]) if hit.size else None
 
-    def _open(self, first: int, prior: list[Episode], interventions: Sequence[dict]) -> Episode | None:
+    def _open(self, first: int, interventions: Sequence[dict]) -> Episode | None:
+        """The episode whose first flagged point is `first`, or None when it stays inside the
+        noise band of the clean level (not a spike)."""
+        x, steps, n = self.x, self.steps, self.x.size
+        onset, baseline, noise, band = self._onset(first)
+        if np.isfinite(x[first]) and not (np.isfinite(baseline) and x[first] > baseline + band):
+            return None  # inside the noise band of the clean level: not a spike
+        stop = int(np.searchsorted(steps, steps[onset] + self.p.slow_horizon, side="right"))
+        stop = min(max(stop, first + 2, onset + 1), n)
+        rec, end, search_from = self._recover(first, onset, stop, baseline, band)
+        end = max(end, onset)
+        if rec is None:
+            end = self._unrecovered_end(onset, end, search_from, baseline, band)
+        return self._measure(onset, end, rec, stop, baseline, noise, band, interventions)
+
+    def _onset(self, first: int) -> tuple[int, float, float, float]:
+        """(onset, baseline, noise, band): the first flagged point moved back over the points
+        just before it with a high z, then, for a ramp, to where the signal left the noise."""
         p, x, steps, z = self.p, self.x, self.steps, self.z
-        n = x.size
         onset = first
         k = 0
         while (k < p.onset_backtrack and onset - 1 >= self.cut and not self.masked[onset - 1]
@@ -331,46 +345,55 @@ class _Finder:
             onset = j
             baseline, noise = self._baseline(onset)
             band = self._band(baseline, noise)
-        nonfinite_first = not np.isfinite(x[first])
-        if not nonfinite_first and not (np.isfinite(baseline) and x[first] > baseline + band):
-            return None  # inside the noise band of the clean level: not a spike
-        stop = int(np.searchsorted(steps, steps[onset] + p.slow_horizon, side="right"))
-        stop = min(max(stop, first + 2, onset + 1), n)
+        return onset, baseline, noise, band
+
+    def _recover(self, first: int, onset: int, stop: int, baseline: float, band: float
+                 ) -> tuple[int | None, int, int]:
+        """(recovery index or None, last index of the episode, where the recovery search
+        began): a flag within merge_gap steps after a recovery extends the episode."""
+        steps = self.steps
         search_from = first
         while True:
             rec = (self._recovery(search_from, onset, stop, baseline, band)
                    if np.isfinite(baseline) else None)
             end = rec - 1 if rec is not None else stop - 1
             later = np.flatnonzero(self.flags[end + 2: stop]) + end + 2 if rec is not None else np.zeros(0, int)
-            if rec is not None and later.size and steps[later[0]] <= steps[rec] + p.merge_gap:
+            if rec is not None and later.size and steps[later[0]] <= steps[rec] + self.p.merge_gap:
                 search_from = int(later[0])
                 continue
-            break
-        end = max(end, onset)
-        if rec is None and self._runaway(onset, end, baseline):
+            return rec, end, search_from
+
+    def _unrecovered_end(self, onset: int, end: int, search_from: int, baseline: float, band: float) -> int:
+        """The last index of an episode not back within slow_horizon: a run-away lasts until it
+        comes back, if ever; a later non-finite stretch is its own episode."""
+        x, steps, n = self.x, self.steps, self.x.size
+        if self._runaway(onset, end, baseline):
             # a run that runs away is one episode up to where it comes back, if ever
             rec2 = self._recovery(search_from, onset, n, baseline, band)
-            end = rec2 - 1 if rec2 is not None else n - 1
-        elif rec is None:
-            # a non-finite value well after the last finite flag is its own (divergence)
-            # episode, not the tail of a plateau that began earlier
-            nf = np.flatnonzero(~np.isfinite(x[onset + 1: end + 1])) + onset + 1
-            if nf.size:
-                fl = np.flatnonzero(self.flags[onset: nf[0]]) + onset
-                fl = fl[np.isfinite(x[fl])]
-                last = int(fl[-1]) if fl.size else onset
-                if steps[nf[0]] - steps[last] > p.merge_gap:
-                    end = int(nf[0]) - 1
-            if not np.isfinite(x[end]):  # a non-finite stretch is one episode, however long
-                while end + 1 < n and not np.isfinite(x[end + 1]):
-                    end += 1
+            return rec2 - 1 if rec2 is not None else n - 1
+        # a non-finite value well after the last finite flag is its own (divergence)
+        # episode, not the tail of a plateau that began earlier
+        nf = np.flatnonzero(~np.isfinite(x[onset + 1: end + 1])) + onset + 1
+        if nf.size:
+            fl = np.flatnonzero(self.flags[onset: nf[0]]) + onset
+            fl = fl[np.isfinite(x[fl])]
+            last = int(fl[-1]) if fl.size else onset
+            if steps[nf[0]] - steps[last] > self.p.merge_gap:
+                end = int(nf[0]) - 1
+        if not np.isfinite(x[end]):  # a non-finite stretch is one episode, however long
+            while end + 1 < n and not np.isfinite(x[end + 1]):
+                end += 1
+        return end
+
+    def _measure(self, onset: int, end: int, rec: int | None, stop: int, baseline: float, noise: float,
+                 band: float, interventions: Sequence[dict]) -> Episode | None:
+        """The episode onset..end: peak, excess, duration, class and severity (None when its
+        peak stays inside the noise band)."""
+        p, x, steps, n = self.p, self.x, self.steps, self.x.size
         seg = x[onset: end + 1]
         nonfin_idx = np.flatnonzero(~np.isfinite(seg))
         nonfin = bool(nonfin_idx.size)
-        if nonfin:
-            peak = onset + int(nonfin_idx[0])
-        else:
-            peak = onset + int(np.argmax(seg))
+        peak = onset + int(nonfin_idx[0]) if nonfin else onset + int(np.argmax(seg))
         peak_value = float(x[peak])
         if not nonfin and not (peak_value > baseline + band):
             return None
@@ -379,96 +402,28 @@ class _Finder:
         magnitude = (peak_value / baseline if np.isfinite(peak_value) and baseline > 0
                      else float("inf"))
         runmax = np.fmax.accumulate(np.where(np.isfinite(seg), seg, -np.inf))
-        tol = _tol(band, p.recover_frac, runmax, baseline)
-        above = ~np.isfinite(seg) | (seg > baseline + tol)
+        above = ~np.isfinite(seg) | (seg > baseline + _tol(band, p.recover_frac, runmax, baseline))
         last_el = onset + int(np.flatnonzero(above)[-1]) if above.any() else onset
         duration = int(steps[last_el] - steps[onset]) + 1
-        rec_steps = int(steps[rec] - steps[onset]) if recovered else None
-        resolution = int(steps[rec] - steps[last_el]) if recovered else None
         censored = (not recovered) and stop >= n and (steps[-1] - steps[onset] < p.slow_horizon)
-        last_val = x[end]
-        finite_seg = seg[np.isfinite(seg)]
-        runaway = (not recovered and np.isfinite(last_val) and baseline > 0
-                   and last_val >= p.runaway_factor * baseline and finite_seg.size > 0
-                   and last_val >= finite_seg.max() - 1e-12 * abs(last_val))
-        if (nonfin and not recovered) or runaway:
-            cls = "divergence"
-        elif recovered and duration <= p.transient_horizon:
-            cls = "transient"
-        elif recovered and duration <= p.slow_horizon:
-            cls = "slow"
-        else:
-            cls = "persistent"
+        runaway = not recovered and self._runaway(onset, end, baseline)
         ep_flags = np.flatnonzero(self.flags[onset: end + 1]) + onset
-        ivs = [e for e in interventions if steps[onset] <= int(e.get("step", -1)) <= steps[end]]
-        zz = z[onset: end + 1]
-        max_z = float(np.nanmax(zz)) if np.isfinite(zz).any() else float("nan")
+        zz = self.z[onset: end + 1]
         ep = Episode(
             onset=onset, peak=peak, end=end, onset_step=int(steps[onset]),
             peak_step=int(steps[peak]), end_step=int(steps[end]), baseline=float(baseline),
             peak_value=peak_value, noise=float(noise), magnitude=float(magnitude),
-            recovered=recovered, recovery_steps=rec_steps, censored=bool(censored),
-            nonfinite=nonfin, cls=cls, max_z=max_z,
-            flagged_steps=[int(s) for s in steps[ep_flags]], interventions=list(ivs),
+            recovered=recovered, recovery_steps=int(steps[rec] - steps[onset]) if recovered else None,
+            censored=bool(censored), nonfinite=nonfin,
+            cls=episode_class(nonfin, recovered, runaway, duration, p),
+            max_z=float(np.nanmax(zz)) if np.isfinite(zz).any() else float("nan"),
+            flagged_steps=[int(s) for s in steps[ep_flags]],
+            interventions=[e for e in interventions if steps[onset] <= int(e.get("step", -1)) <= steps[end]],
             signal=self.signal, excess=float(excess), band=float(band), duration_steps=duration,
-            resolution_steps=resolution,
+            resolution_steps=int(steps[rec] - steps[last_el]) if recovered else None,
         )
         judge(ep, p, last_step=int(steps[-1]))
         return ep
-
-
-def judge(ep: Episode, p: EpisodeParams, last_step: int, restart: dict | None = None) -> None:
-    """Set `severity` and its one-line `reason` from the evidence (see EpisodeParams).
-
-    `restart`: {run_id, from_step, spiked, at_step, value} of a run restarted from a
-    checkpoint before onset (the lineage), or None."""
-    what = ep.signal
-    if ep.nonfinite and ep.cls == "divergence":
-        ep.severity = "malignant"
-        ep.reason = f"malignant: {what} became non-finite at step {ep.peak_step} and did not come back"
-        return
-    if ep.cls == "divergence":
-        ep.severity = "malignant"
-        ep.reason = (f"malignant: {what} kept rising to {_fmt(ep.peak_value)} "
-                     f"({_fmt(ep.magnitude)}x baseline) and did not come back")
-        return
-    if restart is not None:
-        lead = ep.onset_step - int(restart["from_step"])
-        tail = (f"and the restarted run spiked again (step {restart['at_step']}: {_fmt(restart['value'])})"
-                if restart.get("spiked") else
-                "and the restarted run did not spike" if restart.get("spiked") is False else
-                "(the restarted run logged nothing over the spike's steps)")
-        ep.severity = "malignant"
-        ep.reason = (f"malignant: training was restarted from step {restart['from_step']}, "
-                     f"{lead} steps before onset ({restart['run_id']}), {tail}")
-        return
-    for e in ep.interventions:
-        if e.get("kind") in ("rollback", "abort"):
-            ep.severity = "malignant"
-            ep.reason = f"malignant: the spike guard's {e.get('kind')} at step {e.get('step')}"
-            return
-    band = f"{_fmt(ep.baseline)} +- {_fmt(ep.band)}"
-    if not ep.recovered or ep.duration_steps > p.slow_horizon:
-        ep.severity = "malignant"
-        if ep.recovered:
-            ep.reason = (f"malignant: above the noise band ({band}) for {ep.duration_steps} steps, "
-                         f"longer than slow_horizon={p.slow_horizon}")
-        elif ep.censored:
-            ep.reason = (f"malignant: not back within the noise band ({band}) when the log ends, "
-                         f"{last_step - ep.onset_step} steps after onset")
-        else:
-            ep.reason = (f"malignant: not back within the noise band ({band}) "
-                         f"within slow_horizon={p.slow_horizon} steps")
-        return
-    ep.severity = "benign"
-    when = f"after {ep.duration_steps} step{'s' if ep.duration_steps != 1 else ''}"
-    if ep.nonfinite:
-        ep.reason = (f"benign: {what} was non-finite at step {ep.peak_step}, then the run went on "
-                     f"within the noise band ({band}) {when} (an overflowed step, skipped)")
-        return
-    if ep.resolution_steps and ep.resolution_steps > max(1, p.sustain_steps):
-        when += f" (next logged point {ep.resolution_steps} steps later)"
-    ep.reason = f"benign: back within the noise band ({band}) {when}, by itself"
 
 
 def find_episodes(

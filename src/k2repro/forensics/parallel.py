@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from k2repro.forensics.detect import RobustZ, robust_z_parts
+from k2repro.core.spike import RobustZ
+from k2repro.forensics.detect import robust_z_parts
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 A user asks "what would my trainer's own guard have done here?". Each function below takes
 a run's logged points (step numbers and values, step order) and returns the steps at which
 the peer's rule would have fired. `peer_episodes` merges consecutive firings into episodes,
-so they can be put beside k2repro's episodes and scored the same way.
+so they can be put beside k2repro's episodes and scored the same way; `peer_summary` says
+which of k2repro's episodes each peer's firings fall in (the report's peers table).
 
 The peers run their rule on every training step. An imported log has a point every N
 steps, a W&B sample, gaps. Where a peer defines a window in steps, so do we: the window is
@@ -46,9 +47,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from k2repro.forensics.source import finite_any
+
+if TYPE_CHECKING:
+    from k2repro.forensics.episodes import Episode
 
 PEERS = ("olmo_core", "llm_foundry", "megatron")
 
@@ -251,5 +257,44 @@ WATCHED: dict[str, tuple[str, ...]] = {"olmo_core": ("loss", "grad_norm"), "llm_
 RULES = {"olmo_core": olmo_core_fires, "llm_foundry": llm_foundry_fires, "megatron": megatron_fires}
 
 
-__all__ = ["PEERS", "RULES", "WATCHED", "PeerEpisode", "llm_foundry_fires", "megatron_fires", "olmo_core_fires",
-           "peer_episodes", "run_peers"]
+#: each rule in one line, for the report
+PEER_RULES = {
+    "olmo_core": "loss or grad norm over 6 sigma of the trailing 128 steps (skip the step)",
+    "llm_foundry": "loss over 2x the trailing 100-step mean for 5 steps in a row (stop the run)",
+    "megatron": "loss over 10x the largest of the first 100 steps, or non-finite (stop the run)",
+}
+
+
+def peer_firings(st: dict[str, np.ndarray]) -> dict[str, list[PeerEpisode]]:
+    """Each peer's episodes on a run's logged step signals `st` (they do not depend on
+    k2repro's, so they can be computed while k2repro's detectors run)."""
+    steps = st["step"]
+    return run_peers({k: (steps, st[k]) for k in ("loss", "grad_norm") if k in st and finite_any(st[k])})
+
+
+def peer_summary(eps: list[Episode], firings: dict[str, list[PeerEpisode]]) -> dict[str, dict]:
+    """Where the built-in guards of OLMo-core, llm-foundry and Megatron-LM would have fired
+    on the same logged points (`firings`: peer_firings of the run), and which of k2repro's
+    episodes each one's firings fall in; each such episode gets a note saying so."""
+    out: dict[str, dict] = {}
+    for peer, peps in firings.items():
+        fired = sorted({pe.onset_step for pe in peps})
+        hit = [i for i, e in enumerate(eps) if any(_within(pe.onset_step, e) for pe in peps)]
+        for i in hit:
+            eps[i].notes.append(f"{peer}'s guard would have fired here")
+        out[peer] = {"rule": PEER_RULES.get(peer, ""), "n_episodes": len(peps),
+                     "n_fired": int(sum(pe.n_fired for pe in peps)), "fired_steps": fired[:50],
+                     "episodes": [pe.to_dict() for pe in peps[:50]],
+                     "k2repro_episodes_matched": len(hit),
+                     "outside_k2repro_episodes": sum(1 for pe in peps
+                                                     if not any(_within(pe.onset_step, e) for e in eps))}
+    return out
+
+
+def _within(step: int, e: Episode, slack: int = 2) -> bool:
+    """A peer firing at `step` falls in episode `e` (give or take `slack` steps)."""
+    return e.onset_step - slack <= step <= max(e.end_step, e.onset_step) + slack
+
+
+__all__ = ["PEERS", "PEER_RULES", "RULES", "WATCHED", "PeerEpisode", "llm_foundry_fires", "megatron_fires",
+           "olmo_core_fires", "peer_episodes", "peer_firings", "peer_summary", "run_peers"]

@@ -3,7 +3,7 @@ many steps it led the loss (OLMo 2 saw grad-norm spikes before loss spikes; Wort
 log Z; Molybog et al. update/param ratios).
 
 Each signal gets the robust-z rule with its own noise scale, computed only for the points
-around the episode (detect.robust_z_rows: the same values as a whole-run pass, at a cost
+around the episode (core.spike.robust_z_rows: the same values as a whole-run pass, at a cost
 proportional to the points asked for), which keeps a 1M-step log cheap.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from k2repro.forensics.detect import RobustZ, robust_z_rows
+from k2repro.core.spike import RobustZ, robust_z_rows
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Realistic, labelled training logs: the ground truth of the forensics benchmark
-(`bench/forensics_truth.py`).
+(`bench/forensics_truth.py`). This module builds one log from a curve, spikes and a sampling
+mode; `realistic_categories.py` has the benchmark's categories of such logs.
 
 `synthetic.py` builds a complete k2repro run (samples, layers) with injected faults; this
 module builds what an *import* looks like instead: a tracker's export of loss and grad norm,
@@ -227,6 +228,22 @@ def _apply(spec: SpikeSpec, n: int, sigma: np.ndarray
     return ex, gf, nan
 
 
+def _apply_all(spikes: tuple[SpikeSpec, ...], n: int, sigma: np.ndarray
+               ) -> tuple[list[tuple[SpikeSpec, np.ndarray]], np.ndarray, np.ndarray, np.ndarray]:
+    """(each spike with its loss excess, the summed excess, the grad factor, the nan mask)."""
+    ex = np.zeros(n)
+    gf = np.ones(n)
+    nan = np.zeros(n, dtype=bool)
+    parts = []
+    for sp in spikes:
+        e, g, m = _apply(sp, n, sigma)
+        parts.append((sp, e))
+        ex += e
+        gf *= g
+        nan |= m
+    return parts, ex, gf, nan
+
+
 def _label(run: str, spec: SpikeSpec, ex: np.ndarray, sigma: np.ndarray, stop: int,
            restarted: bool = False) -> TrueSpike:
     """The label of one spike from its dense excess, on a run whose last step is `stop`."""
@@ -319,16 +336,7 @@ def build_log(name: str, category: str, seed: int, n_steps: int, sampling: str,
     cv = curve or random_curve(rng, n_steps)
     s, clean, sigma, grad = cv.dense()
     n = s.size
-    ex = np.zeros(n)
-    gf = np.ones(n)
-    nan = np.zeros(n, dtype=bool)
-    parts = []
-    for sp in spikes:
-        e, g, m = _apply(sp, n, sigma)
-        parts.append((sp, e))
-        ex += e
-        gf *= g
-        nan |= m
+    parts, ex, gf, nan = _apply_all(spikes, n, sigma)
     noise = rng.normal(0.0, 1.0, n) * sigma
     gnoise = np.exp(rng.normal(0.0, 0.08, n))
     loss = clean + ex + noise
@@ -352,18 +360,7 @@ def build_log(name: str, category: str, seed: int, n_steps: int, sampling: str,
         # the restart: same curve, fresh noise, no spike at spike_step (the data was skipped
         # or the state differs); later spikes in `spikes` stay (they happen on the branch)
         c = spike_step - back
-        ex2 = np.zeros(n)
-        gf2 = np.ones(n)
-        nan2 = np.zeros(n, dtype=bool)
-        parts2 = []
-        for sp in spikes:
-            if sp.step <= stop:
-                continue
-            e, g, m = _apply(sp, n, sigma)
-            parts2.append((sp, e))
-            ex2 += e
-            gf2 *= g
-            nan2 |= m
+        parts2, ex2, gf2, nan2 = _apply_all(tuple(sp for sp in spikes if sp.step > stop), n, sigma)
         loss2 = clean + ex2 + rng.normal(0.0, 1.0, n) * sigma
         gn2 = grad * gf2 * np.exp(rng.normal(0.0, 0.08, n))
         loss2[nan2] = np.nan
@@ -413,131 +410,5 @@ def _visible(log: LabelledLog, t: TrueSpike) -> TrueSpike:
     return replace(t, visible=bool(over.any()))
 
 
-# ----------------------------------------------------------------------------- categories
-
-CATEGORIES = ("clean", "clean_sampled", "data_spikes", "slow_benign", "malignant", "restart",
-              "sampled_spikes", "gaps_nans", "grad_norm")
-
-
-def _spike_steps(rng: np.random.Generator, n: int, k: int, lo_frac: float = 0.15,
-                 min_sep: int = 1500) -> list[int]:
-    """k onsets in the run, apart from each other and from the first 15% (the warmup)."""
-    lo, hi = int(lo_frac * n), int(0.85 * n)
-    out: list[int] = []
-    tries = 0
-    while len(out) < k and tries < 1000:
-        tries += 1
-        c = int(rng.integers(lo, hi))
-        if all(abs(c - o) >= min_sep for o in out):
-            out.append(c)
-    return sorted(out)
-
-
-def category_logs(category: str, seed: int = 0, quick: bool = False) -> list[LabelledLog]:
-    """The logs of one benchmark category (fewer and shorter with `quick`)."""
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown category {category!r} (one of {', '.join(CATEGORIES)})")
-    n_logs = 2 if quick else 8
-    base = (CATEGORIES.index(category) + 1) * 1000 + seed * 100_000
-    out = []
-    for i in range(n_logs):
-        sd = base + i
-        rng = np.random.default_rng(sd + 7)
-        out.append(_one(category, i, sd, rng, quick))
-    return out
-
-
-def _sigma_at(curve: Curve, step: int) -> float:
-    return float(curve.sigma_final * (1.0 + curve.sigma_boost / math.sqrt(1.0 + step / 200.0)))
-
-
-def _one(cat: str, i: int, sd: int, rng: np.random.Generator, quick: bool) -> LabelledLog:
-    dense_modes = ("every:1", "every:1", "every:4", "every:10")
-    n = int(rng.integers(4000, 8000)) if quick else int(rng.integers(8000, 30000))
-    name = f"{cat}-{i:02d}"
-    cv = random_curve(np.random.default_rng(sd), n)
-    if cat == "clean":
-        return build_log(name, cat, sd, n, dense_modes[i % 4], curve=cv,
-                         note="no spike: warmup, drift, plateaus, shrinking noise")
-    if cat == "clean_sampled":
-        n = int(rng.integers(30_000, 60_000)) if quick else int(rng.integers(60_000, 240_000))
-        cv = random_curve(np.random.default_rng(sd), n)
-        mode = ("wandb:10000", "sparse:1000", "every:50", "gaps:10")[i % 4]
-        if quick:
-            mode = ("wandb:3000", "sparse:500")[i % 2]
-        bursts = tuple(int(x) for x in rng.integers(n // 5, n - n // 5, 3))
-        return build_log(name, cat, sd, n, mode, curve=cv, bursts=bursts,
-                         note="no spike, sampled like real exports (dense bursts at random places)")
-    if cat == "data_spikes":
-        steps = _spike_steps(rng, n, 2 if quick else 4, min_sep=300)
-        sp = tuple(SpikeSpec("data" if j % 2 == 0 else "short", st,
-                             size=float(rng.uniform(10, 40)) * _sigma_at(cv, st),
-                             rise=int(rng.integers(1, 3)), decay=float(rng.uniform(2, 6)))
-                   for j, st in enumerate(steps))
-        return build_log(name, cat, sd, n, "every:1", sp, curve=cv,
-                         note="single-step and few-step spikes that recover at once")
-    if cat == "slow_benign":
-        steps = _spike_steps(rng, n, 1 if quick else 2, min_sep=3000)
-        sp = tuple(SpikeSpec("slow", st, size=float(rng.uniform(12, 50)) * _sigma_at(cv, st),
-                             rise=int(rng.integers(1, 30)), decay=float(rng.uniform(40, 110)))
-                   for st in steps)
-        return build_log(name, cat, sd, n, dense_modes[i % 4], sp, curve=cv,
-                         note="multi-hundred-step spikes that recover by themselves")
-    if cat == "malignant":
-        st = _spike_steps(rng, n, 1, lo_frac=0.3)[0]
-        if i % 2 == 0:
-            sp = (SpikeSpec("persistent", st, size=float(rng.uniform(12, 40)) * _sigma_at(cv, st),
-                            rise=int(rng.integers(1, 20))),)
-        else:
-            sp = (SpikeSpec("divergence", st, size=float(rng.uniform(8, 15)) * _sigma_at(cv, st),
-                            decay=float(rng.uniform(100, 400))),)
-        return build_log(name, cat, sd, n, dense_modes[i % 4], sp, curve=cv,
-                         note="a jump to a higher level that stays, or a run-away")
-    if cat == "restart":
-        st = _spike_steps(rng, n, 1, lo_frac=0.3)[0]
-        sp = (SpikeSpec("slow", st, size=float(rng.uniform(15, 60)) * _sigma_at(cv, st),
-                        rise=int(rng.integers(1, 40)), decay=float(rng.uniform(300, 2000))),)
-        back = int(rng.integers(100, 900))
-        stop_after = int(rng.integers(150, 600))
-        if i % 2 == 1 and st + stop_after + 1500 < n - 500:
-            # as K2's second spike: a later, unrelated one on the restarted branch
-            later = int(rng.integers(st + stop_after + 1000, n - 500))
-            sp += (SpikeSpec("data", later, size=float(rng.uniform(15, 40)) * _sigma_at(cv, later)),)
-        return build_log(name, cat, sd, n, dense_modes[i % 4], sp, curve=cv,
-                         restart=(st, back, stop_after),
-                         note="run-a spikes and is stopped; run-b resumes from a checkpoint "
-                              "before the spike and does not spike there")
-    if cat == "sampled_spikes":
-        n = int(rng.integers(30_000, 60_000)) if quick else int(rng.integers(60_000, 240_000))
-        cv = random_curve(np.random.default_rng(sd), n)
-        steps = _spike_steps(rng, n, 2 if quick else 3, min_sep=n // 6)
-        kinds = ("slow", "persistent", "data")
-        sp = tuple(SpikeSpec(kinds[(i + j) % 3], st, size=float(rng.uniform(15, 50)) * _sigma_at(cv, st)
-                             if kinds[(i + j) % 3] != "data" else 40 * _sigma_at(cv, st),
-                             rise=int(rng.integers(1, 20)), decay=float(rng.uniform(60, 200)))
-                   for j, st in enumerate(steps))
-        mode = ("wandb:10000", "sparse:1000", "every:50", "gaps:10")[i % 4]
-        if quick:
-            mode = ("wandb:3000", "sparse:500")[i % 2]
-        return build_log(name, cat, sd, n, mode, sp, curve=cv,
-                         note="spikes under W&B down-sampling, sparse logging with bursts, "
-                              "every-N logging, gaps")
-    if cat == "gaps_nans":
-        steps = _spike_steps(rng, n, 4 if quick else 6, min_sep=500)
-        mode = ("gaps:1", "gaps:4")[i % 2]
-        every = int(mode.partition(":")[2])
-        # on logged steps (a NaN between two logged points is not in the log at all)
-        sp = tuple(SpikeSpec("nan", st - st % every) for st in steps)
-        log = build_log(name, cat, sd, n, mode, sp, curve=cv,
-                        note="missing stretches and isolated NaN points on a clean curve")
-        return log
-    # grad_norm
-    steps = _spike_steps(rng, n, 2 if quick else 3, min_sep=500)
-    sp = tuple(SpikeSpec("grad_burst", st, size=float(rng.uniform(8, 30)),
-                         length=int(rng.integers(1, 6))) for st in steps)
-    return build_log(name, cat, sd, n, dense_modes[i % 2], sp, curve=cv,
-                     note="grad-norm bursts the loss does not show")
-
-
-__all__ = ["CATEGORIES", "Curve", "LabelledLog", "SPIKE_KINDS", "SpikeSpec", "TrackerRun",
-           "TrueSpike", "build_log", "category_logs", "random_curve", "sample_points"]
+__all__ = ["Curve", "LabelledLog", "SPIKE_KINDS", "SpikeSpec", "TrackerRun", "TrueSpike", "build_log",
+           "random_curve", "sample_points"]

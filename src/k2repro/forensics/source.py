@@ -7,6 +7,8 @@ never loaded. Works on any DuckDB connection with those views (a Store's `.con`)
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,11 @@ class LayerWindow:
         return m is not None and bool(np.isfinite(m).any())
 
 
+def finite_any(a: np.ndarray | None) -> bool:
+    """`a` holds a finite value: an absent column, an empty one or one all NaN is no signal."""
+    return a is not None and a.size > 0 and bool(np.isfinite(a).any())
+
+
 def open_source(path: str | os.PathLike) -> Any:
     """The audit store at `path` (k2repro.open_store), for analyze_run."""
     import k2repro
@@ -64,6 +71,25 @@ def connection(con_or_store: Any) -> Any:
     return getattr(con_or_store, "con", con_or_store)
 
 
+@contextmanager
+def footer_cache(con: Any) -> Iterator[None]:
+    """Parquet footers cached on `con` for the block, then the connection's own setting back:
+    forensics speeds up the caller's connection while it reads, and leaves it as it was.
+    Every layer/sample window query would otherwise parse the footers of every segment again
+    (half the time of a window on a 100M-row log); segments are immutable once renamed into
+    place, so a cached footer never goes stale."""
+    try:
+        before = con.execute("SELECT current_setting('parquet_metadata_cache')").fetchone()[0]
+        con.execute("SET parquet_metadata_cache = true")
+    except Exception:  # noqa: BLE001 - a connection without the setting: just slower
+        before = None
+    try:
+        yield
+    finally:
+        if before is not None:
+            con.execute(f"SET parquet_metadata_cache = {'true' if before else 'false'}")
+
+
 class RunSource:
     """Queries about one run; every query is parameterised and filtered by run_id."""
 
@@ -71,13 +97,6 @@ class RunSource:
         self.con = connection(con_or_store)
         self.run_id = run_id
         self._cols: dict[str, set[str]] = {}
-        try:
-            # every layer/sample window query would otherwise parse the footers of every
-            # segment again (half the time of a window on a 100M-row log); segments are
-            # immutable once renamed into place, so a cached footer never goes stale
-            self.con.execute("SET parquet_metadata_cache = true")
-        except Exception:  # noqa: BLE001 - a connection without the setting: just slower
-            pass
 
     def columns(self, table: str) -> set[str]:
         if table not in self._cols:

@@ -77,6 +77,74 @@ def param_names(n: int) -> list[str]:
     return base[:n]
 
 
+def _sample_id(spec: SyntheticRun, step: Any, j: Any) -> Any:
+    """The id of the sample at batch position j of `step` (wrapping at sample_id_mod)."""
+    v = (step - 1) * spec.batch + j
+    return v % spec.sample_id_mod if spec.sample_id_mod else v
+
+
+@dataclass
+class _Effects:
+    """What the injected spikes do to the run, per step (index step - 1)."""
+
+    excess: np.ndarray                 # raises every sample's loss
+    bad: dict[int, np.ndarray]         # step index -> bad sample positions
+    gfac: np.ndarray                   # grad-norm factor
+    lr_fac: np.ndarray                 # lr factor
+    layer_focus: dict[int, float]      # step index -> grad factor of the first third of tensors
+    nan_from: int | None
+    events: list[dict]
+
+
+def _effects(spec: SyntheticRun, rng: np.random.Generator) -> _Effects:
+    """Each injected spike's effect on the loss, grad norm and lr, and the fault events a
+    trainer would have recorded (bad_batch draws its positions from `rng`)."""
+    n, B = spec.n_steps, spec.batch
+    fx = _Effects(np.zeros(n), {}, np.ones(n), np.ones(n), {}, None, [])
+    for s in spec.spikes:
+        k = s.step - 1
+        after = np.arange(n) - k
+        if s.kind == "bad_batch":
+            m = max(1, int(round(s.fraction * B)))
+            pos = np.sort(rng.choice(B, size=m, replace=False))
+            fx.bad[k] = pos
+            fx.gfac[k] *= 8.0
+            fx.layer_focus[k] = 8.0
+            fol = after >= 1
+            fx.excess[fol] += 0.3 * s.size * np.exp(-(after[fol] - 1) / s.decay)
+            fx.events.append({"step": s.step, "kind": "fault_injected", "severity": "warning",
+                              "detail": {"kind": "bad_batch", "bad_batch_kind": "random",
+                                         "sample_ids": [int(_sample_id(spec, s.step, j)) for j in pos],
+                                         # as the trainer records it: batch positions, data position
+                                         "positions": [int(j) for j in pos], "data_position": s.step}})
+        elif s.kind == "lr_spike":
+            fx.lr_fac[k] *= s.size if s.size > 1 else 50.0
+            fol = after >= 1
+            fx.excess[fol] += 1.0 * np.exp(-(after[fol] - 1) / s.decay)
+            fx.gfac[k + 1: k + 4] *= 3.0
+            fx.events.append({"step": s.step, "kind": "fault_injected", "severity": "warning",
+                              "detail": {"kind": "lr_spike", "factor": float(fx.lr_fac[k]), "sample_ids": []}})
+        elif s.kind == "grad_lead":
+            for j in range(s.lead, 0, -1):
+                fx.gfac[k - j] *= 1.0 + 4.0 * (s.lead - j + 1)
+            fol = after >= 0
+            fx.excess[fol] += s.size * np.exp(-after[fol] / s.decay)
+            fx.gfac[k] *= 6.0
+        elif s.kind == "nan":
+            fx.nan_from = k if fx.nan_from is None else min(fx.nan_from, k)
+            fx.events.append({"step": s.step, "kind": "fault_injected", "severity": "warning",
+                              "detail": {"kind": "nan", "sample_ids": []}})
+        elif s.kind == "plateau":
+            fx.excess[after >= 0] += s.size
+            fx.gfac[k] *= 3.0
+        elif s.kind in ("slow", "bump"):
+            fol = after >= 0
+            fx.excess[fol] += s.size * np.exp(-after[fol] / s.decay)
+        else:
+            raise ValueError(f"unknown synthetic spike kind {s.kind!r} (one of {KINDS})")
+    return fx
+
+
 def generate(spec: SyntheticRun) -> dict[str, Any]:
     """The run's tables as dicts of numpy arrays / lists (column -> values)."""
     rng = np.random.default_rng(spec.seed)
@@ -86,79 +154,28 @@ def generate(spec: SyntheticRun) -> dict[str, Any]:
     lr = spec.lr * np.minimum(1.0, t / max(spec.warmup, 1)) * (0.55 + 0.45 * np.cos(np.pi * t / n))
     gnorm = 1.0 + 2.0 * np.exp(-t / (0.5 * spec.tau))
     logz = 1.0 + 0.002 * t
-    excess_all = np.zeros(n)        # raises every sample's loss
-    bad: dict[int, np.ndarray] = {}  # step -> bad sample positions
-    gfac = np.ones(n)
-    lr_fac = np.ones(n)
-    layer_focus: dict[int, float] = {}
-    nan_from = None
-    events: list[dict] = []
     B = spec.batch
-    def sid(step: int, j: Any) -> Any:
-        v = (step - 1) * B + j
-        return v % spec.sample_id_mod if spec.sample_id_mod else v
-
-    for s in spec.spikes:
-        k = s.step - 1
-        after = np.arange(n) - k
-        if s.kind == "bad_batch":
-            m = max(1, int(round(s.fraction * B)))
-            pos = np.sort(rng.choice(B, size=m, replace=False))
-            bad[k] = pos
-            gfac[k] *= 8.0
-            layer_focus[k] = 8.0
-            fol = after >= 1
-            excess_all[fol] += 0.3 * s.size * np.exp(-(after[fol] - 1) / s.decay)
-            events.append({"step": s.step, "kind": "fault_injected", "severity": "warning",
-                           "detail": {"kind": "bad_batch", "bad_batch_kind": "random",
-                                      "sample_ids": [int(sid(s.step, j)) for j in pos],
-                                      # as the trainer records it: batch positions, data position
-                                      "positions": [int(j) for j in pos], "data_position": s.step}})
-        elif s.kind == "lr_spike":
-            lr_fac[k] *= s.size if s.size > 1 else 50.0
-            fol = after >= 1
-            excess_all[fol] += 1.0 * np.exp(-(after[fol] - 1) / s.decay)
-            gfac[k + 1: k + 4] *= 3.0
-            events.append({"step": s.step, "kind": "fault_injected", "severity": "warning",
-                           "detail": {"kind": "lr_spike", "factor": float(lr_fac[k]), "sample_ids": []}})
-        elif s.kind == "grad_lead":
-            for j in range(s.lead, 0, -1):
-                gfac[k - j] *= 1.0 + 4.0 * (s.lead - j + 1)
-            fol = after >= 0
-            excess_all[fol] += s.size * np.exp(-after[fol] / s.decay)
-            gfac[k] *= 6.0
-        elif s.kind == "nan":
-            nan_from = k if nan_from is None else min(nan_from, k)
-            events.append({"step": s.step, "kind": "fault_injected", "severity": "warning",
-                           "detail": {"kind": "nan", "sample_ids": []}})
-        elif s.kind == "plateau":
-            excess_all[after >= 0] += s.size
-            gfac[k] *= 3.0
-        elif s.kind in ("slow", "bump"):
-            fol = after >= 0
-            excess_all[fol] += s.size * np.exp(-after[fol] / s.decay)
-        else:
-            raise ValueError(f"unknown synthetic spike kind {s.kind!r} (one of {KINDS})")
-    lr = lr * lr_fac
+    fx = _effects(spec, rng)
+    lr = lr * fx.lr_fac
     # per-sample losses; the step loss is their token-weighted mean
-    per = clean[:, None] + excess_all[:, None] + rng.normal(0.0, spec.noise * np.sqrt(B), (n, B))
+    per = clean[:, None] + fx.excess[:, None] + rng.normal(0.0, spec.noise * np.sqrt(B), (n, B))
     ntok = np.full((n, B), spec.seq_len, dtype=np.int64)
-    for k, pos in bad.items():
+    for k, pos in fx.bad.items():
         per[k, pos] = np.log(spec.vocab) + 4.0 + rng.normal(0.0, 0.1, pos.size)
     loss = per.mean(axis=1)
-    g = gnorm * gfac * np.exp(rng.normal(0.0, 0.05, n))
+    g = gnorm * fx.gfac * np.exp(rng.normal(0.0, 0.05, n))
     lz = logz + rng.normal(0.0, 0.01, n)
-    if nan_from is not None:
-        loss[nan_from:] = np.nan
-        per[nan_from:] = np.nan
-        g[nan_from:] = np.nan
+    if fx.nan_from is not None:
+        loss[fx.nan_from:] = np.nan
+        per[fx.nan_from:] = np.nan
+        g[fx.nan_from:] = np.nan
     steps = {
         "step": t, "loss": loss, "grad_norm": g, "lr": lr, "tokens": np.full(n, B * spec.seq_len),
         "loss_min": per.min(axis=1), "loss_max": per.max(axis=1), "loss_std": per.std(axis=1),
         "logz_mean": lz, "skipped": np.zeros(n, dtype=bool),
         "batch_hash": [f"{spec.seed:04x}{i:012x}" for i in t],
     }
-    events += [{"severity": "warning", "detail": {}, **e} for e in spec.extra_events]
+    events = fx.events + [{"severity": "warning", "detail": {}, **e} for e in spec.extra_events]
     events.sort(key=lambda e: e["step"])
     out: dict[str, Any] = {"steps": steps, "events": events}
     if spec.loss_only:
@@ -168,32 +185,39 @@ def generate(spec: SyntheticRun) -> dict[str, Any]:
         out["events"] = []
         return out
     if spec.with_samples:
-        ids = sid(t[:, None], np.arange(B)[None, :])
         out["sample_stats"] = {
             "step": np.repeat(t, B), "rank": np.tile(np.arange(B) % spec.world_size, n).astype(np.int32),
-            "sample_id": ids.ravel(), "loss": per.ravel(), "n_tokens": ntok.ravel(),
+            "sample_id": _sample_id(spec, t[:, None], np.arange(B)[None, :]).ravel(), "loss": per.ravel(),
+            "n_tokens": ntok.ravel(),
         }
     focus = np.ones(n)
-    for k, f in layer_focus.items():
+    for k, f in fx.layer_focus.items():
         focus[k] = f
     # what per-tensor statistics are made of (the bench builds 100M rows of them in DuckDB)
     out["drivers"] = {"step": t, "grad_norm": g, "lr": lr, "focus": focus}
     if spec.with_layers:
-        names = param_names(spec.n_params)
-        ls_steps = t[(t - 1) % spec.layer_every == 0]
-        idx = ls_steps - 1
-        P = len(names)
-        w = np.linspace(1.0, 0.3, P)
-        gn = g[idx, None] * w[None, :] * np.exp(rng.normal(0.0, 0.05, (idx.size, P)))
-        gn[:, : max(1, P // 3)] *= focus[idx, None]
-        pn = 10.0 * w[None, :] * (1.0 + 0.0005 * ls_steps[:, None])
-        un = lr[idx, None] * np.sqrt(w[None, :]) * 30.0 * np.exp(rng.normal(0.0, 0.05, (idx.size, P)))
-        out["layer_stats"] = {
-            "step": np.repeat(ls_steps, P), "param": names * idx.size,
-            "grad_norm": gn.ravel(), "param_norm": pn.ravel(), "update_norm": un.ravel(),
-            "update_ratio": (un / pn).ravel(), "grad_max_abs": (0.1 * gn).ravel(),
-        }
+        out["layer_stats"] = _layer_stats(spec, rng, t, g, lr, focus)
     return out
+
+
+def _layer_stats(spec: SyntheticRun, rng: np.random.Generator, t: np.ndarray, g: np.ndarray, lr: np.ndarray,
+                 focus: np.ndarray) -> dict[str, Any]:
+    """Per-tensor statistics every `layer_every` steps: grad norms follow the step's grad
+    norm (the first third of the tensors take a bad batch's focus), updates follow the lr."""
+    names = param_names(spec.n_params)
+    ls_steps = t[(t - 1) % spec.layer_every == 0]
+    idx = ls_steps - 1
+    P = len(names)
+    w = np.linspace(1.0, 0.3, P)
+    gn = g[idx, None] * w[None, :] * np.exp(rng.normal(0.0, 0.05, (idx.size, P)))
+    gn[:, : max(1, P // 3)] *= focus[idx, None]
+    pn = 10.0 * w[None, :] * (1.0 + 0.0005 * ls_steps[:, None])
+    un = lr[idx, None] * np.sqrt(w[None, :]) * 30.0 * np.exp(rng.normal(0.0, 0.05, (idx.size, P)))
+    return {
+        "step": np.repeat(ls_steps, P), "param": names * idx.size,
+        "grad_norm": gn.ravel(), "param_norm": pn.ravel(), "update_norm": un.ravel(),
+        "update_ratio": (un / pn).ravel(), "grad_max_abs": (0.1 * gn).ravel(),
+    }
 
 
 def write_run(root: str | os.PathLike, spec: SyntheticRun) -> Path:

@@ -1,4 +1,4 @@
-"""The online spike guard: forensics' robust z-score rule (`k2repro.forensics.detect.RobustZ`)
+"""The online spike guard: the robust z-score rule shared with forensics (`k2repro.core.spike.RobustZ`)
 evaluated on the device, one step at a time.
 
 Every rank sees the same reduced loss and grad norm (the trainer's single all_gather), so
@@ -14,7 +14,7 @@ import math
 
 import torch
 
-MAD_TO_SIGMA = 1.4826
+from k2repro.core.spike import MAD_TO_SIGMA, RobustZ, robust_z_flag_rows
 
 
 def _nanmedian_lin(x: torch.Tensor, min_count: int) -> torch.Tensor:
@@ -29,8 +29,6 @@ class SpikeGuard:
     """Ring buffers of the signal and of its residuals; `observe` returns the update mask."""
 
     def __init__(self, g, device: torch.device) -> None:  # noqa: ANN001 - schema.GuardConfig
-        from k2repro.forensics.detect import RobustZ
-
         self.rule = RobustZ(short_window=g.short_window, long_window=g.long_window,
                             threshold=g.threshold, min_history=g.min_history)
         self.signal = g.signal
@@ -88,8 +86,6 @@ class LogGuard:
     loop of medians cost ~4 ms a row, which the next step paid in full)."""
 
     def __init__(self, g) -> None:  # noqa: ANN001 - schema.GuardConfig
-        from k2repro.forensics.detect import RobustZ
-
         self.rule = RobustZ(short_window=g.short_window, long_window=g.long_window, threshold=g.threshold,
                             min_history=g.min_history)
         self.signal = g.signal
@@ -97,8 +93,6 @@ class LogGuard:
 
     def flags(self, rows: list[dict]) -> list[bool]:
         """One flag per step row (`loss`, `grad_norm`): a spike by the rule, or a non-finite value."""
-        from k2repro.forensics.detect import robust_z_flag_rows
-
         values = [r["loss"] if self.signal == "loss" else r["grad_norm"] for r in rows]
         hist = self.history + values
         # A kept history is never shorter than history_needed >= min_history once truncated,
