@@ -162,6 +162,82 @@ def _float(v: Any, name: str, default: float) -> float:
     return f
 
 
+def _q(request: Any, name: str) -> str | None:
+    return request.query_params.get(name)
+
+
+class Api:
+    """The JSON endpoints under /api/: each turns a request's parameters (checked, 4xx on bad
+    input) into one call of the store reader."""
+
+    def __init__(self, reader: StoreReader) -> None:
+        self.reader = reader
+
+    def runs(self, request: Any) -> Any:
+        return {"store": str(self.reader.root), "runs": self.reader.runs()}
+
+    def run(self, request: Any) -> Any:
+        return self.reader.run(request.path_params["run"])
+
+    def curve(self, request: Any) -> Any:
+        return self.reader.curve(request.path_params["run"], col=_q(request, "col") or "loss",
+                            lo=as_int(_q(request, "lo"), "lo"), hi=as_int(_q(request, "hi"), "hi"),
+                            points=as_int(_q(request, "points"), "points", 2, MAX_POINTS, 2000),
+                            raw=_flag(_q(request, "raw"), "raw"),
+                            x=choice(_q(request, "x"), "x", ("step", "tokens", "time"), "step"))
+
+    def layers(self, request: Any) -> Any:
+        return self.reader.heatmap(request.path_params["run"], col=_q(request, "col") or "update_ratio",
+                              lo=as_int(_q(request, "lo"), "lo"), hi=as_int(_q(request, "hi"), "hi"),
+                              buckets=as_int(_q(request, "buckets"), "buckets", 1, MAX_BUCKETS, 400),
+                              agg=choice(_q(request, "agg"), "agg", HEAT_AGGS, "max"))
+
+    def step(self, request: Any) -> Any:
+        return self.reader.step(request.path_params["run"], _path_int(request, "step"))
+
+    def spikes(self, request: Any) -> Any:
+        return {"spikes": self.reader.spikes(request.path_params["run"])}
+
+    def spike(self, request: Any) -> Any:
+        return self.reader.spike(request.path_params["run"], _path_int(request, "spike"))
+
+    def evals(self, request: Any) -> Any:
+        return self.reader.evals(request.path_params["run"])
+
+    def compare(self, request: Any) -> Any:
+        refs = [r for r in (_q(request, "runs") or "").split(",") if r]
+        if not 1 <= len(refs) <= 50:
+            raise BadParam("parameter 'runs': give 1 to 50 comma-separated run ids")
+        col = _q(request, "col") or "loss"
+        points = as_int(_q(request, "points"), "points", 2, MAX_POINTS, 1000)
+        lo, hi = as_int(_q(request, "lo"), "lo"), as_int(_q(request, "hi"), "hi")
+        x = choice(_q(request, "x"), "x", ("step", "tokens", "time"), "step")
+        curves = [self.reader.curve(r, col=col, lo=lo, hi=hi, points=points, x=x) for r in refs]
+        infos = {r["run_id"]: r for r in self.reader.runs()}
+        return {"curves": curves, "runs": [infos.get(c["run_id"]) for c in curves]}
+
+    def diff(self, request: Any) -> Any:
+        a, b = _q(request, "a"), _q(request, "b")
+        if not a or not b:
+            raise BadParam("parameters 'a' and 'b': two run ids are needed")
+        return self.reader.diff(a, b)
+
+    def sql(self, request: Any) -> Any:
+        query = _q(request, "q")
+        if not query:
+            raise BadParam("parameter 'q': the SQL statement is missing")
+        limit = as_int(_q(request, "limit"), "limit", 1, SQL_MAX_ROWS, 1000)
+        timeout = min(_float(_q(request, "timeout"), "timeout", SQL_TIMEOUT_S), SQL_TIMEOUT_S)
+        fmt = choice(_q(request, "format"), "format", ("json", "csv"), "json")
+        res = self.reader.sql(query, limit, timeout if timeout > 0 else SQL_TIMEOUT_S)
+        if fmt == "csv":
+            from starlette.responses import Response
+
+            return Response(_csv(res["columns"], res["rows"]), media_type="text/csv",
+                            headers={"content-disposition": 'attachment; filename="k2repro-query.csv"'})
+        return res
+
+
 def create_app(store: str | Path | None, token: str | None = None, static_dir: Path | None = None) -> Any:
     """The ASGI app over the store at `store`; `token` None serves loopback clients only."""
     from starlette.applications import Starlette
@@ -173,6 +249,7 @@ def create_app(store: str | Path | None, token: str | None = None, static_dir: P
     from k2repro.forensics.plots import ASSET_DIR
 
     reader = StoreReader(store)
+    handlers = Api(reader)
     static = (static_dir or STATIC_DIR).resolve()
     plot_assets = ASSET_DIR.resolve()
 
@@ -195,71 +272,6 @@ def create_app(store: str | Path | None, token: str | None = None, static_dir: P
                 return obj
             return JSONResponse(obj)
         return endpoint
-
-    def q(request: Request, name: str) -> str | None:
-        return request.query_params.get(name)
-
-    def runs(request: Request) -> Any:
-        return {"store": str(reader.root), "runs": reader.runs()}
-
-    def run(request: Request) -> Any:
-        return reader.run(request.path_params["run"])
-
-    def curve(request: Request) -> Any:
-        return reader.curve(request.path_params["run"], col=q(request, "col") or "loss",
-                            lo=as_int(q(request, "lo"), "lo"), hi=as_int(q(request, "hi"), "hi"),
-                            points=as_int(q(request, "points"), "points", 2, MAX_POINTS, 2000),
-                            raw=_flag(q(request, "raw"), "raw"),
-                            x=choice(q(request, "x"), "x", ("step", "tokens", "time"), "step"))
-
-    def layers(request: Request) -> Any:
-        return reader.heatmap(request.path_params["run"], col=q(request, "col") or "update_ratio",
-                              lo=as_int(q(request, "lo"), "lo"), hi=as_int(q(request, "hi"), "hi"),
-                              buckets=as_int(q(request, "buckets"), "buckets", 1, MAX_BUCKETS, 400),
-                              agg=choice(q(request, "agg"), "agg", HEAT_AGGS, "max"))
-
-    def step(request: Request) -> Any:
-        return reader.step(request.path_params["run"], _path_int(request, "step"))
-
-    def spikes(request: Request) -> Any:
-        return {"spikes": reader.spikes(request.path_params["run"])}
-
-    def spike(request: Request) -> Any:
-        return reader.spike(request.path_params["run"], _path_int(request, "spike"))
-
-    def evals(request: Request) -> Any:
-        return reader.evals(request.path_params["run"])
-
-    def compare(request: Request) -> Any:
-        refs = [r for r in (q(request, "runs") or "").split(",") if r]
-        if not 1 <= len(refs) <= 50:
-            raise BadParam("parameter 'runs': give 1 to 50 comma-separated run ids")
-        col = q(request, "col") or "loss"
-        points = as_int(q(request, "points"), "points", 2, MAX_POINTS, 1000)
-        lo, hi = as_int(q(request, "lo"), "lo"), as_int(q(request, "hi"), "hi")
-        x = choice(q(request, "x"), "x", ("step", "tokens", "time"), "step")
-        curves = [reader.curve(r, col=col, lo=lo, hi=hi, points=points, x=x) for r in refs]
-        infos = {r["run_id"]: r for r in reader.runs()}
-        return {"curves": curves, "runs": [infos.get(c["run_id"]) for c in curves]}
-
-    def diff(request: Request) -> Any:
-        a, b = q(request, "a"), q(request, "b")
-        if not a or not b:
-            raise BadParam("parameters 'a' and 'b': two run ids are needed")
-        return reader.diff(a, b)
-
-    def sql(request: Request) -> Any:
-        query = q(request, "q")
-        if not query:
-            raise BadParam("parameter 'q': the SQL statement is missing")
-        limit = as_int(q(request, "limit"), "limit", 1, SQL_MAX_ROWS, 1000)
-        timeout = min(_float(q(request, "timeout"), "timeout", SQL_TIMEOUT_S), SQL_TIMEOUT_S)
-        fmt = choice(q(request, "format"), "format", ("json", "csv"), "json")
-        res = reader.sql(query, limit, timeout if timeout > 0 else SQL_TIMEOUT_S)
-        if fmt == "csv":
-            return Response(_csv(res["columns"], res["rows"]), media_type="text/csv",
-                            headers={"content-disposition": 'attachment; filename="k2repro-query.csv"'})
-        return res
 
     def static_file(request: Request) -> Response:
         rel = request.path_params["path"]
@@ -291,17 +303,17 @@ def create_app(store: str | Path | None, token: str | None = None, static_dir: P
         Route("/evals/{run}", page("evals")),
         Route("/sql", page("sql")),
         Route("/static/{path:path}", static_file),
-        Route("/api/runs", api(runs)),
-        Route("/api/runs/{run}", api(run)),
-        Route("/api/runs/{run}/curve", api(curve)),
-        Route("/api/runs/{run}/layers", api(layers)),
-        Route("/api/runs/{run}/steps/{step}", api(step)),
-        Route("/api/runs/{run}/spikes", api(spikes)),
-        Route("/api/runs/{run}/spikes/{spike}", api(spike)),
-        Route("/api/runs/{run}/evals", api(evals)),
-        Route("/api/compare", api(compare)),
-        Route("/api/diff", api(diff)),
-        Route("/api/sql", api(sql)),
+        Route("/api/runs", api(handlers.runs)),
+        Route("/api/runs/{run}", api(handlers.run)),
+        Route("/api/runs/{run}/curve", api(handlers.curve)),
+        Route("/api/runs/{run}/layers", api(handlers.layers)),
+        Route("/api/runs/{run}/steps/{step}", api(handlers.step)),
+        Route("/api/runs/{run}/spikes", api(handlers.spikes)),
+        Route("/api/runs/{run}/spikes/{spike}", api(handlers.spike)),
+        Route("/api/runs/{run}/evals", api(handlers.evals)),
+        Route("/api/compare", api(handlers.compare)),
+        Route("/api/diff", api(handlers.diff)),
+        Route("/api/sql", api(handlers.sql)),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
     app.state.reader = reader

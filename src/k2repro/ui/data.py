@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from k2repro.errors import BadInputError
+from k2repro.ui.heatmap import Cells, LayerCache, bucket_starts, merge_rows
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ LAYER_COLUMNS = ("grad_norm", "param_norm", "update_norm", "update_ratio", "grad
 HEAT_AGGS = ("max", "mean", "min")
 MAX_POINTS = 20_000       # per curve request (a 4k screen is ~4,000 px wide; min+max per px)
 MAX_BUCKETS = 2_000       # heatmap step buckets per request
-CACHE_BLOCKS = 4_096      # blocks of the per-run layer cache
 CACHE_MIN_ROWS = 2_000_000  # below this many layer rows a raw aggregate is as fast as the cache
 
 
@@ -83,64 +82,6 @@ def _num(v: Any) -> Any:
 def _rows(cur: Any) -> list[dict[str, Any]]:
     cols = [d[0] for d in cur.description]
     return [{c: _num(v) for c, v in zip(cols, r)} for r in cur.fetchall()]
-
-
-def _natural(s: str) -> list[Any]:
-    """Sort key: `layers.2` before `layers.10`."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-class LayerCache:
-    """Per (run, column): max/min/sum/count per (parameter, block of K steps) up to the last
-    step seen when it was built, as numpy arrays. A heatmap of a wide range is then aggregated
-    from ~4k blocks per parameter instead of the raw rows (a bare scan of one column of 100M
-    rows is ~1 s); steps logged after the build (a run still training) are aggregated raw and
-    added. Built on the first request that needs it (the one-time cost bench/ui.py reports)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[tuple[str, str], dict[str, Any]] = {}
-        self._building: dict[tuple[str, str], threading.Lock] = {}
-        self.build_s: dict[tuple[str, str], float] = {}
-
-    def peek(self, run_id: str, col: str) -> dict[str, Any] | None:
-        with self._lock:
-            return self._entries.get((run_id, col))
-
-    def get(self, reader: StoreReader, run_id: str, col: str, first: int, last: int) -> dict[str, Any]:
-        import numpy as np
-
-        key = (run_id, col)
-        with self._lock:
-            entry = self._entries.get(key)
-            lock = self._building.setdefault(key, threading.Lock())
-        if entry is not None:
-            return entry
-        with lock:  # one build per key; other requests wait for it
-            with self._lock:
-                entry = self._entries.get(key)
-            if entry is not None:
-                return entry
-            t0 = time.perf_counter()
-            k = max(1, math.ceil((last - first + 1) / CACHE_BLOCKS))
-            with reader.cursor() as cur:
-                tbl = cur.execute(
-                    f"SELECT param, (step - ?) // ? AS blk, max({col}) AS mx, min({col}) AS mn, sum({col}) AS sm, "
-                    f"count({col}) AS ct FROM layer_stats WHERE run_id = ? AND step BETWEEN ? AND ? "
-                    f"AND isfinite({col}) GROUP BY ALL", [first, k, run_id, first, last]).fetchnumpy()
-            params = sorted(set(tbl["param"].tolist()), key=_natural)
-            idx = {p: i for i, p in enumerate(params)}
-            entry = {"first": first, "last": last, "k": k, "params": params,
-                     "p": np.array([idx[p] for p in tbl["param"].tolist()], dtype=np.int64),
-                     "blk": np.asarray(tbl["blk"], dtype=np.int64), "mx": np.asarray(tbl["mx"], dtype=float),
-                     "mn": np.asarray(tbl["mn"], dtype=float), "sm": np.asarray(tbl["sm"], dtype=float),
-                     "ct": np.asarray(tbl["ct"], dtype=float)}
-            with self._lock:
-                self._entries[key] = entry
-                self.build_s[key] = time.perf_counter() - t0
-            log.info("layer cache %s/%s: %d blocks of %d steps in %.2f s", run_id, col, len(entry["blk"]), k,
-                     self.build_s[key])
-            return entry
 
 
 class StoreReader:
@@ -362,25 +303,9 @@ class StoreReader:
                                    [rid, lo, hi]).fetchone()[0]
                 nb = max(1, min(nb, logged))
             params: list[str] = list(entry["params"]) if use_cache else []
-            mx = mn = sm = ct = None
+            cells = None
             if use_cache:
-                # buckets are whole cache blocks: the range snaps out to block edges (reported
-                # as lo/hi), so every cell is the exact aggregate of the steps it names
-                k, base = entry["k"], entry["first"]
-                lo = base + (lo - base) // k * k
-                if hi <= entry["last"]:
-                    hi = min(entry["last"], base + (hi - base) // k * k + k - 1)
-                b0 = base + entry["blk"] * k
-                keep = (b0 + k - 1 >= lo) & (b0 <= hi)
-                b = np.clip((b0[keep] - lo) * nb // (hi - lo + 1), 0, nb - 1)
-                flat = entry["p"][keep] * nb + b
-                size = len(params) * nb
-                mx = np.full(size, -np.inf)
-                np.maximum.at(mx, flat, entry["mx"][keep])
-                mn = np.full(size, np.inf)
-                np.minimum.at(mn, flat, entry["mn"][keep])
-                sm = np.bincount(flat, weights=entry["sm"][keep], minlength=size)
-                ct = np.bincount(flat, weights=entry["ct"][keep], minlength=size)
+                lo, hi, cells = Cells.from_cache(entry, lo, hi, nb)
             tail_lo = max(lo, entry["last"] + 1) if use_cache else lo
             extra: dict[str, Any] = {"param": np.array([], dtype=object)}
             if tail_lo <= hi:
@@ -388,35 +313,9 @@ class StoreReader:
                     f"SELECT param, ((step - ?) * ? // (? - ? + 1)) AS b, max({col}) AS mx, min({col}) AS mn, "
                     f"sum({col}) AS sm, count({col}) AS ct FROM layer_stats WHERE run_id = ? AND step BETWEEN ? AND ? "
                     f"AND isfinite({col}) GROUP BY ALL", [lo, nb, hi, lo, rid, tail_lo, hi]).fetchnumpy()
-            names = [str(p) for p in np.asarray(extra["param"]).tolist()]
-            new = sorted(set(names) - set(params), key=_natural)
-            if not use_cache:
-                params = new
-                size = len(params) * nb
-                mx, mn = np.full(size, -np.inf), np.full(size, np.inf)
-                sm, ct = np.zeros(size), np.zeros(size)
-            elif new:  # parameters that appeared after the build (rare): grow the arrays
-                grow = len(new) * nb
-                mx, mn = np.concatenate([mx, np.full(grow, -np.inf)]), np.concatenate([mn, np.full(grow, np.inf)])
-                sm, ct = np.concatenate([sm, np.zeros(grow)]), np.concatenate([ct, np.zeros(grow)])
-                params = params + new
-            if names:  # the raw rows, merged in numpy (a loop over 60k cells cost ~0.3 s)
-                idx = {p: i for i, p in enumerate(params)}
-                flat = np.array([idx[p] for p in names], dtype=np.int64) * nb + np.asarray(extra["b"], dtype=np.int64)
-                np.maximum.at(mx, flat, np.asarray(extra["mx"], dtype=float))
-                np.minimum.at(mn, flat, np.asarray(extra["mn"], dtype=float))
-                np.add.at(sm, flat, np.asarray(extra["sm"], dtype=float))
-                np.add.at(ct, flat, np.asarray(extra["ct"], dtype=float))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            v = mx if agg == "max" else mn if agg == "min" else sm / ct
-        v = np.where(ct > 0, v, np.nan).reshape(len(params), nb)
-        # 7 significant digits are more than a colour or a hover needs, and halve the JSON
-        z = [[None if x != x else float(f"{x:.7g}") for x in row] for row in v.tolist()]
-        if use_cache:  # bucket i starts at its first whole block: the first j with j*k >= i*W/nb
-            k, w = entry["k"], hi - lo + 1
-            starts = [lo + _ceil_div(_ceil_div(i * w, nb), k) * k for i in range(nb)]
-        else:
-            starts = [lo + math.floor(i * (hi - lo + 1) / nb) for i in range(nb)]
+            params, cells = merge_rows(params, cells, extra, nb)
+        z = cells.values(agg, len(params), nb)
+        starts = bucket_starts(lo, hi, nb, entry["k"] if use_cache else None)
         return {"run_id": rid, "col": col, "agg": agg, "lo": lo, "hi": hi, "first_step": first, "last_step": last,
                 "params": params, "bucket_start": starts, "z": z, "cached": use_cache,
                 "ms": round((time.perf_counter() - t0) * 1000, 2)}
@@ -508,10 +407,6 @@ class StoreReader:
                 "limit": limit, "ms": round((time.perf_counter() - t0) * 1000, 2)}
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _json(v: Any) -> Any:
     if not isinstance(v, str):
         return v
@@ -531,4 +426,4 @@ def _clean(v: Any) -> Any:
 
 
 __all__ = ["CURVE_COLUMNS", "LAYER_COLUMNS", "HEAT_AGGS", "MAX_POINTS", "MAX_BUCKETS", "NotFound", "BadParam",
-           "StoreReader", "LayerCache", "as_int", "choice"]
+           "StoreReader", "as_int", "choice"]
