@@ -16,15 +16,15 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 #: unit (a package, or a single module) -> its layer. Longest match wins; the root module
-#: `k2repro` matches only itself. Units marked "target" have no code yet (issue 19 makes them).
+#: `k2repro` matches only itself.
 LAYER_OF: dict[str, str] = {
-    # core: the package root (__version__, the lazy open_store facade) and the error types;
-    # target: ids, hashing, atomic files, layout, the spike rule
+    # core: the package root (__version__, the lazy open_store facade), the error types, and
+    # core/ (ids, hashing, atomic files, layout, checkpoint manifests, the spike rule)
     "k2repro": "core",
     "k2repro.errors": "core",
     "k2repro.logs": "core",  # logging configured once per process, at its entry point
     "k2repro.progress": "core",  # phases and progress bars on stderr, used by train and cli
-    "k2repro.core": "core",  # ids, hashing, atomic files, layout, checkpoint manifests
+    "k2repro.core": "core",
     "k2repro.config": "config",
     "k2repro.data": "data",
     "k2repro.model": "model",
@@ -65,7 +65,7 @@ LAYER_OF: dict[str, str] = {
     "k2repro.tools": "tools",
     "k2repro.bundle": "bundle",  # the release bundle: export, verify, import
     "k2repro.integrations": "integrations",
-    "k2repro.ui": "ui",  # target
+    "k2repro.ui": "ui",  # the run browser (k2repro ui)
     "k2repro.cli": "cli",
     "k2repro.__main__": "cli",
 }
