@@ -142,9 +142,9 @@ def test_compaction_under_concurrent_queries(tmp_path) -> None:  # noqa: ANN001
         for j in range(3):
             append_table(store, rid, "checkpoints", {"step": [j + 1], "path": [str(ckdir)]})
     live = start(store, name="live", run_id="live-run", heartbeat_s=0.5, flush_every=1)
-    live.log_steps({"step": [1], "loss": [1.0]})
+    live.log_step(1, loss=1.0)
     live.flush(wait=True)
-    live.log_steps({"step": [2], "loss": [1.5]})
+    live.log_step(2, loss=1.5)
     live.flush(wait=True)
     live_files = sorted(p.name for p in (store / "live-run" / "steps").iterdir())
     (tmp_path / "reader.py").write_text(READER)
