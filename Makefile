@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/python scripts/run_pipeline.py
 
+# Two workers share the two cores (one test file each: module fixtures stay in one process);
+# the fault campaign's kill timing runs alone afterwards.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --deselect tests/integration/test_fault_campaign.py
+	$(BIN)/python -m pytest -q tests/integration/test_fault_campaign.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench scripts
