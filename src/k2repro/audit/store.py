@@ -57,7 +57,8 @@ def _pid_alive(pid: int | None, pid_start: float | None) -> bool | None:
 
 # DuckDB messages of a segment read that raced a writer, or of a damaged segment
 _TRANSIENT = ("No such file", "Invalid data", "don't know what type", "Could not read enough bytes",
-              "TProtocolException", "No magic bytes", "too small to be a Parquet file", "Invalid Input Error: File")
+              "TProtocolException", "No magic bytes", "too small to be a Parquet file", "Invalid Input Error: File",
+              "Payload value bigger than allowed")  # a damaged footer's Thrift lengths
 _SEGMENT = re.compile(r"'([^']+\.parquet)'")
 
 
