@@ -213,7 +213,7 @@ def _recorded_checkpoints(run_dir: Path) -> dict[str, str]:
 
 def _check_checkpoints(run_dir: Path, out: RunCheck) -> None:
     """Every byte of the checkpoints under the run folder: each file against its checkpoint's
-    manifest (train/manifest.py, no torch), each manifest against the table's record. Without
+    manifest (core/ckpt_manifest.py, no torch), each manifest against the table's record. Without
     this, a flipped byte in a checkpoint inside the store passed verify-store (only a resume
     or `verify-checkpoint` found it). Temporary `.step_*` folders (a save killed before its
     rename) are no checkpoint: they are never listed nor resumed from."""
