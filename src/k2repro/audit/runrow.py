@@ -8,6 +8,7 @@ source, lineage, config) and this module fills the rest the same way for all of 
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import socket
@@ -76,12 +77,13 @@ def end_row(rank: int, status: str, error: str | None = None,
             "error": [error], "pid": [os.getpid()], "host": [socket.gethostname()]}
 
 
-class EndsOnExit:
+class EndsOnExit(abc.ABC):
     """`with run:` ends the run when the block ends: `completed`, or `failed` with the
     traceback of the exception that left it (the sink and the audit API's run alike)."""
 
+    @abc.abstractmethod
     def close(self, status: str = "completed", error: str | None = None) -> None:
-        raise NotImplementedError
+        """End the run with `status` (and `error`, for a failed one)."""
 
     def __enter__(self) -> Any:
         return self

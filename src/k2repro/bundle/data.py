@@ -17,21 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from k2repro.audit import lineage
+from k2repro.core.layout import inside_dir
 from k2repro.errors import BadInputError, VerificationFailed
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
     from k2repro.audit.store import Store
-
-
-def inside_dir(path: Path, folder: Path) -> bool:
-    """Whether `path` (resolved) lies in `folder` (resolved)."""
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 def _find_packed(cfg: dict[str, Any], manifest_rows: list[tuple]) -> Path | None:

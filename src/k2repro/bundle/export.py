@@ -35,7 +35,7 @@ from k2repro.audit import schema as S
 from k2repro.audit.lineage import logical_chain
 from k2repro.audit.redact import scrub_obj, scrub_text
 from k2repro.bundle.card import foreign_sources, loss_figure, render_model_card
-from k2repro.bundle.data import data_order, inside_dir, ship_data
+from k2repro.bundle.data import data_order, ship_data
 from k2repro.bundle.manifest import BUNDLE_FORMAT, BUNDLE_JSON, BUNDLE_VERSION, write_manifest
 from k2repro.bundle.signing import load_private_key, sign_bundle
 from k2repro.bundle.tables import (
@@ -47,6 +47,7 @@ from k2repro.bundle.tables import (
 )
 from k2repro.bundle.weights import export_checkpoints, parse_selection
 from k2repro.core.atomic import atomic_dir
+from k2repro.core.layout import inside_dir
 from k2repro.errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover

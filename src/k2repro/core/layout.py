@@ -33,6 +33,16 @@ def step_of_dirname(name: str) -> int | None:
         return None
 
 
+def inside_dir(path: Path, folder: Path) -> bool:
+    """Whether `path` lies in `folder`, both resolved (symlinks followed): what gc may delete,
+    what eval may write and what a bundle may ship are decided by this one test."""
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
 def default_store() -> Path:
     """`$K2REPRO_STORE`, else `runs` (relative to the working directory). Resolved when a
     command runs, never when a parser is built, so a test or a script that sets the variable
@@ -41,4 +51,4 @@ def default_store() -> Path:
 
 
 __all__ = ["CKPT_PREFIX", "META_DIR", "STUB_DIR", "STUB_NAME", "DUCKDB_FILE", "RUN_MARKER",
-           "DEFAULT_STORE", "step_dirname", "step_of_dirname", "default_store"]
+           "DEFAULT_STORE", "step_dirname", "step_of_dirname", "inside_dir", "default_store"]

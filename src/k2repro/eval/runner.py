@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from k2repro.core.layout import inside_dir
 from k2repro.errors import BadInputError, CheckpointError, K2ReproError
 
 EVAL_FORMAT = "k2repro-eval-v1"
@@ -183,14 +184,6 @@ def _existing(rows: Sequence[tuple]) -> dict[tuple[str, str], dict]:
     return out
 
 
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.PathLike | None = None,
               steps: Sequence[int] | None = None, data_dir: str | os.PathLike | None = None,
               k: int = DEFAULT_K, mem_samples: int = DEFAULT_MEM_SAMPLES, val_windows: int = 0,
@@ -211,7 +204,7 @@ def plan_eval(store: str | os.PathLike, run_ref: str, *, out_store: str | os.Pat
     if refuse:  # before its config is read: an API run's config is not k2repro's
         raise BadInputError(refuse)
     out_root = Path(out_store or root)
-    if out_root.is_dir() and not _inside(out_root, root):  # the query layer sees nested roots already
+    if out_root.is_dir() and not inside_dir(out_root, root):  # the query layer sees nested roots already
         eval_rows += _stored_evals(out_root, run_id)
     config, cfg = _run_config(root, run_id, row)
     ddir = Path(data_dir or cfg.data.packed_dir)

@@ -25,7 +25,7 @@ from typing import Any
 
 from k2repro.audit import schema as S
 from k2repro.core.ids import check_run_id
-from k2repro.core.layout import META_DIR
+from k2repro.core.layout import META_DIR, inside_dir
 from k2repro.errors import BadInputError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -168,7 +168,7 @@ def plan_gc(store_root: str | Path, run_ids: list[str] | None = None, name: str 
             continue
         paths = list(folders.get(run_id, []))
         ck = _ckpt_dir_of(config_json, run_id)
-        if ck is not None and ck.is_dir() and not any(_inside(ck, p) for p in paths):
+        if ck is not None and ck.is_dir() and not any(inside_dir(ck, p) for p in paths):
             why = _trainer_checkpoints(ck, run_id)
             if why is None:
                 paths.append(ck)
@@ -198,7 +198,7 @@ def _whole_imports(plan: GcPlan, removed: set[str]) -> None:
             parent = Path(p).parent
             # only a bundle-* folder strictly inside the store is an import container
             if parent.name.startswith("bundle-") and parent.resolve() != plan.store.resolve() \
-                    and _inside(parent, plan.store) and (parent / "_import.json").is_file():
+                    and inside_dir(parent, plan.store) and (parent / "_import.json").is_file():
                 containers.setdefault(parent, []).append(r)
     for c, entries in containers.items():
         try:
@@ -212,14 +212,6 @@ def _whole_imports(plan: GcPlan, removed: set[str]) -> None:
             r["paths"] = [p for p in r["paths"] if p not in inner]
         entries[-1]["paths"].append(str(c))
         entries[-1]["bytes"] = entries[-1]["bytes"] + _du(c / "data") + _du(c / "_import.json")
-
-
-def _inside(a: Path, b: Path) -> bool:
-    try:
-        a.resolve().relative_to(b.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 def apply_gc(plan: GcPlan) -> dict[str, Any]:

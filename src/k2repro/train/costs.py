@@ -20,6 +20,10 @@ WARMUP_STEPS = 10
 
 @dataclasses.dataclass
 class Costs:
+    """Totals always (a few floats); per-step times only when `per_step` (a benchmark asked
+    through `$K2REPRO_TIMINGS_FILE`): a million-step run keeps no million-entry dicts."""
+
+    per_step: bool = False
     step_wall_s: dict[int, float] = dataclasses.field(default_factory=dict)  # step -> wall, flush included
     step_cpu_s: dict[int, float] = dataclasses.field(default_factory=dict)  # step -> loop-thread CPU in train_step
     flush_wall_s: float = 0.0  # the loop thread's wall time in flush()
@@ -27,6 +31,11 @@ class Costs:
     flushes: int = 0
     writer_cpu_s: float = 0.0  # the writer threads' CPU (every sink of this launch: a rollback closes one)
     heartbeat_cpu_s: float = 0.0
+
+    def step(self, step: int, wall_s: float, cpu_s: float) -> None:
+        if self.per_step:
+            self.step_wall_s[step] = wall_s
+            self.step_cpu_s[step] = cpu_s
 
     def add_sink(self, sink: Any) -> None:
         self.writer_cpu_s += sink.writer_cpu_s

@@ -104,7 +104,7 @@ class Trainer:
         self.stop_flag: torch.Tensor | None = None  # the agreed stop request of the last step
         self.interrupted = 0  # the signal number a stop was agreed on (0: ran to the end)
         self.saved_step: int | None = None
-        self.costs = Costs()  # what the audit costs this rank (bench/audit_overhead.py)
+        self.costs = Costs(per_step=bool(self.launch.timings_file))  # bench/audit_overhead.py
 
     def _open_data(self) -> PackedDataset:
         """The packed training split, refused (exit 2, naming the key) when it cannot serve
@@ -446,11 +446,12 @@ class Trainer:
             agreed = self.stop_flag  # the previous step's: read one step late, so the host
             c0 = time.thread_time()
             self.train_step(step, want_layers)  # never waits on this step's collective
-            self.costs.step_cpu_s[step] = time.thread_time() - c0
+            cpu = time.thread_time() - c0
             if agreed is not None and (sig := int(agreed.item())):
                 self.interrupted, last = sig, step
             now = time.perf_counter()
-            times[step] = self.costs.step_wall_s[step] = now - t_prev
+            times[step] = now - t_prev
+            self.costs.step(step, times[step], cpu)
             t_prev = now
             if step % flush_every == 0 or step == last:
                 back = self._flush_and_act(step, last, times)
