@@ -57,6 +57,9 @@ class AuditRun(EndsOnExit):
                  has_manifest: bool = False) -> None:
         self.sink = sink
         self.run_id = sink.run_id
+        #: CPU time of the training thread in the audit's optimizer step hook (the exact update
+        #: of log_layer_stats), which no hook of the caller's own sees (bench/integrations.py)
+        self.hook_cpu_s = 0.0
         self.rank = sink.rank
         self.world_size = sink.world_size
         self.flush_every = max(1, sink.flush_every)
@@ -139,7 +142,8 @@ class AuditRun(EndsOnExit):
 
         Call it after backward (and clipping) and before `optimizer.step()`. With `optimizer`,
         the parameters are copied now and the update is measured exactly by a one-shot
-        optimizer step hook, so this holds one copy of the (local) parameters until the step.
+        optimizer step hook, so this holds one copy of the (local) parameters until the step
+        (on CPU its buffers are kept for the next call: audit/layerstats.py `snapshot_of`).
         Without it, pass `before=` (the parameters before the update, a sequence in
         `named_parameters` order or a name -> tensor mapping) and call it after the step instead;
         with neither, update_norm and update_ratio are NULL. param_norm is always the norm before
@@ -154,7 +158,9 @@ class AuditRun(EndsOnExit):
             return
 
         def _after_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
+            c0 = time.thread_time()  # audit work inside the caller's optimizer step: counted
             self._finish_layer(update=layerstats.update_sq(item))
+            self.hook_cpu_s += time.thread_time() - c0
 
         item.handle = layerstats.inner_optimizer(optimizer).register_step_post_hook(_after_step)
 

@@ -230,6 +230,7 @@ def columns(table: str) -> tuple[Column, ...]:
         raise ValueError(f"unknown audit table '{table}' (known: {', '.join(TABLES)})") from None
 
 
+@cache  # asked for every column of every live write
 def column_names(table: str) -> tuple[str, ...]:
     return tuple(c.name for c in columns(table))
 

@@ -59,8 +59,13 @@ from k2repro.errors import BadInputError
 RESERVE_BYTES = 32 * 1024
 
 #: A rank's open segment of a table is rewritten (as a superset) until it holds this many
-#: writes or rows; then a new segment starts.
-ROLL_FLUSHES = 32
+#: writes or rows; then a new segment starts. Each rewrite re-encodes every row of the open
+#: segment, so the writer's CPU per flush grows with this number: measured in instructions
+#: (callgrind, the writes of a 1-rank default run replayed), 32 writes cost 15.3 M per flush,
+#: 8 cost 9.7 M and a fresh segment every flush 7.9 M (docs/audit-store.md, "What the audit
+#: costs"). 8 keeps a 100k-flush run at ~12k files per table and rank, which
+#: `k2repro gc --compact` merges into large zstd segments.
+ROLL_FLUSHES = 8
 ROLL_ROWS = 50_000
 
 
@@ -362,7 +367,7 @@ class AuditSink(EndsOnExit):
         """Write rows of `table` into this rank's open segment of that table: the segment is
         replaced by a superset of itself (temp + rename onto the same name) until it holds
         ROLL_FLUSHES writes or ROLL_ROWS rows, then the next one opens. Readers see either
-        version, both complete; a long run keeps a few dozen files per table, not thousands."""
+        version, both complete; a run keeps one file per ROLL_FLUSHES flushes per table, not one per flush."""
         import pyarrow as pa
 
         new = to_arrow(table, cols, self.run_id, self.redactor)
@@ -375,7 +380,8 @@ class AuditSink(EndsOnExit):
         else:
             name, tbl, writes = f"r{self.rank}-{self._seq:08d}.parquet", new, 1
             self._seq += 1
-        write_segment(self._run_dir / table, name, tbl, on_write=self._on_write, fsync=self._fsync)
+        write_segment(self._run_dir / table, name, tbl, on_write=self._on_write, fsync=self._fsync,
+                      scrubbed=True)  # to_arrow scrubbed the new rows; the open ones were
         self._open[table] = (name, tbl, writes)
         self.segments_written += 1
 

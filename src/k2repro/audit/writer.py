@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +118,10 @@ def _to_array(values: Any, type_: pa.DataType, where: str) -> pa.Array:
             return _ts_array(list(values), type_)
         if pa.types.is_integer(type_):
             # pa.array(..., type=int64) truncates 2.5 to 2 silently; a safe cast refuses it.
-            return pa.array(values).cast(type_)
+            # (The cast only where the inferred type differs: it is a compute call, and the
+            # live writer converts every column of every flush.)
+            arr = pa.array(values)
+            return arr if arr.type == type_ else arr.cast(type_)
         return pa.array(values, type=type_)
     except (pa.ArrowException, TypeError, ValueError, OverflowError):  # any Arrow refusal: fall back
         pass
@@ -127,9 +131,11 @@ def _to_array(values: Any, type_: pa.DataType, where: str) -> pa.Array:
         raise ValueError(f"{where}: cannot store values as {type_}: {exc}") from None
 
 
+@lru_cache(maxsize=32)  # the run id column of every live write: the same (run id, rows) again
 def repeat_string(value: str, n: int) -> pa.Array:
     """`n` copies of one string as an Arrow string array, built from buffers (a Python list of
-    a million strings costs a second; this costs milliseconds)."""
+    a million strings costs a second; this costs milliseconds). Arrow arrays are immutable,
+    so a cached one is safe to share."""
     import numpy as np
     import pyarrow as pa
 
@@ -183,7 +189,8 @@ def to_arrow(table: str, data: Any, run_id: str, redactor: Redactor | None = Non
         n = next(iter(lengths.values()), 0)
     else:
         raise TypeError(f"{table}: expected a mapping of columns, a pyarrow Table or a DataFrame")
-    unknown = [k for k in cols if k not in schema.names]
+    known = S.column_names(table)
+    unknown = [k for k in cols if k not in known]
     if unknown:
         raise ValueError(f"{table}: unknown column(s) {unknown} (known: {', '.join(schema.names)})")
     arrays = []
@@ -215,18 +222,21 @@ def to_arrow(table: str, data: Any, run_id: str, redactor: Redactor | None = Non
 # ----------------------------------------------------------------------------- files
 
 def write_segment(table_dir: Path, name: str, tbl: pa.Table, on_write: WriteHook | None = None,
-                  fsync: bool = False) -> Path:
+                  fsync: bool = False, scrubbed: bool = False) -> Path:
     """One Parquet segment, written as `.<name>.tmp` then renamed to `<name>`.
 
     Encoded in memory first: its sha256 for the segment manifest comes from the same bytes,
     and the file is one write (the writer thread's cost per segment is what the audit costs a
-    training step, docs/audit-store.md)."""
+    training step, docs/audit-store.md). `scrubbed`: every string was already scrubbed by
+    `to_arrow` with a redactor (the live writer, whose open segment is rewritten every flush:
+    scrubbing its old rows again was a tenth of the writer's CPU)."""
     import hashlib
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tbl = scrub_table(tbl)  # credentials by value, whoever writes (audit/redact.py)
+    if not scrubbed:
+        tbl = scrub_table(tbl)  # credentials by value, whoever writes (audit/redact.py)
     names = tbl.schema.names
     sink = pa.BufferOutputStream()
     pq.write_table(tbl, sink, compression=LIVE_COMPRESSION, write_page_checksum=True,  # verify-store

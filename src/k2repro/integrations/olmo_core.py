@@ -103,6 +103,7 @@ class K2ReproCallback(Callback):
     _pending: dict = field(default_factory=dict, init=False, repr=False)
     _t_prev: float | None = field(default=None, init=False, repr=False)
     _order_ok: bool | None = field(default=None, init=False, repr=False)
+    _indices: tuple | None = field(default=None, init=False, repr=False)  # ((loader, epoch), global indices)
     _done: int = field(default=0, init=False, repr=False)
     _failed: str | None = field(default=None, init=False, repr=False)
 
@@ -276,6 +277,10 @@ class K2ReproCallback(Callback):
         self.host_s += time.perf_counter() - t0
         self.host_cpu_s += time.thread_time() - c0
         self.host_calls += 1
+        run = self._active
+        if run is not None and run.hook_cpu_s:  # the update norm, measured inside the optimizer
+            self.host_cpu_s += run.hook_cpu_s  # step by the audit's hook: the callback's work too
+            run.hook_cpu_s = 0.0
 
     def _global_ids(self, dl: Any) -> list[int] | None:
         """The global batch's instance indices in order (FSL loaders: the global index reshaped
@@ -290,7 +295,12 @@ class K2ReproCallback(Callback):
         b = int(dl.batches_processed) - 1
         if per <= 0 or b < 0 or (b + 1) * per > int(total):
             return None
-        return [int(x) for x in get()[b * per:(b + 1) * per]]
+        # OLMo-core maps its index file anew on every get_global_indices() call (a third of
+        # the callback's time per step at the defaults): keep one map per loader and epoch.
+        key = (id(dl), getattr(dl, "epoch", None), str(getattr(dl, "_global_indices_file", "")))
+        if self._indices is None or self._indices[0] != key:
+            self._indices = (key, get())
+        return self._indices[1][b * per:(b + 1) * per].tolist()
 
     def _drain(self, final: bool = False) -> None:
         """Write the steps whose metrics are complete. OLMo-core delivers a step's metrics in

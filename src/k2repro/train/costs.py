@@ -31,6 +31,10 @@ class Costs:
     flushes: int = 0
     writer_cpu_s: float = 0.0  # the writer threads' CPU (every sink of this launch: a rollback closes one)
     heartbeat_cpu_s: float = 0.0
+    #: the loop thread's CPU in the step's audit-only work (sample records, max |grad| and the
+    #: parameter/update norms on layer-statistics steps), timed where it happens: the difference
+    #: of two runs' step CPU cannot resolve it (gloo's waits move it by +-2 ms a step)
+    audit_step_cpu_s: float = 0.0
 
     def step(self, step: int, wall_s: float, cpu_s: float) -> None:
         if self.per_step:
@@ -54,6 +58,7 @@ class Costs:
                 "step_wall_ms": med(self.step_wall_s), "step_cpu_ms": med(self.step_cpu_s),
                 "flush_wall_ms": self.flush_wall_s / n * 1e3, "flush_cpu_ms": self.flush_cpu_s / n * 1e3,
                 "writer_cpu_ms": self.writer_cpu_s / n * 1e3, "heartbeat_cpu_ms": self.heartbeat_cpu_s / n * 1e3,
+                "audit_step_cpu_ms": self.audit_step_cpu_s / n * 1e3,
                 # the totals the old bench read, kept for its readers
                 "flush_s": self.flush_wall_s, "writer_cpu_s": self.writer_cpu_s}
 

@@ -10,6 +10,7 @@ parameter and of the applied update, which the audit's layer statistics need.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -32,6 +33,7 @@ class MaskableAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,  # noqa: ANN001
                  weight_decay: float = 0.1) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._norms_cpu_s = 0.0
 
     @torch.no_grad()
     def step(self, closure=None, apply: torch.Tensor | None = None,  # noqa: ANN001
@@ -80,7 +82,9 @@ class MaskableAdamW(torch.optim.Optimizer):
             if wd:
                 torch._foreach_add_(upd, torch._foreach_mul(ws, -lr * wd))
             if norms_for is not None:  # the parameter's norm before this update (schema)
+                c0 = time.thread_time()
                 pn.append(torch.stack(torch._foreach_norm(ws)))
+                self._norms_cpu_s += time.thread_time() - c0
             if inplace:
                 torch._foreach_add_(ws, upd)
                 torch._foreach_add_(steps, 1.0)
@@ -92,9 +96,12 @@ class MaskableAdamW(torch.optim.Optimizer):
                     vs[i].copy_(torch.where(apply, new_v[i], vs[i]))
                     steps[i].copy_(torch.where(apply, steps[i] + 1, steps[i]))
             if norms_for is not None:
+                c0 = time.thread_time()
                 un.append(torch.stack(torch._foreach_norm(upd)))
                 order += [id(p) for p in params]
+                self._norms_cpu_s += time.thread_time() - c0
         if norms_for is not None:
+            c0 = time.thread_time()
             key = (tuple(order), tuple(id(p) for p in norms_for))
             if getattr(self, "_norm_idx_key", None) != key:  # built once: an H2D copy
                 where = {k: i for i, k in enumerate(order)}
@@ -103,8 +110,15 @@ class MaskableAdamW(torch.optim.Optimizer):
             idx = self._norm_idx
             p_sq = torch.cat(pn).float().pow(2).index_select(0, idx)
             u_sq = torch.cat(un).float().pow(2).index_select(0, idx)
+            self._norms_cpu_s += time.thread_time() - c0
             return p_sq, u_sq
         return None
+
+    def take_norms_cpu(self) -> float:
+        """CPU seconds spent on the `norms_for` statistics since the last call (the audit's
+        own work inside the step: train/costs.py)."""
+        out, self._norms_cpu_s = self._norms_cpu_s, 0.0
+        return out
 
 
 def build_optimizer(model: torch.nn.Module, o) -> MaskableAdamW:  # noqa: ANN001 - OptimConfig

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from k2repro.audit.layerstats import max_abs
 from k2repro.config.load import config_hash, flatten, packed_window_note, to_dict
 from k2repro.config.schema import RunConfig
 from k2repro.core.ids import new_run_id
@@ -215,6 +216,8 @@ class Trainer:
         loss_std = (sums.loss_sq_sum / sums.n_samples - loss * loss).clamp(min=0).sqrt()
         apply, flag = self._decide(step, loss, grad_norm)
         norms = self.opt.step(apply=apply, norms_for=self.params if want_layers else None)
+        if want_layers:
+            self.costs.audit_step_cpu_s += self.opt.take_norms_cpu()
         self.opt.zero_grad(set_to_none=True)
         if want_layers:
             self.pending.norms = stepstats.CarriedNorms(step, sums.grad_sq, maxes.grad_max, norms[0], norms[1])
@@ -254,9 +257,14 @@ class Trainer:
         layer-stats step), to be reduced in one collective."""
         dev = self.info.device
         grad_sq = torch.stack(torch._foreach_norm(grads)).float().pow(2)
-        # max |grad| is a layer statistic only: skip its pass on other steps
-        # (abs().max() per tensor: the foreach inf-norm is several times slower on CPU)
-        grad_max = torch.stack([g.abs().max() for g in grads]).float() if want_layers else grad_sq[:0]
+        # max |grad| is a layer statistic only: skip its pass on other steps (audit/layerstats.py
+        # says why one min/max pass per tensor, not abs().max() nor the foreach inf-norm, on CPU)
+        if want_layers:
+            c0 = time.thread_time()
+            grad_max = max_abs(grads, dev)
+            self.costs.audit_step_cpu_s += time.thread_time() - c0
+        else:
+            grad_max = grad_sq[:0]
         # A stop request (SIGINT/SIGTERM on any rank) rides in the max-reduced part as the signal
         # number: every rank learns the same request at the same step. A fill, not a host copy.
         stop = torch.full((1,), float(STOP.signum or 0), device=dev)
@@ -315,9 +323,11 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(dev)
         self.pending.steps.append(stepstats.StepRecord(step, lr, t.global_batch_size * t.seq_len,
                                                        batch_hash(batch.ids), values, peak_mem))
-        if self.cfg.audit.sample_stats:
+        if self.cfg.audit.sample_stats and self.sink is not None:
+            c0 = time.thread_time()
             mine = np.concatenate(batch.sample_ids) if batch.sample_ids else np.zeros(0, dtype=np.int64)
             self.pending.samples.append(stepstats.SampleRecord(step, mine, losses, self.info.rank * len(mine)))
+            self.costs.audit_step_cpu_s += time.thread_time() - c0
 
     # ---- flush --------------------------------------------------------------------------------
     def flush(self, times: dict[int, float]) -> list[dict]:
