@@ -49,7 +49,7 @@ def slice_run(tmp_path_factory) -> Path:  # noqa: ANN001
 
 def test_rerun_gives_byte_identical_outputs(slice_run: Path) -> None:
     first = digests(slice_run / "w1")
-    assert {"prepared/train.jsonl", "dedup/report.json", "tokenizer/tokenizer.json", "packed/train.bin",
+    assert {"prepared/train/00000.jsonl.gz", "dedup/report.json", "tokenizer/tokenizer.json", "packed/train.bin",
             "packed/manifest.json"} <= set(first)
     chain(slice_run, "w1", "data.max_docs=150")  # in place, as `dvc repro` would after a change
     chain(slice_run, "w2", "data.max_docs=150")  # and into a fresh folder

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from k2repro.core.atomic import atomic_dir
 from k2repro.core.hashing import sha256_file
-from k2repro.data.workdir import artifact, read_docs, read_manifest, rebase, write_json
+from k2repro.data.workdir import artifact, read_manifest, rebase, write_json
 from k2repro.errors import BadInputError, ConfigError
 
 STAGE = "tokenize"
@@ -65,34 +65,44 @@ def build_trainer(vocab_size: int, min_frequency: int):  # noqa: ANN201
 
 
 def train_tokenizer(in_dir: str | os.PathLike, out: str | os.PathLike, vocab_size: int = 2048,
-                    min_frequency: int = 2) -> dict:
-    """Train on `<in_dir>/train.jsonl` (dedup's output), write `<out>/tokenizer.json` and
-    `manifest.json`; returns the manifest."""
+                    min_frequency: int = 2, engine=None) -> dict:  # noqa: ANN001 - k2repro.data.engine.Engine
+    """Train on dedup's train shards as one datatrove task (BPE training is one process),
+    write `<out>/tokenizer.json` and `manifest.json`; returns the manifest."""
     if vocab_size < MIN_VOCAB:
         raise ConfigError(f"config key 'data.vocab_size': must be >= {MIN_VOCAB} "
                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens) (got {vocab_size})")
     if min_frequency < 1:
         raise ConfigError(f"config key 'data.min_frequency': must be >= 1 (got {min_frequency})")
-    src = Path(in_dir)
+    from k2repro.data import engine as eng
+
+    return eng.run_one_task(_train, engine, Path(out), Path(in_dir), Path(out), vocab_size, min_frequency)
+
+
+def _train(in_dir: Path, out: Path, vocab_size: int, min_frequency: int, engine) -> dict:  # noqa: ANN001
+    from k2repro.data.engine import iter_shard, shards_of, write_execution
+
+    src = in_dir
     upstream = read_manifest(src, "dedup")
-    docs = read_docs(src / "train.jsonl")
-    if not docs:
-        raise BadInputError(f"{src / 'train.jsonl'}: no training documents to train the tokenizer on")
+    trained_on = [a for a in upstream["artifacts"] if a.get("split") == "train"]
+    n_docs = sum(a["n_docs"] for a in trained_on)
+    if not n_docs:
+        raise BadInputError(f"{src}: no training documents to train the tokenizer on")
     tok, trainer = build_trainer(vocab_size, min_frequency)
-    tok.train_from_iterator((d["text"] for d in docs), trainer=trainer, length=len(docs))
-    trained_on = next(a for a in upstream["artifacts"] if a["artifact"] == "dedup/train")
+    tok.train_from_iterator((d["text"] for p in shards_of(upstream, ["train"]) for d in iter_shard(src / p)),
+                            trainer=trainer, length=n_docs)
     manifest = {
         "stage": STAGE,
         "params": {"vocab_size": vocab_size, "min_frequency": min_frequency, "model": "byte-level BPE",
                    "special_tokens": list(SPECIAL_TOKENS)},
         "vocab_size": tok.get_vocab_size(), "eos_token": EOS, "eos_id": eos_id(tok),
-        "inputs": rebase([trained_on], src, out),
+        "inputs": rebase(trained_on, src, out),
         "artifacts": [],
     }
     with atomic_dir(out) as tmp:
         tok.save(str(tmp / TOKENIZER_FILE), pretty=True)
         manifest["artifacts"].append(artifact(tmp, TOKENIZER_FILE, "tokenizer/tokenizer.json"))
         write_json(tmp / "manifest.json", manifest)
+        write_execution(tmp, engine, STAGE, [src])
     return manifest
 
 
