@@ -94,11 +94,18 @@ def datatrove_version() -> str:
 _LEVELS = {"WARNING": logging.WARNING}
 
 
+# Said on every Ray run with our scratch folder; docs/data.md says it must be shared storage.
+_KNOWN = ("Logging directory points to a local filesystem",)
+
+
 def _to_logging(message: Any) -> None:  # noqa: ANN401 - a loguru Message
     rec = message.record
     # datatrove logs the exception of a failed task at ERROR with a traceback; the stage re-raises
     # it as one line, so here it stays at DEBUG like the rest of datatrove's chatter.
-    _DT_LOG.log(_LEVELS.get(rec["level"].name, logging.DEBUG), "%s", rec["message"])
+    level = _LEVELS.get(rec["level"].name, logging.DEBUG)
+    if rec["message"].startswith(_KNOWN):
+        level = logging.DEBUG
+    _DT_LOG.log(level, "%s", rec["message"])
 
 
 def _default_logger() -> None:
@@ -239,11 +246,12 @@ def run_pipeline(steps: list, engine: Engine, tasks: int, scratch: Path) -> None
     local_cls, ray_cls = _executor_classes()
     logs = scratch / "datatrove" / f"{len(list((scratch / 'datatrove').glob('*'))) if (scratch / 'datatrove').exists() else 0}"
     workers = max(1, min(engine.workers, tasks))
-    if workers > 1 and engine.executor == "local":
+    saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
+    if workers > 1 and engine.executor == "local" and saved_env is None:
         # HF tokenizers turn their thread pool off in a forked child with a warning on stderr
         # once the parent used it; with several worker processes it is the processes that
         # run in parallel, so say so up front (an explicit user setting wins).
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if engine.executor == "ray":
         _ray_init(engine.ray_address)
         ex = ray_cls(steps, tasks=tasks, workers=workers, logging_dir=str(logs), skip_completed=False,
@@ -258,6 +266,8 @@ def run_pipeline(steps: list, engine: Engine, tasks: int, scratch: Path) -> None
         failed = exc
     finally:
         quiet_datatrove()  # datatrove's close_task_logger re-adds its default sink in this process
+        if saved_env is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
     _raise_task_error(scratch)
     if failed is not None:
         raise failed
