@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -139,6 +140,9 @@ def test_folders_globs_and_lists_resolve_in_a_fixed_order(records: list[dict], t
     assert {f.part for f in resolve_inputs(f"{root}/h*")} == {"hf"}  # a glob matching a dataset folder
     lit = write_as("jsonl", tmp_path / "lit", records[:1], name="odd[1]")  # a real name, not a pattern
     assert [f.part for f in resolve_inputs(str(lit))] == ["odd[1]"]
+    assert [f.rel for f in resolve_inputs(root)][:3] == ["a.parquet", "b/deep/z.jsonl.zst", "b/x.jsonl"]
+    assert resolve_inputs(root)[3].rel == "hf/data-00000-of-00003.arrow"
+    assert pickle.loads(pickle.dumps(resolve_inputs(root))) == resolve_inputs(root)  # to workers
     # overlapping inputs name a file once
     assert resolve_inputs([root, f"{root}/*.parquet"]) == resolve_inputs(root)
     assert [f.part for f in resolve_inputs(root, "parquet")] == ["a"]

@@ -75,7 +75,9 @@ class InputFile:
     `format` is its reader (`jsonl`, `parquet`, `datasets`, `text`), `part` the id prefix of
     its documents (for `text` the whole document id), `compression` (`gzip`, `zstd` or None)
     how a JSONL or text file is compressed, `row0` the index of a `datasets` shard's first
-    row in its dataset (0 elsewhere), so that one shard is readable on its own."""
+    row in its dataset (0 elsewhere), so that one shard is readable on its own, `rel` the
+    file's path below its input, with extensions (`code.jsonl.gz`, `hf/data-00000-of-00002.arrow`),
+    for naming it in a manifest. Plain data: it pickles, for executors that ship it to workers."""
 
     path: Path
     format: str
@@ -83,6 +85,7 @@ class InputFile:
     part: str
     compression: str | None = None
     row0: int = 0
+    rel: str = ""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -146,7 +149,8 @@ def _dataset_shards(d: Path, part: str) -> list[InputFile]:
         p = d / name
         if not p.is_file():
             raise BadInputError(f"{p}: missing (listed in {state_path})")
-        out.append(InputFile(p, "datasets", p.stat().st_size, part, None, row0))
+        rel = f"{part}/{name}" if part else name
+        out.append(InputFile(p, "datasets", p.stat().st_size, part, None, row0, rel))
         row0 += _arrow_rows(p)
     return out
 
@@ -165,8 +169,11 @@ def _dataset_dir_files(d: Path, part: str) -> list[InputFile]:
 def _walk(root: Path) -> tuple[list[Path], list[Path]]:
     """(files, dataset folders) below `root`, sorted, skipping hidden files and folders; the
     files inside a dataset folder belong to it and are not listed."""
+    def unreadable(err: OSError) -> None:
+        raise BadInputError(f"{err.filename}: cannot list ({err.strerror})")
+
     files, datasets = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         here = Path(dirpath)
         dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
         if here != root and (_is_dataset_dir(here) or (here / DS_DICT).is_file()):
@@ -201,7 +208,7 @@ def _select(cands: list[tuple[Path, Path]], dsets: list[tuple[Path, Path]], fmt:
     for p, base, kind in chosen:
         rel = p.relative_to(base)
         part = rel.as_posix() if kind == "text" else _part_name(rel)
-        out.append(InputFile(p, kind, p.stat().st_size, part, _compression_of(p)))
+        out.append(InputFile(p, kind, p.stat().st_size, part, _compression_of(p), 0, rel.as_posix()))
     for d, base in dsets:
         out += _dataset_dir_files(d, d.relative_to(base).as_posix())
     if not out:
