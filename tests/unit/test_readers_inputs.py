@@ -138,6 +138,9 @@ def test_folders_globs_and_lists_resolve_in_a_fixed_order(records: list[dict], t
     assert [f.part for f in resolve_inputs(f"{root}/b/*")] == ["deep/z", "x"]  # named below the glob's fixed folder
     assert [f.part for f in resolve_inputs([root / "b", root / "a.parquet"])] == ["a", "deep/z", "x"]
     assert {f.part for f in resolve_inputs(f"{root}/h*")} == {"hf"}  # a glob matching a dataset folder
+    # a pattern reaching into a dataset folder selects the dataset, not its Arrow files
+    assert resolve_inputs(f"{root}/**/*") == resolve_inputs(root)
+    assert {f.part for f in resolve_inputs(f"{root}/hf/*.arrow")} == {"hf"}
     lit = write_as("jsonl", tmp_path / "lit", records[:1], name="odd[1]")  # a real name, not a pattern
     assert [f.part for f in resolve_inputs(str(lit))] == ["odd[1]"]
     assert [f.rel for f in resolve_inputs(root)][:3] == ["a.parquet", "b/deep/z.jsonl.zst", "b/x.jsonl"]

@@ -184,9 +184,9 @@ def _walk(root: Path) -> tuple[list[Path], list[Path]]:
     return sorted(files), sorted(datasets)
 
 
-def _select(cands: list[tuple[Path, Path]], dsets: list[tuple[Path, Path]], fmt: str,
+def _select(cands: list[tuple[Path, Path]], dsets: list[tuple[Path, str]], fmt: str,
             where: str) -> list[InputFile]:
-    """InputFiles from candidate (file, base) and (dataset folder, base) pairs; `auto` keeps
+    """InputFiles from candidate (file, base) and (dataset folder, part) pairs; `auto` keeps
     the record files and datasets when there are any (a README beside them is ignored), else
     reads every file as a text document."""
     if fmt == "text":
@@ -209,8 +209,8 @@ def _select(cands: list[tuple[Path, Path]], dsets: list[tuple[Path, Path]], fmt:
         rel = p.relative_to(base)
         part = rel.as_posix() if kind == "text" else _part_name(rel)
         out.append(InputFile(p, kind, p.stat().st_size, part, _compression_of(p), 0, rel.as_posix()))
-    for d, base in dsets:
-        out += _dataset_dir_files(d, d.relative_to(base).as_posix())
+    for d, part in dsets:
+        out += _dataset_dir_files(d, part)
     if not out:
         raise BadInputError(f"{where}: no input files" + (f" of format {fmt}" if fmt != "auto" else ""))
     return out
@@ -233,19 +233,32 @@ def _resolve_one(spec: str, fmt: str) -> list[InputFile]:
         matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
         if not matches:
             raise BadInputError(f"{spec}: the pattern matches no file (data.inputs)")
-        cands: list[tuple[Path, Path]] = []
-        dsets: list[tuple[Path, Path]] = []
+        cands: dict[Path, Path] = {}
+        dsets: set[Path] = set()
+
+        def dataset_of(p: Path) -> Path | None:
+            """The dataset folder `p` is or lies in, up to the pattern's fixed folder: a
+            pattern reaching into one (`**/*`) selects the whole dataset, not its files."""
+            for d in (p, *p.parents):
+                if _is_dataset_dir(d) or (d / DS_DICT).is_file():
+                    return d
+                if d == root:
+                    return None
+            return None
+
         for m in matches:
-            if m.is_dir():
-                if _is_dataset_dir(m) or (m / DS_DICT).is_file():
-                    dsets.append((m, root))
-                else:
-                    files, inner = _walk(m)
-                    cands += [(p, root) for p in files]
-                    dsets += [(d, root) for d in inner]
+            d = dataset_of(m)
+            if d is not None:
+                dsets.add(d)
+            elif m.is_dir():
+                files, inner = _walk(m)
+                cands.update((p, root) for p in files)
+                dsets.update(inner)
             elif m.is_file():
-                cands.append((m, root))
-        return _select(cands, dsets, fmt, spec)
+                cands.setdefault(m, root)
+        named = [(d, d.relative_to(root).as_posix() if d != root else Path(os.path.abspath(d)).name)
+                 for d in sorted(dsets) if not any(x in dsets for x in d.parents)]
+        return _select(sorted(cands.items()), named, fmt, spec)
     src = Path(spec)
     if not src.exists():
         what = "Hugging Face datasets folder" if fmt == "datasets" else "file or directory"
@@ -258,7 +271,7 @@ def _resolve_one(spec: str, fmt: str) -> list[InputFile]:
     files, dsets = _walk(src)
     if fmt == "datasets" and not dsets:
         return _dataset_shards(src, name)  # raises: says what the folder lacks
-    return _select([(p, src) for p in files], [(d, src) for d in dsets], fmt, spec)
+    return _select([(p, src) for p in files], [(d, d.relative_to(src).as_posix()) for d in dsets], fmt, spec)
 
 
 def _order(f: InputFile) -> tuple:
