@@ -309,6 +309,8 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], fmt:
         if first != unit:
             raise BadInputError(f"{first} and {unit}: both give document ids '{f.part}:...' "
                                 "(rename one, or read them as separate corpora)")
+    log.info("inputs: %d files, %.1f MB (%s)", len(files), sum(f.size for f in files) / 1e6,
+             ", ".join(sorted({f.format for f in files})))
     return files
 
 
