@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out or work / "prepared")
         inputs = [args.inp] if args.inp else (list(d.inputs) or [d.source])
         result = prepare(inputs, out, text_field=d.text_field, fmt=d.format, val_fraction=d.val_fraction,
-                         split_seed=d.split_seed, max_docs=d.max_docs, engine=engine)
+                         split_seed=d.split_seed, max_docs=d.max_docs, engine=engine,
+                         id_field=d.id_field)
     elif stage == "dedup":
         from k2repro.data.dedup import DedupParams, dedup
 

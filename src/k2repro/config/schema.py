@@ -34,6 +34,7 @@ class DataConfig:
     source: str = "data/sample"
     inputs: list[str] = field(default_factory=list)
     text_field: str = "text"
+    id_field: str = "id"
     # Reader: auto (by extension; a folder of JSONL/Parquet files or of text files), jsonl,
     # parquet, text.
     format: str = "auto"

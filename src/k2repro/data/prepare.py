@@ -12,21 +12,25 @@ sides together, so no document leaks from train into validation through a copy.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 from pathlib import Path
 
 from k2repro.core.atomic import atomic_dir
-from k2repro.core.hashing import sha256_file
 from k2repro.data import engine as eng
-from k2repro.data.readers import iter_file, normalize_text, source_files
+from k2repro.data.readers import (
+    ID_FIELD,
+    InputFile,
+    fingerprint,
+    normalize_text,
+    read_file,
+    resolve_inputs,
+)
 from k2repro.data.workdir import DOCS_FORMAT, SPLITS, relpath, shard_artifacts, write_json
 from k2repro.errors import BadInputError
 
 STAGE = "prepare"
-_GLOB = set("*?[")
 
 
 def val_score(doc_id: str, split_seed: int) -> float:
@@ -46,30 +50,6 @@ def assign_splits(doc_ids: list[str], val_fraction: float, split_seed: int) -> d
     return out
 
 
-def input_files(inputs: list[str], fmt: str = "auto") -> list[tuple[str, str, str]]:
-    """(file, reader, root) of every input: a file, a folder (as `source_files` reads it) or a
-    glob (its files in sorted order, ids relative to the folder before the first wildcard)."""
-    out: list[tuple[str, str, str]] = []
-    for spec in inputs:
-        if _GLOB & set(spec):
-            matches = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise BadInputError(f"{spec}: matches no file (data.inputs)")
-            head = spec[: min(spec.index(c) for c in _GLOB if c in spec)]
-            root = head if head.endswith(("/", os.sep)) else os.path.dirname(head) or "."
-            for m in matches:
-                out += [(str(p), kind, root) for p, kind in source_files(m, fmt)]
-        else:
-            out += [(str(p), kind, spec) for p, kind in source_files(spec, fmt)]
-    seen: set[str] = set()
-    uniq = []
-    for f in out:
-        if os.path.abspath(f[0]) not in seen:
-            seen.add(os.path.abspath(f[0]))
-            uniq.append(f)
-    return uniq
-
-
 def _quota(max_docs: int, n_files: int, i: int) -> int:
     """File i's share of `max_docs` (0: all): an equal cut, the remainder to the first files."""
     if max_docs <= 0:
@@ -82,10 +62,10 @@ class PrepareShard(eng.Step):
 
     name = "prepare: read, normalise, split"
 
-    def __init__(self, scratch: str, out: str, files: list[tuple[str, str, str]], text_field: str,
+    def __init__(self, scratch: str, out: str, files: list[InputFile], text_field: str, id_field: str,
                  val_fraction: float, split_seed: int, max_docs: int) -> None:
         super().__init__(scratch)
-        self.out, self.files, self.text_field = out, files, text_field
+        self.out, self.files, self.text_field, self.id_field = out, files, text_field, id_field
         self.val_fraction, self.split_seed, self.max_docs = val_fraction, split_seed, max_docs
 
     def work(self, rank: int, world_size: int) -> None:
@@ -96,10 +76,9 @@ class PrepareShard(eng.Step):
                 eng.gzip_writer(out / eng.shard_name("val", rank)) as fval:
             sink = {"train": ftrain, "val": fval}
             for i in range(rank, len(self.files), world_size):
-                path, kind, root = self.files[i]
                 quota, n_file = _quota(self.max_docs, len(self.files), i), 0
                 seen: dict[str, str] = {}
-                for r in iter_file(Path(path), Path(root), kind, self.text_field):
+                for r in read_file(self.files[i], self.text_field, self.id_field):
                     if n_file == quota:
                         break
                     n_file += 1
@@ -149,6 +128,7 @@ def prepare(
     split_seed: int = 1234,
     max_docs: int = 0,
     engine: eng.Engine | None = None,
+    id_field: str = ID_FIELD,
 ) -> dict:
     """Read `source` (one input or a list: files, folders, globs), write
     `<out>/{train,val}/<task>.jsonl.gz` and `manifest.json`; returns the manifest.
@@ -158,10 +138,10 @@ def prepare(
         raise BadInputError(f"data.val_fraction must be in [0, 1) (got {val_fraction})")
     engine = (engine or eng.Engine()).checked()
     inputs = [str(s) for s in source] if isinstance(source, list | tuple) else [str(source)]
-    files = input_files(inputs, fmt)
+    files = resolve_inputs(inputs, fmt)
     out = Path(out)
     with eng.scratch_dir(out) as scratch, atomic_dir(out) as tmp:
-        step = PrepareShard(str(scratch), str(tmp), files, text_field, val_fraction, split_seed, max_docs)
+        step = PrepareShard(str(scratch), str(tmp), files, text_field, id_field, val_fraction, split_seed, max_docs)
         eng.run_pipeline([step], engine, engine.tasks, scratch)
         stats = [json.loads((scratch / "stats" / f"{r:05d}.json").read_text(encoding="utf-8"))
                  for r in range(engine.tasks)]
@@ -184,10 +164,10 @@ def prepare(
         manifest: dict = {
             "stage": STAGE, "format": DOCS_FORMAT,
             "params": {"inputs": [relpath(i, out) for i in inputs],
-                       "text_field": text_field, "format": fmt, "val_fraction": val_fraction,
+                       "text_field": text_field, "id_field": id_field, "format": fmt, "val_fraction": val_fraction,
                        "split_seed": split_seed, "max_docs": max_docs, "tasks": engine.tasks},
             "datatrove": eng.datatrove_version(),
-            "inputs": [_input_row(p, kind, root, out, per_file.get(i, 0)) for i, (p, kind, root) in enumerate(files)],
+            "inputs": [_input_row(f, out, per_file.get(i, 0)) for i, f in enumerate(files)],
             "n_read": n_read, "n_empty_dropped": sum(s["n_empty"] for s in stats), "n_docs": n_docs,
             "splits": splits,
             "artifacts": shard_artifacts(tmp, "prepared", engine.tasks,
@@ -206,10 +186,11 @@ def _merge_counts(dicts) -> dict[str, int]:  # noqa: ANN001 - an iterable of {na
     return dict(sorted(out.items()))
 
 
-def _input_row(path: str, kind: str, root: str, out: Path, n_docs: int) -> dict:
-    """A corpus file's lineage row: name inside its input, path relative to the output folder,
-    sha256 and size."""
-    p, r = Path(path), Path(root)
-    name = p.name if r.is_file() or r == p else p.relative_to(r).as_posix() if p.is_relative_to(r) else p.name
-    return {"artifact": f"corpus/{name}", "path": relpath(p, out), "sha256": sha256_file(p),
-            "bytes": p.stat().st_size, "reader": kind, "n_docs": n_docs, "n_tokens": 0}
+def _input_row(f: InputFile, out: Path, n_docs: int) -> dict:
+    """A corpus file's lineage row: its name below its input, path relative to the output
+    folder, sha256 (or, above 64 MiB, a sampled fingerprint: `fingerprint` says which), size,
+    reader and documents read."""
+    fp = fingerprint(f)
+    return {"artifact": f"corpus/{f.rel or f.path.name}", "path": relpath(f.path, out),
+            "sha256": fp.get("sha256") or fp["digest"], "fingerprint": fp["algo"], "bytes": f.size,
+            "reader": f.format, "n_docs": n_docs, "n_tokens": 0}
