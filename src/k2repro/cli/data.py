@@ -18,7 +18,7 @@ RAW_ARGS = True  # Hydra overrides may come before or after the options
 STAGES = {
     "prepare": "read the corpus (data.source), normalise, split train/validation by document",
     "dedup": "remove exact and near duplicates (MinHash LSH); write a dedup report",
-    "tokenize": "train a byte-level BPE tokenizer on the deduplicated train split",
+    "tokenize": "train a byte-level BPE tokenizer on the deduplicated train split (or use data.tokenizer)",
     "pack": "tokenize into fixed windows of train.seq_len + 1 tokens with a manifest",
 }
 DEFAULT_IN = {"prepare": "data.source", "dedup": "<work_dir>/prepared", "tokenize": "<work_dir>/dedup",
@@ -79,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_params_file(args.params, args.overrides)
     else:
         cfg = load_config(args.overrides, args.config_name)
+    from k2repro.data.progress import enable_logging
+
+    enable_logging()
     d = cfg.data
     work = Path(d.work_dir)
     stage = args.stage
@@ -97,11 +100,14 @@ def run(args: argparse.Namespace) -> int:
                              bands=d.dedup_bands, rows=d.dedup_rows)
         result = dedup(args.inp or work / "prepared", out, params)
     elif stage == "tokenize":
-        from k2repro.data.tokenizer import train_tokenizer
+        from k2repro.data.tokenizer import train_tokenizer, use_tokenizer
 
         out = Path(args.out or work / "tokenizer")
-        result = train_tokenizer(args.inp or work / "dedup", out, vocab_size=d.vocab_size,
-                                 min_frequency=d.min_frequency)
+        if d.tokenizer:  # supplied: checked and copied, not trained
+            result = use_tokenizer(d.tokenizer, out, model_vocab_size=cfg.model.vocab_size)
+        else:
+            result = train_tokenizer(args.inp or work / "dedup", out, vocab_size=d.vocab_size,
+                                     min_frequency=d.min_frequency)
     elif stage == "pack":
         from k2repro.data.pack import pack
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from k2repro.core.hashing import sha256_file
 from k2repro.data.packed import MANIFEST, Doc, PackedDataset, write_packed
-from k2repro.data.tokenizer import EOS, TOKENIZER_FILE, eos_id, load_tokenizer
+from k2repro.data.progress import Progress
+from k2repro.data.tokenizer import TOKENIZER_FILE, eos_id, eos_token, load_tokenizer
 from k2repro.data.workdir import SPLITS, read_docs, read_manifest, rebase, relpath
 from k2repro.errors import BadInputError
 
@@ -45,13 +46,17 @@ def pack(in_dir: str | os.PathLike, tokenizer: str | os.PathLike, out: str | os.
 
     splits: dict[str, list[Doc]] = {}
     stats: dict[str, dict] = {}
+    all_docs = {s: read_docs(src / f"{s}.jsonl") for s in SPLITS}
+    prog = Progress(STAGE, total_docs=sum(map(len, all_docs.values())))
     for s in SPLITS:
-        docs = read_docs(src / f"{s}.jsonl")
+        docs = all_docs[s]
         encoded: list[Doc] = []
         for k in range(0, len(docs), ENCODE_BATCH):
             chunk = docs[k : k + ENCODE_BATCH]
-            for d, e in zip(chunk, tok.encode_batch([d["text"] for d in chunk], add_special_tokens=False)):
+            texts = [d["text"] for d in chunk]
+            for d, e in zip(chunk, tok.encode_batch(texts, add_special_tokens=False)):
                 encoded.append(Doc(d["doc_id"], d["domain"], np.asarray(e.ids, dtype=np.int64)))
+            prog.update(len(chunk), sum(len(t.encode("utf-8")) for t in texts))
         splits[s] = encoded
         per_dom: dict[str, dict[str, int]] = {}
         for d in encoded:
@@ -73,11 +78,13 @@ def pack(in_dir: str | os.PathLike, tokenizer: str | os.PathLike, out: str | os.
     meta = {
         "stage": STAGE,
         "tokenizer": relpath(tok_path, base), "tokenizer_sha256": tok_sha, "tokenizer_relative_to": "packed_dir_parent",
-        "eos_token": EOS, "domains": domains, "domain_stats": stats,
+        "eos_token": eos_token(tok), "domains": domains, "domain_stats": stats,
         "dedup": {k: dedup_m["counts"][k] for k in ("input_docs", "kept_docs", "dedup_ratio")},
+        **({"tokenizer_supplied": {"source": tok_m["source"], "sha256": tok_m["sha256"]}} if tok_m.get("supplied") else {}),
     }
-    return write_packed(out, splits, seq_len=seq_len, vocab_size=tok.get_vocab_size(), eos_id=eos,
-                        extra_artifacts=extra, meta=meta)
+    with prog:  # the summary line comes once the packed folder is written
+        return write_packed(out, splits, seq_len=seq_len, vocab_size=tok.get_vocab_size(), eos_id=eos,
+                            extra_artifacts=extra, meta=meta)
 
 
 def tokenizer_path(packed_dir: str | os.PathLike) -> Path:
