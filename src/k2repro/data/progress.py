@@ -7,8 +7,8 @@ second); anywhere else (a log file, a pipe, `dvc repro`) the same figures go out
 line at the end, so a log shows progress without a carriage-return mess.
 
 `update()` is called once per document, so it only adds to counters and compares an integer;
-the clock is read every `stride` calls, a stride adapted so that reads happen ~50 times a
-second whatever the document rate (bench: tens of ns a call).
+the clock is read every `stride` calls, a stride adapted (doubling at most per read) so that
+reads happen ~50 times a second whatever the document rate (bench: tens of ns a call).
 
 How a stage uses it::
 
@@ -113,10 +113,11 @@ class Progress:
     def _check(self) -> None:
         now = time.monotonic()
         dt = now - self._last_check
-        # adapt the stride so that the clock is read ~CLOCK_READS_PER_S times a second
+        # adapt the stride so that the clock is read ~CLOCK_READS_PER_S times a second; it
+        # at most doubles per read, so one burst of fast calls cannot make it skip a slow phase
         if dt > 0:
             rate = self._stride / dt
-            self._stride = max(1, min(int(rate / CLOCK_READS_PER_S), 1 << 20))
+            self._stride = max(1, min(int(rate / CLOCK_READS_PER_S), 2 * self._stride, 1 << 20))
         self._last_check = now
         self._next_check = self._calls + self._stride
         if self.active and now >= self._due:
