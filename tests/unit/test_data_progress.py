@@ -120,3 +120,19 @@ def test_clock_is_read_in_strides_not_per_call() -> None:
     for _ in range(200_000):
         p.update(1, 100)
     assert p._stride > 1 and p.docs == 200_000 and p.nbytes == 20_000_000
+
+
+def test_parallel_tasks_log_lines_even_on_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER.name)
+    master, slave = pty.openpty()
+    try:
+        stream = os.fdopen(slave, "w", closefd=True)
+        with Progress("dedup task 1/2", total_docs=3, stream=stream, redraw=False, every=0.0) as p:
+            for _ in range(3):
+                p.update(1, 10)
+        stream.close()
+        drawn = _read_all(master)
+    finally:
+        os.close(master)
+    assert drawn == "" and not p.tty
+    assert caplog.records[-1].getMessage().startswith("dedup task 1/2: done, 3 docs")

@@ -19,8 +19,9 @@ How a stage uses it::
 
     texts = prog.wrap(texts)  # a generator that counts what it yields (str: UTF-8 bytes)
 
-A stage running as N parallel tasks gives each its own `Progress(f"{stage} {rank}/{N}", ...)`
-with that task's totals (each task's lines are then complete on their own).
+A stage running as N parallel tasks gives each its own `Progress(f"{stage} task {rank}/{N}",
+..., redraw=False)` with that task's totals: each task's lines are complete on their own, and
+no two tasks redraw over each other on a shared terminal.
 """
 
 from __future__ import annotations
@@ -73,13 +74,16 @@ class Progress:
 
     def __init__(self, stage: str, total_docs: int | None = None, total_bytes: int | None = None,
                  stream: IO[str] | None = None, every: float | None = None,
-                 tty_every: float = TTY_EVERY_S, logger: logging.Logger | None = None) -> None:
+                 tty_every: float = TTY_EVERY_S, logger: logging.Logger | None = None,
+                 redraw: bool | None = None) -> None:
+        """`redraw=False` forces log lines even on a terminal: for a stage's parallel tasks,
+        whose redrawn lines would overwrite each other on the one terminal they share."""
         self.stage = stage
         self.total_docs = total_docs
         self.total_bytes = total_bytes
         self.stream = sys.stderr if stream is None else stream
         self.logger = LOGGER if logger is None else logger
-        self.tty = _isatty(self.stream)
+        self.tty = _isatty(self.stream) if redraw is None else redraw and _isatty(self.stream)
         self.every = tty_every if self.tty else (_every_from_env() if every is None else every)
         # neither a terminal nor a log that shows INFO: count only
         self.active = self.tty or self.logger.isEnabledFor(logging.INFO)
