@@ -18,7 +18,7 @@ RAW_ARGS = True  # Hydra overrides may come before or after the options
 STAGES = {
     "prepare": "read the corpus (data.inputs, else data.source), normalise, split train/validation by document",
     "dedup": "remove exact and near duplicates (MinHash LSH); write a dedup report",
-    "tokenize": "train a byte-level BPE tokenizer on the deduplicated train split",
+    "tokenize": "train a byte-level BPE tokenizer on the deduplicated train split (or use data.tokenizer)",
     "pack": "tokenize into fixed windows of train.seq_len + 1 tokens with a manifest",
 }
 DEFAULT_IN = {"prepare": "data.inputs or data.source", "dedup": "<work_dir>/prepared", "tokenize": "<work_dir>/dedup",
@@ -80,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.overrides, args.config_name)
     from k2repro.data.engine import engine_from_config
+    from k2repro.data.progress import enable_logging
 
+    enable_logging()
     d = cfg.data
     work = Path(d.work_dir)
     engine = engine_from_config(d)
@@ -102,11 +104,14 @@ def run(args: argparse.Namespace) -> int:
                              bands=d.dedup_bands, rows=d.dedup_rows)
         result = dedup(args.inp or work / "prepared", out, params, engine=engine)
     elif stage == "tokenize":
-        from k2repro.data.tokenizer import train_tokenizer
+        from k2repro.data.tokenizer import train_tokenizer, use_tokenizer
 
         out = Path(args.out or work / "tokenizer")
-        result = train_tokenizer(args.inp or work / "dedup", out, vocab_size=d.vocab_size,
-                                 min_frequency=d.min_frequency, engine=engine)
+        if d.tokenizer:  # supplied: checked and copied, not trained
+            result = use_tokenizer(d.tokenizer, out, model_vocab_size=cfg.model.vocab_size)
+        else:
+            result = train_tokenizer(args.inp or work / "dedup", out, vocab_size=d.vocab_size,
+                                     min_frequency=d.min_frequency, engine=engine)
     elif stage == "pack":
         from k2repro.data.pack import pack
 

@@ -44,6 +44,8 @@ class DataConfig:
     val_fraction: float = 0.05
     vocab_size: int = 512
     min_frequency: int = 2
+    # a tokenizer.json to use instead of training one (empty: train; `k2repro data tokenize`)
+    tokenizer: str = ""
     dedup_num_perm: int = 128
     dedup_threshold: float = 0.8
     dedup_ngram: int = 5

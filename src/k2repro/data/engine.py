@@ -74,6 +74,10 @@ class Engine:
                               "Ray cluster (e.g. 127.0.0.1:6379; `ray start --head` prints it)")
         return self
 
+    def redraw(self) -> bool:
+        """Whether a task may redraw a progress line: only when tasks run one at a time here."""
+        return self.executor == "local" and self.workers == 1
+
     def execution(self, stage: str) -> dict:
         """What `execution.json` records (not the cluster address: it names a machine)."""
         return {"stage": stage, "executor": self.executor, "tasks": self.tasks, "workers": self.workers,
@@ -218,6 +222,14 @@ def run_one_task(fn: Callable, engine: Engine | None, near: Path, *args: Any) ->
     with scratch_dir(near) as sc:
         run_pipeline([CallStep(str(sc), fn, args, engine)], engine, 1, sc)
         return json.loads((sc / "result.json").read_text(encoding="utf-8"))
+
+
+def task_progress(stage: str, rank: int, world_size: int, total_docs: int | None, redraw: bool) -> Any:  # noqa: ANN401
+    """A task's `Progress` (documents/s, MB/s, ETA); named by task when there are several."""
+    from k2repro.data.progress import Progress
+
+    name = stage if world_size == 1 else f"{stage} task {rank}/{world_size}"
+    return Progress(name, total_docs=total_docs, redraw=redraw)
 
 
 def _raise_task_error(scratch: Path) -> None:

@@ -20,7 +20,7 @@ from k2repro.core.atomic import atomic_dir
 from k2repro.core.hashing import sha256_file
 from k2repro.data import engine as eng
 from k2repro.data.packed import FORMAT, MANIFEST, PackedDataset
-from k2repro.data.tokenizer import EOS, TOKENIZER_FILE, eos_id, load_tokenizer
+from k2repro.data.tokenizer import TOKENIZER_FILE, eos_id, eos_token, load_tokenizer
 from k2repro.data.workdir import SPLITS, read_manifest, rebase, relpath
 from k2repro.errors import BadInputError
 
@@ -35,12 +35,15 @@ class PackShards(eng.Step):
 
     name = "pack: encode shards"
 
-    def __init__(self, scratch: str, src: str, shards: list[str], tokenizer: str) -> None:
+    def __init__(self, scratch: str, src: str, shards: list[str], n_docs: list[int], tokenizer: str,
+                 redraw: bool) -> None:
         super().__init__(scratch)
-        self.src, self.shards, self.tokenizer = src, shards, tokenizer
+        self.src, self.shards, self.n_docs, self.tokenizer, self.redraw = src, shards, n_docs, tokenizer, redraw
 
-    def _encode(self, tok, eos: int, batch: list[dict], fbin, fdocs, stats: dict) -> None:  # noqa: ANN001
-        for d, e in zip(batch, tok.encode_batch([d["text"] for d in batch], add_special_tokens=False)):
+    def _encode(self, tok, eos: int, batch: list[dict], fbin, fdocs, stats: dict, prog) -> None:  # noqa: ANN001
+        texts = [d["text"] for d in batch]
+        prog.update(len(batch), sum(len(t.encode("utf-8")) for t in texts))
+        for d, e in zip(batch, tok.encode_batch(texts, add_special_tokens=False)):
             ids = np.asarray(e.ids, dtype=np.uint32)
             fbin.write(ids.tobytes())
             fbin.write(np.uint32(eos).tobytes())
@@ -53,18 +56,21 @@ class PackShards(eng.Step):
         tok = load_tokenizer(self.tokenizer)
         eos = eos_id(tok)
         sc = Path(self.scratch)
-        for j in range(rank, len(self.shards), world_size):
+        mine = range(rank, len(self.shards), world_size)
+        prog = eng.task_progress(STAGE, rank, world_size, sum(self.n_docs[j] for j in mine), self.redraw)
+        for j in mine:
             stats: dict[str, dict[str, int]] = {}
             with open(sc / f"{j:05d}.bin", "wb") as fbin, open(sc / f"{j:05d}.docs", "w", encoding="utf-8") as fdocs:
                 batch: list[dict] = []
                 for d in eng.iter_shard(Path(self.src) / self.shards[j]):
                     batch.append(d)
                     if len(batch) == ENCODE_BATCH:
-                        self._encode(tok, eos, batch, fbin, fdocs, stats)
+                        self._encode(tok, eos, batch, fbin, fdocs, stats, prog)
                         batch = []
                 if batch:
-                    self._encode(tok, eos, batch, fbin, fdocs, stats)
+                    self._encode(tok, eos, batch, fbin, fdocs, stats, prog)
             (sc / f"{j:05d}.json").write_text(json.dumps(stats), encoding="utf-8")
+        prog.close()
 
 
 def _join_split(sc: Path, idx: list[int], tmp: Path, split: str, window: int, dtype: type, vocab_size: int) -> dict:
@@ -131,7 +137,9 @@ def pack(in_dir: str | os.PathLike, tokenizer: str | os.PathLike, out: str | os.
     dtype = np.uint16 if vocab_size <= 65535 else np.uint32
     window = seq_len + 1
     with eng.scratch_dir(out) as sc, atomic_dir(out) as tmp:
-        eng.run_pipeline([PackShards(str(sc), str(src), shards, str(tok_path.resolve()))], engine, engine.tasks, sc)
+        n_docs = [a["n_docs"] for a in dedup_m["artifacts"] if a.get("split") in SPLITS]
+        step = PackShards(str(sc), str(src), shards, n_docs, str(tok_path.resolve()), engine.redraw())
+        eng.run_pipeline([step], engine, engine.tasks, sc)
         shard_stats = [json.loads((sc / f"{j:05d}.json").read_text(encoding="utf-8")) for j in range(len(shards))]
         manifest: dict = {"format": FORMAT, "seq_len": seq_len, "vocab_size": vocab_size, "eos_id": eos,
                           "dtype": np.dtype(dtype).name, "splits": {}, "artifacts": []}
@@ -168,8 +176,9 @@ def pack(in_dir: str | os.PathLike, tokenizer: str | os.PathLike, out: str | os.
         manifest |= {
             "stage": STAGE,
             "tokenizer": relpath(tok_path, base), "tokenizer_sha256": tok_sha, "tokenizer_relative_to": "packed_dir_parent",
-            "eos_token": EOS, "domains": sorted({d for s in stats.values() for d in s}), "domain_stats": stats,
+            "eos_token": eos_token(tok), "domains": sorted({d for s in stats.values() for d in s}), "domain_stats": stats,
             "dedup": {k: dedup_m["counts"][k] for k in ("input_docs", "kept_docs", "dedup_ratio")},
+            **({"tokenizer_supplied": {"source": tok_m["source"], "sha256": tok_m["sha256"]}} if tok_m.get("supplied") else {}),
             "datatrove": eng.datatrove_version(), "tasks": engine.tasks,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
