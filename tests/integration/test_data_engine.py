@@ -134,3 +134,34 @@ def test_ray_cluster_gives_the_bytes_of_the_local_executor(local_runs) -> None: 
     ex = json.loads((root / "ray" / "w" / "packed" / EXECUTION).read_text())
     assert {s["executor"] for s in ex["stages"]} == {"ray"}
     assert digests(root / "ray" / "w") == runs[1] == runs[2]
+
+
+def test_store_data_manifest_records_inputs_stage_parameters_and_engine(local_runs, tmp_path: Path) -> None:
+    """Lineage (issue 22, item 6): a run started on the packed folder writes, in the store's
+    existing `data_manifest` columns, the corpus files (relative paths, sha256, bytes, reader)
+    and, with the packed manifest's row, every stage's parameters, the executor, the worker
+    count and datatrove's version."""
+    import k2repro
+    import k2repro.audit
+    from k2repro.core.hashing import sha256_file
+    from k2repro.data.engine import datatrove_version
+    from k2repro.data.packed import PackedDataset
+
+    root, _ = local_runs
+    ds = PackedDataset(root / "local2" / "w" / "packed", "train")
+    run = k2repro.audit.start(tmp_path / "store", name="lineage", data_manifest=ds.manifest_rows())
+    run.close()
+    rows = {r[0]: r[1:] for r in k2repro.open_store(tmp_path / "store").execute(
+        "SELECT artifact, path, sha256, bytes, detail FROM data_manifest").fetchall()}
+    path, sha, size, detail = rows["corpus/code.jsonl.gz"]
+    assert path == "../../corpus/code.jsonl.gz" and sha == sha256_file(root / "corpus" / "code.jsonl.gz")
+    assert size == (root / "corpus" / "code.jsonl.gz").stat().st_size
+    assert json.loads(detail)["reader"] == "jsonl" and json.loads(detail)["fingerprint"] == "sha256"
+    lineage = json.loads(rows["packed/manifest"][3])
+    st = lineage["lineage"]
+    assert st["prepare"]["inputs"] == ["../../../corpus"]  # relative to the prepared folder and st["prepare"]["max_docs"] == 150
+    assert st["prepare"]["tasks"] == 2 and st["prepare"]["datatrove"] == datatrove_version()
+    assert (st["dedup"]["num_perm"], st["dedup"]["threshold"]) == (128, 0.8)
+    assert st["tokenize"]["vocab_size"] == 2048 and st["pack"]["seq_len"] == 128
+    assert [(e["stage"], e["executor"], e["workers"]) for e in lineage["execution"]] == [
+        ("prepare", "local", 2), ("dedup", "local", 2), ("tokenize", "local", 2), ("pack", "local", 2)]

@@ -483,7 +483,9 @@ def dedup(in_dir: str | os.PathLike, out: str | os.PathLike, params: DedupParams
                           for j in range(len(shards))]
         n_sh = len(shards) // len(SPLITS)
         # Upstream artefacts (corpus files, prepared documents), paths relative to this folder.
-        manifest = {"stage": STAGE, "format": DOCS_FORMAT, "params": report["params"] | {"tasks": engine.tasks},
+        params = report["params"] | {"tasks": engine.tasks}
+        manifest = {"stage": STAGE, "format": DOCS_FORMAT, "params": params,
+                    "lineage": upstream.get("lineage", {}) | {STAGE: params | {"datatrove": eng.datatrove_version()}},
                     "datatrove": eng.datatrove_version(), "counts": report["counts"],
                     "inputs": rebase(upstream.get("inputs", []) + upstream["artifacts"], src, out),
                     "artifacts": shard_artifacts(tmp, STAGE, n_sh, {s: kept_per_shard[k * n_sh:(k + 1) * n_sh]

@@ -180,6 +180,10 @@ def pack(in_dir: str | os.PathLike, tokenizer: str | os.PathLike, out: str | os.
             "dedup": {k: dedup_m["counts"][k] for k in ("input_docs", "kept_docs", "dedup_ratio")},
             **({"tokenizer_supplied": {"source": tok_m["source"], "sha256": tok_m["sha256"]}} if tok_m.get("supplied") else {}),
             "datatrove": eng.datatrove_version(), "tasks": engine.tasks,
+            # every stage's parameters (what `data_manifest` records with the packed manifest)
+            "lineage": dedup_m.get("lineage", {}) | {
+                "tokenize": {**tok_m.get("params", {}), "vocab_size": vocab_size, "sha256": tok_sha},
+                STAGE: {"seq_len": seq_len, "tasks": engine.tasks, "datatrove": eng.datatrove_version()}},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         eng.write_execution(tmp, engine, STAGE, [src, tok_path.parent])

@@ -161,11 +161,12 @@ def prepare(
                 splits[k]["domains"][d["domain"]] = splits[k]["domains"].get(d["domain"], 0) + sign
                 splits[k]["domains"] = {a: b for a, b in sorted(splits[k]["domains"].items()) if b}
         per_file: dict[int, int] = {int(i): n for s in stats for i, n in s["per_file"].items()}
+        params = {"inputs": [relpath(i, out) for i in inputs], "text_field": text_field, "id_field": id_field,
+                  "format": fmt, "val_fraction": val_fraction, "split_seed": split_seed, "max_docs": max_docs,
+                  "tasks": engine.tasks}
         manifest: dict = {
-            "stage": STAGE, "format": DOCS_FORMAT,
-            "params": {"inputs": [relpath(i, out) for i in inputs],
-                       "text_field": text_field, "id_field": id_field, "format": fmt, "val_fraction": val_fraction,
-                       "split_seed": split_seed, "max_docs": max_docs, "tasks": engine.tasks},
+            "stage": STAGE, "format": DOCS_FORMAT, "params": params,
+            "lineage": {STAGE: params | {"datatrove": eng.datatrove_version()}},
             "datatrove": eng.datatrove_version(),
             "inputs": [_input_row(f, out, per_file.get(i, 0)) for i, f in enumerate(files)],
             "n_read": n_read, "n_empty_dropped": sum(s["n_empty"] for s in stats), "n_docs": n_docs,
