@@ -332,9 +332,10 @@ def _shard_tag(j: int) -> str:
 class DedupSignatures(eng.Step):
     name = "dedup A: exact keys and MinHash signatures"
 
-    def __init__(self, scratch: str, src: str, shards: list[str], params: DedupParams) -> None:
+    def __init__(self, scratch: str, src: str, shards: list[str], params: DedupParams, n_docs: list[int],
+                 redraw: bool = True) -> None:
         super().__init__(scratch)
-        self.src, self.shards, self.params = src, shards, params
+        self.src, self.shards, self.params, self.n_docs, self.redraw = src, shards, params, n_docs, redraw
 
     def _flush(self, batch: list[dict], fsig, fkey, fmeta) -> None:  # noqa: ANN001 - open binary/text files
         p = self.params
@@ -347,18 +348,22 @@ class DedupSignatures(eng.Step):
     def work(self, rank: int, world_size: int) -> None:
         sc = Path(self.scratch) / "sig"
         sc.mkdir(exist_ok=True)
-        for j in range(rank, len(self.shards), world_size):
+        mine = range(rank, len(self.shards), world_size)
+        prog = eng.task_progress(STAGE, rank, world_size, sum(self.n_docs[j] for j in mine), self.redraw)
+        for j in mine:
             t = _shard_tag(j)
             with open(sc / f"{t}.u32", "wb") as fsig, open(sc / f"{t}.key", "wb") as fkey, \
                     open(sc / f"{t}.meta", "w", encoding="utf-8") as fmeta:
                 batch: list[dict] = []
                 for d in eng.iter_shard(Path(self.src) / self.shards[j]):
                     batch.append(d)
+                    prog.update(1, len(d["text"].encode("utf-8")))
                     if len(batch) == SIG_BATCH:
                         self._flush(batch, fsig, fkey, fmeta)
                         batch = []
                 if batch:
                     self._flush(batch, fsig, fkey, fmeta)
+        prog.close()
 
 
 class DedupBands(eng.Step):
@@ -433,7 +438,8 @@ def dedup(in_dir: str | os.PathLike, out: str | os.PathLike, params: DedupParams
     if not sum(a["n_docs"] for a in upstream["artifacts"] if a.get("split") in SPLITS):
         raise BadInputError(f"{src}: no documents to deduplicate")
     with eng.scratch_dir(out) as sc, atomic_dir(out) as tmp:
-        eng.run_pipeline([DedupSignatures(str(sc), str(src), shards, p)], engine, engine.tasks, sc)
+        n_in = [a["n_docs"] for a in upstream["artifacts"] if a.get("split") in SPLITS]
+        eng.run_pipeline([DedupSignatures(str(sc), str(src), shards, p, n_in, engine.redraw())], engine, engine.tasks, sc)
         meta, offsets = _read_meta(sc, len(shards))
         n = len(meta)
         _concat([sc / "sig" / f"{_shard_tag(j)}.u32" for j in range(len(shards))], sc / "sig.u32")

@@ -63,16 +63,19 @@ class PrepareShard(eng.Step):
     name = "prepare: read, normalise, split"
 
     def __init__(self, scratch: str, out: str, files: list[InputFile], text_field: str, id_field: str,
-                 val_fraction: float, split_seed: int, max_docs: int) -> None:
+                 val_fraction: float, split_seed: int, max_docs: int, redraw: bool = True) -> None:
         super().__init__(scratch)
         self.out, self.files, self.text_field, self.id_field = out, files, text_field, id_field
+        self.redraw = redraw
         self.val_fraction, self.split_seed, self.max_docs = val_fraction, split_seed, max_docs
 
     def work(self, rank: int, world_size: int) -> None:
         out = Path(self.out)
         st: dict = {"n_read": 0, "n_empty": 0, "per_file": {}, "min": None,
                     "splits": {s: {"n_docs": 0, "n_bytes": 0, "domains": {}} for s in SPLITS}}
-        with eng.gzip_writer(out / eng.shard_name("train", rank)) as ftrain, \
+        quota = [_quota(self.max_docs, len(self.files), i) for i in range(rank, len(self.files), world_size)]
+        prog = eng.task_progress(STAGE, rank, world_size, sum(quota) if self.max_docs > 0 else None, self.redraw)
+        with prog, eng.gzip_writer(out / eng.shard_name("train", rank)) as ftrain, \
                 eng.gzip_writer(out / eng.shard_name("val", rank)) as fval:
             sink = {"train": ftrain, "val": fval}
             for i in range(rank, len(self.files), world_size):
@@ -87,6 +90,7 @@ class PrepareShard(eng.Step):
                         raise BadInputError(f"{r.origin}: duplicate document id '{r.doc_id}' (first at {seen[r.doc_id]})")
                     seen[r.doc_id] = r.origin
                     text = normalize_text(r.text)
+                    prog.update(1, len(text.encode("utf-8")))
                     if not text.strip():
                         st["n_empty"] += 1
                         continue
@@ -141,7 +145,8 @@ def prepare(
     files = resolve_inputs(inputs, fmt)
     out = Path(out)
     with eng.scratch_dir(out) as scratch, atomic_dir(out) as tmp:
-        step = PrepareShard(str(scratch), str(tmp), files, text_field, id_field, val_fraction, split_seed, max_docs)
+        step = PrepareShard(str(scratch), str(tmp), files, text_field, id_field, val_fraction, split_seed, max_docs,
+                            engine.redraw())
         eng.run_pipeline([step], engine, engine.tasks, scratch)
         stats = [json.loads((scratch / "stats" / f"{r:05d}.json").read_text(encoding="utf-8"))
                  for r in range(engine.tasks)]
