@@ -8,6 +8,7 @@ Usage: python ray_in_netns.py WORKDIR RESULT_JSON -- KEY=VALUE...   (cwd: WORKDI
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,7 @@ def main() -> int:
     finally:
         out["sockets"] = sorted(set(out["sockets"]) | set(sockets()))
         subprocess.run([ray, "stop", "--force"], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         result.write_text(json.dumps(out, indent=1))
 
 

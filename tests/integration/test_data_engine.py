@@ -91,6 +91,19 @@ def test_bad_input_in_a_worker_is_one_error_and_no_output(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no output, no temp or scratch folder
 
 
+def test_engine_keys_are_checked_with_their_names() -> None:
+    from k2repro.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.executor"):
+        Engine(executor="spark").checked()
+    with pytest.raises(ConfigError, match="data.ray_address"):
+        Engine(executor="ray").checked()
+    with pytest.raises(ConfigError, match="data.tasks"):
+        Engine(tasks=0).checked()
+    with pytest.raises(ConfigError, match="data.workers"):
+        Engine(workers=0).checked()
+
+
 def _netns_or_fail() -> None:
     """The Ray test needs an unprivileged user + network namespace; fail (never skip) naming
     the fix when this machine refuses one."""
