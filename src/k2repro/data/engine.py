@@ -26,6 +26,7 @@ swallows task errors into a warning, and a process pool would only show a traceb
 from __future__ import annotations
 
 import contextlib
+import copy
 import gzip
 import io
 import json
@@ -47,10 +48,14 @@ EXECUTORS = ("local", "ray")
 EXECUTION = "execution.json"
 ERRORS_DIR = "errors"
 GZIP_LEVEL = 3  # fast; the outputs are intermediate, and level 6 triples the time for ~10 %
-# Worker processes fork from the driver: they start with its modules imported (forkserver,
-# datatrove's default, re-imports datatrove and k2repro per worker: ~1 s each on a small corpus).
-# The driver holds no threads or locks the tasks need when it forks.
-START_METHOD = "fork"
+# Worker processes come from a fork server (datatrove's default), never from a plain fork of
+# the command: rensa and HF tokenizers run Rust thread pools, and a process forked after they
+# ran deadlocks in them (a library caller that deduplicated in-process, then ran a stage with
+# workers > 1, hung). The server preloads the stage modules once, so each worker starts with
+# them imported instead of importing datatrove and k2repro again (~1 s each).
+START_METHOD = "forkserver"
+PRELOAD = ["k2repro.data.engine", "k2repro.data.prepare", "k2repro.data.dedup", "k2repro.data.pack",
+           "k2repro.data.tokenizer", "k2repro.data.readers", "numpy"]
 
 
 @dataclass(frozen=True)
@@ -269,11 +274,23 @@ def run_pipeline(steps: list, engine: Engine, tasks: int, scratch: Path) -> None
         ex = ray_cls(steps, tasks=tasks, workers=workers, logging_dir=str(logs), skip_completed=False,
                      mem_per_cpu_gb=0.25)
     else:
+        if workers > 1:
+            import multiprocess
+
+            multiprocess.get_context(START_METHOD).set_forkserver_preload(PRELOAD)
         ex = local_cls(steps, tasks=tasks, workers=workers, logging_dir=str(logs), skip_completed=False,
                        start_method=START_METHOD)
     failed: BaseException | None = None
     try:
-        ex.run()
+        if engine.executor == "local" and workers == 1:
+            # datatrove's own sequential path (a fresh copy of the steps per task, then its
+            # `_run_for_rank`), without the multiprocess Manager process `run()` starts even
+            # for one worker: ~0.3 s per pipeline, three pipelines in dedup.
+            for rank in range(tasks):
+                ex.pipeline = copy.deepcopy(steps)
+                ex._run_for_rank(rank)
+        else:
+            ex.run()
     except Exception as exc:  # noqa: BLE001 - a task failed; its bad input is in the scratch folder
         failed = exc
     finally:
