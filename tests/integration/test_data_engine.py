@@ -32,7 +32,7 @@ def digests(root: Path) -> dict[str, str]:
 
 
 def _chain(cwd: Path, *overrides: str) -> None:
-    """The four stages through the CLI's own entry, in this process (its workers fork)."""
+    """The four stages through the CLI's own entry, in this process (workers come from its fork server)."""
     from k2repro.cli.data import run_raw
 
     old = os.getcwd()

@@ -265,9 +265,8 @@ def run_pipeline(steps: list, engine: Engine, tasks: int, scratch: Path) -> None
     workers = max(1, min(engine.workers, tasks))
     saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
     if workers > 1 and engine.executor == "local" and saved_env is None:
-        # HF tokenizers turn their thread pool off in a forked child with a warning on stderr
-        # once the parent used it; with several worker processes it is the processes that
-        # run in parallel, so say so up front (an explicit user setting wins).
+        # Several worker processes are the parallelism: HF tokenizers' own thread pool in each
+        # would oversubscribe the cores (an explicit user setting wins).
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if engine.executor == "ray":
         _ray_init(engine.ray_address)
