@@ -91,7 +91,9 @@ def candidate_files(sources: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
     out = []
     for label, root in sources:
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
+            # the stdlib folder may hold an interpreter-wide site-packages: copies of (other
+            # versions of) what purelib holds, i.e. natural near duplicates outside the truth
+            dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages"))
             for f in sorted(filenames):
                 p = Path(dirpath) / f
                 if p.suffix.lower() not in TEXT_SUFFIXES or p.is_symlink():
