@@ -370,6 +370,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="work folder (default: a temporary one, removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--out-name", default="data_scale", help="reports/bench/<name>.json")
+    ap.add_argument("--label", default="", help="free text recorded as `label` (e.g. which tree --new-tree is)")
     args = ap.parse_args()
     variants = {v.strip() for v in args.variants.split(",") if v.strip()}
     work = args.work or Path(tempfile.mkdtemp(prefix="k2-data-scale-"))
@@ -421,7 +422,7 @@ def main() -> None:
                           "recombined paragraphs if short), seeded subset, then injected exact and near copies "
                           "(word edits, exact 5-gram Jaccard >= 0.85) whose (original, copy) groups are the truth; "
                           "no network",
-            "new_tree_is_this_checkout": tree == REPO.resolve(),
+            "new_tree_is_this_checkout": tree == REPO.resolve(), "label": args.label,
             "how_measured": "each stage its own process; seconds wall; MB/s = corpus text MB / seconds; peak_rss_mb = "
                             "largest single process (wait4 ru_maxrss); peak_tree_rss_mb = polled sum over the stage's "
                             "process tree (0.1 s)",
