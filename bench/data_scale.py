@@ -336,8 +336,9 @@ def run_variant(name: str, src: Path, conf: Path, corpus: Path, work: Path, extr
     w = work / name
     w.mkdir(parents=True)
     log = work / f"{name}.stderr.log"
-    common = ["--config-name", "pipeline", f"data.source={corpus}", f"data.work_dir={w}",
-              f"data.packed_dir={w}/packed", *extra]
+    # paths relative to the work folder (the stages run there): no machine path in the report
+    common = ["--config-name", "pipeline", f"data.source={os.path.relpath(corpus, work)}", f"data.work_dir={name}",
+              f"data.packed_dir={name}/packed", *extra]
     stages = {}
     for stage in STAGES:
         r = run_stage(src, conf, work, stage, common, log)
