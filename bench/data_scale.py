@@ -9,9 +9,9 @@ run:
   when the tree's config has them, else one `new` variant runs without them).
 
 Per stage and in total: wall time, MB/s (corpus text MB / seconds, the same basis for every
-stage), peak memory (the largest single process from wait4's ru_maxrss, and the sum over the
-stage's process tree polled from /proc every 0.1 s: the figure the 2 GB goal is about, since
-workers run side by side), and dedup quality against the injected truth.
+stage), peak memory (the largest single process's VmHWM, and the sum of RSS over the stage's
+process tree polled from /proc every 0.1 s: the figure the 2 GB goal is about, since workers
+run side by side), and dedup quality against the injected truth.
 
 The corpus is built here, without network, from text files already on this machine: Python
 sources and docs of the interpreter's stdlib and site-packages, /usr/share/doc and
@@ -91,7 +91,9 @@ def candidate_files(sources: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
     out = []
     for label, root in sources:
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
+            # the stdlib folder may hold an interpreter-wide site-packages: copies of (other
+            # versions of) what purelib holds, i.e. natural near duplicates outside the truth
+            dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages"))
             for f in sorted(filenames):
                 p = Path(dirpath) / f
                 if p.suffix.lower() not in TEXT_SUFFIXES or p.is_symlink():
@@ -231,52 +233,69 @@ def has_engine_keys(src: Path) -> bool:
     return r.stdout.strip() == "True"
 
 
-def _tree_rss(pid: int) -> int:
+def _hwm(pid: int) -> int:
+    """A process's peak RSS since its exec (VmHWM), in bytes; 0 once it is gone. Not wait4's
+    ru_maxrss: Linux carries the parent's high-water mark across the fork + exec into it, so
+    every stage would report at least the bench's own size."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _tree_mem(pid: int) -> tuple[int, int]:
+    """(sum of the current RSS, largest VmHWM) over the process and its descendants."""
     import psutil
 
     try:
         p = psutil.Process(pid)
         procs = [p, *p.children(recursive=True)]
     except psutil.Error:
-        return 0
-    total = 0
+        return 0, 0
+    total, hwm = 0, 0
     for q in procs:
         try:
             total += q.memory_info().rss
         except psutil.Error:
-            pass
-    return total
+            continue
+        hwm = max(hwm, _hwm(q.pid))
+    return total, hwm
 
 
 def run_stage(src: Path, conf: Path, cwd: Path, stage: str, overrides: list[str], log: Path) -> dict:
-    """One stage as its own process: wall time, the largest single process's peak RSS
-    (wait4), and the peak of the whole process tree's RSS (polled)."""
+    """One stage as its own process: wall time, the peak RSS of its largest process (VmHWM),
+    and the peak of the whole process tree's RSS (polled every 0.1 s, so a spike shorter
+    than that can be missed)."""
     env = {**os.environ, "PYTHONPATH": str(src), "K2REPRO_CONF": str(conf), "OMP_NUM_THREADS": "1",
            "K2REPRO_PROGRESS_EVERY": "30"}
     with open(log, "a", encoding="utf-8") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "k2repro", "data", stage, *overrides, "--json"], cwd=cwd,
                                 env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-        peak = [0]
+        peak = [0, 0]
         done = threading.Event()
 
         def poll() -> None:
             while not done.is_set():
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                total, hwm = _tree_mem(proc.pid)
+                peak[0], peak[1] = max(peak[0], total), max(peak[1], hwm)
                 done.wait(0.1)
 
         th = threading.Thread(target=poll, daemon=True)
         th.start()
         out = proc.stdout.read()
-        _, status, ru = os.wait4(proc.pid, 0)
+        proc.wait()
         secs = time.perf_counter() - t0
         done.set()
         th.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
         raise SystemExit(f"data_scale: {stage} failed (exit {proc.returncode}): " + " | ".join(tail))
-    return {"seconds": round(secs, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),
+    return {"seconds": round(secs, 2), "peak_rss_mb": round(peak[1] / 2**20, 1),
             "peak_tree_rss_mb": round(peak[0] / 2**20, 1), "summary": json.loads(out.strip().splitlines()[-1])}
 
 
@@ -317,8 +336,9 @@ def run_variant(name: str, src: Path, conf: Path, corpus: Path, work: Path, extr
     w = work / name
     w.mkdir(parents=True)
     log = work / f"{name}.stderr.log"
-    common = ["--config-name", "pipeline", f"data.source={corpus}", f"data.work_dir={w}",
-              f"data.packed_dir={w}/packed", *extra]
+    # paths relative to the work folder (the stages run there): no machine path in the report
+    common = ["--config-name", "pipeline", f"data.source={os.path.relpath(corpus, work)}", f"data.work_dir={name}",
+              f"data.packed_dir={name}/packed", *extra]
     stages = {}
     for stage in STAGES:
         r = run_stage(src, conf, work, stage, common, log)
@@ -368,6 +388,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="work folder (default: a temporary one, removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--out-name", default="data_scale", help="reports/bench/<name>.json")
+    ap.add_argument("--label", default="", help="free text recorded as `label` (e.g. which tree --new-tree is)")
     args = ap.parse_args()
     variants = {v.strip() for v in args.variants.split(",") if v.strip()}
     work = args.work or Path(tempfile.mkdtemp(prefix="k2-data-scale-"))
@@ -419,9 +440,9 @@ def main() -> None:
                           "recombined paragraphs if short), seeded subset, then injected exact and near copies "
                           "(word edits, exact 5-gram Jaccard >= 0.85) whose (original, copy) groups are the truth; "
                           "no network",
-            "new_tree_is_this_checkout": tree == REPO.resolve(),
+            "new_tree_is_this_checkout": tree == REPO.resolve(), "label": args.label,
             "how_measured": "each stage its own process; seconds wall; MB/s = corpus text MB / seconds; peak_rss_mb = "
-                            "largest single process (wait4 ru_maxrss); peak_tree_rss_mb = polled sum over the stage's "
+                            "largest single process (VmHWM, polled); peak_tree_rss_mb = polled sum over the stage's "
                             "process tree (0.1 s)",
             "goal": "peak_tree_rss_mb <= 2048; new_w2 total seconds <= inhouse; dedup quality equal",
             "size_mb_requested": args.size_mb, "corpus": corpus, "corpus_build_s": round(corpus_s, 1),

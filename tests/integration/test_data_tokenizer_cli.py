@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import k2 as k2_any
+from tests.conftest import tiny_overrides
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -133,3 +136,15 @@ def test_pack_on_a_terminal_redraws_progress(chain: tuple[Path, Path, list[dict]
     assert "\rpack: done, " in err and "docs/s" in err and "MB/s" in err, err
     assert "info:" not in err  # a terminal gets the redrawn line, not log lines
     assert (cwd / "w" / "packed-tty" / "train.bin").read_bytes() == (cwd / "w" / "packed" / "train.bin").read_bytes()
+
+
+def test_train_refuses_packed_data_from_a_larger_supplied_vocab(chain: tuple[Path, Path, list[dict]],
+                                                                tmp_path: Path) -> None:
+    """The second guard: data packed with a supplied tokenizer, then a model too small for it."""
+    cwd, _, summaries = chain
+    vocab = summaries[3]["vocab_size"]
+    r = k2_any("train", *tiny_overrides(cwd / "w" / "packed", tmp_path / "store", **{"model.vocab_size": 512}))
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr
+    assert "config key 'model.vocab_size': 512" in last and f"tokenizer's {vocab}" in last, last

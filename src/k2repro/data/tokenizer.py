@@ -137,6 +137,11 @@ def supplied_tokenizer(path: str | os.PathLike):  # noqa: ANN201 - (tokenizers.T
     id the model can emit), model type, EOS token and id. Anything that is not a tokenizer
     (missing, not UTF-8 JSON, JSON that `tokenizers` cannot load) is a BadInputError naming
     the file."""
+    tok, info, _ = _read_supplied(path)
+    return tok, info
+
+
+def _read_supplied(path: str | os.PathLike):  # noqa: ANN202 - (Tokenizer, info, the bytes checked)
     from tokenizers import Tokenizer
 
     p = Path(path)
@@ -149,7 +154,8 @@ def supplied_tokenizer(path: str | os.PathLike):  # noqa: ANN201 - (tokenizers.T
     except OSError as exc:
         raise BadInputError(f"{p}: data.tokenizer: cannot read ({exc.strerror})") from None
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        obj = json.loads(text)
     except UnicodeDecodeError:
         raise BadInputError(f"{p}: not a tokenizer (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
@@ -157,38 +163,35 @@ def supplied_tokenizer(path: str | os.PathLike):  # noqa: ANN201 - (tokenizers.T
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise BadInputError(f"{p}: not a tokenizer (JSON without a tokenizers 'model' object)")
     try:
-        tok = Tokenizer.from_str(raw.decode("utf-8"))
+        tok = Tokenizer.from_str(text)
     except Exception as exc:  # tokenizers raises a plain Exception
         raise BadInputError(f"{p}: not a tokenizer ({str(exc).splitlines()[0]})") from None
     eos = eos_token(tok, str(p))
     info = {"path": str(p), "sha256": hashlib.sha256(raw).hexdigest(), "vocab_size": tok.get_vocab_size(),
             "model": str(obj["model"].get("type", "unknown")), "eos_token": eos, "eos_id": tok.token_to_id(eos)}
-    return tok, info
+    return tok, info, raw
 
 
 def use_tokenizer(path: str | os.PathLike, out: str | os.PathLike, model_vocab_size: int) -> dict:
     """The tokenize stage with `data.tokenizer` set: check the file, refuse a vocabulary larger
-    than `model.vocab_size` (ConfigError naming both keys), copy the file byte for byte to
+    than `model.vocab_size` (ConfigError naming both keys), copy the bytes that were checked to
     `<out>/tokenizer.json` with a manifest (`supplied: true`, source, sha256, vocab size).
     Nothing is written unless every check passed. Returns the manifest."""
-    _, info = supplied_tokenizer(path)
+    _, info, raw = _read_supplied(path)
     if info["vocab_size"] > model_vocab_size:
         raise ConfigError(
             f"config key 'data.tokenizer': {info['path']} has {info['vocab_size']} tokens, more than "
             f"config key 'model.vocab_size' = {model_vocab_size} (raise model.vocab_size to >= {info['vocab_size']})")
-    src = Path(info["path"])
+    source = relpath(info["path"], out)  # like every manifest path: relative, no machine's root
     manifest = {
         "stage": STAGE, "supplied": True,
-        "params": {"supplied": True, "model": info["model"], "source": relpath(src, out)},
-        "source": relpath(src, out), "sha256": info["sha256"],
+        "params": {"supplied": True, "model": info["model"], "source": source},
+        "source": source, "sha256": info["sha256"],
         "vocab_size": info["vocab_size"], "eos_token": info["eos_token"], "eos_id": info["eos_id"],
-        "inputs": [{"artifact": "tokenizer/supplied", "path": relpath(src, out), "sha256": info["sha256"],
+        "inputs": [{"artifact": "tokenizer/supplied", "path": source, "sha256": info["sha256"],
                     "n_docs": 0, "n_tokens": 0}],
         "artifacts": [],
     }
-    raw = src.read_bytes()
-    if hashlib.sha256(raw).hexdigest() != info["sha256"]:
-        raise BadInputError(f"{src}: changed while being read; run the stage again")
     with atomic_dir(out) as tmp:
         (tmp / TOKENIZER_FILE).write_bytes(raw)
         manifest["artifacts"].append(artifact(tmp, TOKENIZER_FILE, "tokenizer/tokenizer.json"))
