@@ -49,7 +49,7 @@ def slice_run(tmp_path_factory) -> Path:  # noqa: ANN001
 
 def test_rerun_gives_byte_identical_outputs(slice_run: Path) -> None:
     first = digests(slice_run / "w1")
-    assert {"prepared/train.jsonl", "dedup/report.json", "tokenizer/tokenizer.json", "packed/train.bin",
+    assert {"prepared/train/00000.jsonl.gz", "dedup/report.json", "tokenizer/tokenizer.json", "packed/train.bin",
             "packed/manifest.json"} <= set(first)
     chain(slice_run, "w1", "data.max_docs=150")  # in place, as `dvc repro` would after a change
     chain(slice_run, "w2", "data.max_docs=150")  # and into a fresh folder
@@ -62,7 +62,9 @@ def test_rerun_gives_byte_identical_outputs(slice_run: Path) -> None:
 def _bad(tmp_path: Path, stage: str, *args: str) -> str:
     r = k2(tmp_path, "data", stage, *args)
     assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
+    # progress lines (`k2repro data: info: prepare: done, ...`) of work that finished before the
+    # stage found the problem may come first; the error itself is one line, and the last
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("k2repro data: info: ")]
     assert len(lines) == 1 and lines[0].startswith("k2repro data: error: "), r.stderr
     return lines[0]
 

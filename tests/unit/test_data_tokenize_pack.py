@@ -11,6 +11,7 @@ import pytest
 
 from k2repro.core.hashing import sha256_file
 from k2repro.data.dedup import dedup
+from k2repro.data.engine import iter_shard
 from k2repro.data.pack import pack, sample_text, tokenizer_path
 from k2repro.data.packed import PackedDataset
 from k2repro.data.prepare import assign_splits, prepare
@@ -31,8 +32,9 @@ def work(tmp_path_factory) -> Path:  # noqa: ANN001
     return w
 
 
-def _docs(path: Path) -> dict[str, str]:
-    return {d["doc_id"]: d["text"] for d in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+def _docs(folder: Path, split: str) -> dict[str, str]:
+    """doc id -> text of one split of a docs folder (its gzip JSONL shards)."""
+    return {d["doc_id"]: d["text"] for p in sorted((folder / split).glob("*.jsonl.gz")) for d in iter_shard(p)}
 
 
 def test_tokenizer_is_deterministic_and_lossless(work: Path, tmp_path: Path) -> None:
@@ -40,7 +42,7 @@ def test_tokenizer_is_deterministic_and_lossless(work: Path, tmp_path: Path) -> 
     assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (work / "tokenizer" / "tokenizer.json").read_bytes()
     tok = load_tokenizer(work / "tokenizer")
     assert tok.get_vocab_size() == 512 and tok.token_to_id(EOS) == 0
-    for text in list(_docs(work / "dedup" / "val.jsonl").values())[:3] + ["naïve café 東京 \t x = 1\n"]:
+    for text in list(_docs(work / "dedup", "val").values())[:3] + ["naïve café 東京 \t x = 1\n"]:
         assert decode(tok, tok.encode(text).ids) == text
 
 
@@ -74,12 +76,12 @@ def test_pack_manifest_records_tokenizer_domains_and_upstream(work: Path) -> Non
     assert m["tokenizer_sha256"] == sha256_file(work / "tokenizer" / "tokenizer.json")
     assert m["domains"] == ["code", "prose"]
     arts = {a["artifact"]: a for a in m["artifacts"]}
-    for name in ("packed/train.bin", "packed/val.bin", "dedup/train", "dedup/val", "prepared/train",
+    for name in ("packed/train.bin", "packed/val.bin", "dedup/train/00000", "dedup/val/00000", "prepared/train/00000",
                  "tokenizer/tokenizer.json", "corpus/code.jsonl.gz", "corpus/prose.jsonl.gz"):
         assert name in arts, name
         p = work / "packed" / ".." / arts[name]["path"] if not name.startswith("packed/") else work / "packed" / arts[name]["path"]
         assert sha256_file(p) == arts[name]["sha256"], name
-    assert arts["dedup/train"]["n_tokens"] == sum(v["n_tokens"] for v in m["domain_stats"]["train"].values())
+    assert arts["dedup/train/00000"]["n_tokens"] == sum(v["n_tokens"] for v in m["domain_stats"]["train"].values())
     ds.verify()
     assert len(PackedDataset(work / "packed", "val")) > 0
 
@@ -94,7 +96,7 @@ def test_eos_after_every_document(work: Path) -> None:
 
 
 def test_sample_text_maps_samples_to_documents_and_their_text(work: Path) -> None:
-    texts = _docs(work / "dedup" / "train.jsonl")
+    texts = _docs(work / "dedup", "train")
     ds = PackedDataset(work / "packed", "train")
     domains = {str(a): str(b) for a, b in zip(ds.docs["doc_id"], ds.docs["domain"])}
     ends = (ds.docs["token_start"] + ds.docs["n_tokens"]).to_numpy()

@@ -144,7 +144,8 @@ def test_config_errors_show_hydras_message_and_the_choices(capsys) -> None:  # n
     assert main(["train", "data.txt_field=content"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert "Could not override 'data.txt_field'" in err and "did you mean data.text_field?" in err
+    # (data.id_field, issue 22, is as close to the typo; the suggestion names both)
+    assert "Could not override 'data.txt_field'" in err and "did you mean data.text_field or data.id_field?" in err
     assert "+data.txt_field=content" in err  # Hydra's own hint survives
     assert main(["train", "model=tinyy"]) == 2
     err = capsys.readouterr().err.strip()
@@ -324,5 +325,5 @@ def test_a_params_file_with_an_unknown_key_names_the_closest_one(tmp_path: Path)
     from k2repro.errors import ConfigError
 
     (tmp_path / "params.yaml").write_text("data:\n  txt_field: content\n")
-    with pytest.raises(ConfigError, match=r"did you mean data\.text_field\?; keys of data: name, source"):
+    with pytest.raises(ConfigError, match=r"did you mean data\.text_field or data\.id_field\?; keys of data: name, source"):
         load_params_file(tmp_path / "params.yaml")

@@ -16,12 +16,12 @@ from k2repro.errors import BadInputError
 
 RAW_ARGS = True  # Hydra overrides may come before or after the options
 STAGES = {
-    "prepare": "read the corpus (data.source), normalise, split train/validation by document",
+    "prepare": "read the corpus (data.inputs, else data.source), normalise, split train/validation by document",
     "dedup": "remove exact and near duplicates (MinHash LSH); write a dedup report",
-    "tokenize": "train a byte-level BPE tokenizer on the deduplicated train split",
+    "tokenize": "train a byte-level BPE tokenizer on the deduplicated train split (or use data.tokenizer)",
     "pack": "tokenize into fixed windows of train.seq_len + 1 tokens with a manifest",
 }
-DEFAULT_IN = {"prepare": "data.source", "dedup": "<work_dir>/prepared", "tokenize": "<work_dir>/dedup",
+DEFAULT_IN = {"prepare": "data.inputs or data.source", "dedup": "<work_dir>/prepared", "tokenize": "<work_dir>/dedup",
               "pack": "<work_dir>/dedup"}
 DEFAULT_OUT = {"prepare": "<work_dir>/prepared", "dedup": "<work_dir>/dedup",
                "tokenize": "<work_dir>/tokenizer", "pack": "data.packed_dir"}
@@ -79,34 +79,45 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_params_file(args.params, args.overrides)
     else:
         cfg = load_config(args.overrides, args.config_name)
+    from k2repro.data.engine import engine_from_config
+    from k2repro.data.progress import enable_logging
+
+    enable_logging()
     d = cfg.data
     work = Path(d.work_dir)
+    engine = engine_from_config(d)
     stage = args.stage
     t0 = time.perf_counter()
     if stage == "prepare":
         from k2repro.data.prepare import prepare
 
         out = Path(args.out or work / "prepared")
-        result = prepare(args.inp or d.source, out, text_field=d.text_field, fmt=d.format,
-                         val_fraction=d.val_fraction, split_seed=d.split_seed, max_docs=d.max_docs)
+        inputs = [args.inp] if args.inp else (list(d.inputs) or [d.source])
+        result = prepare(inputs, out, text_field=d.text_field, fmt=d.format, val_fraction=d.val_fraction,
+                         split_seed=d.split_seed, max_docs=d.max_docs, engine=engine,
+                         id_field=d.id_field)
     elif stage == "dedup":
         from k2repro.data.dedup import DedupParams, dedup
 
         out = Path(args.out or work / "dedup")
         params = DedupParams(num_perm=d.dedup_num_perm, threshold=d.dedup_threshold, ngram=d.dedup_ngram,
                              bands=d.dedup_bands, rows=d.dedup_rows)
-        result = dedup(args.inp or work / "prepared", out, params)
+        result = dedup(args.inp or work / "prepared", out, params, engine=engine)
     elif stage == "tokenize":
-        from k2repro.data.tokenizer import train_tokenizer
+        from k2repro.data.tokenizer import train_tokenizer, use_tokenizer
 
         out = Path(args.out or work / "tokenizer")
-        result = train_tokenizer(args.inp or work / "dedup", out, vocab_size=d.vocab_size,
-                                 min_frequency=d.min_frequency)
+        if d.tokenizer:  # supplied: checked and copied, not trained
+            result = use_tokenizer(d.tokenizer, out, model_vocab_size=cfg.model.vocab_size)
+        else:
+            result = train_tokenizer(args.inp or work / "dedup", out, vocab_size=d.vocab_size,
+                                     min_frequency=d.min_frequency, engine=engine)
     elif stage == "pack":
         from k2repro.data.pack import pack
 
         out = Path(args.out or d.packed_dir)
-        result = pack(args.inp or work / "dedup", args.tokenizer or work / "tokenizer", out, seq_len=cfg.train.seq_len)
+        result = pack(args.inp or work / "dedup", args.tokenizer or work / "tokenizer", out, seq_len=cfg.train.seq_len,
+                      engine=engine)
     else:  # argparse only lets the four stages through
         raise BadInputError(f"unknown stage {stage!r}")
     summary = {"stage": stage, "out": str(out), **_summary(stage, out, result),

@@ -295,7 +295,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     d = cfg.data
     _need(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1) (got {d.val_fraction})")
     _need(d.vocab_size >= 260, "data.vocab_size", f"must be >= 260 (256 bytes + specials) (got {d.vocab_size})")
-    _need(d.vocab_size <= m.vocab_size, "data.vocab_size",
+    _need(bool(d.tokenizer) or d.vocab_size <= m.vocab_size, "data.vocab_size",  # supplied: checked by tokenize
           f"must be <= model.vocab_size = {m.vocab_size} (got {d.vocab_size})")
     _need(0 < d.dedup_threshold <= 1, "data.dedup_threshold", f"must be in (0, 1] (got {d.dedup_threshold})")
 

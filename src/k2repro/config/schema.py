@@ -30,9 +30,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "sample"
-    # Inputs of the data pipeline.
+    # Inputs of the data pipeline: `inputs` (files, folders, globs) when set, else `source`.
     source: str = "data/sample"
+    inputs: list[str] = field(default_factory=list)
     text_field: str = "text"
+    id_field: str = "id"
     # Reader: auto (by extension; a folder of JSONL/Parquet files or of text files), jsonl,
     # parquet, text.
     format: str = "auto"
@@ -42,6 +44,8 @@ class DataConfig:
     val_fraction: float = 0.05
     vocab_size: int = 512
     min_frequency: int = 2
+    # a tokenizer.json to use instead of training one (empty: train; `k2repro data tokenize`)
+    tokenizer: str = ""
     dedup_num_perm: int = 128
     dedup_threshold: float = 0.8
     dedup_ngram: int = 5
@@ -49,6 +53,13 @@ class DataConfig:
     dedup_rows: int = 0
     max_docs: int = 0
     split_seed: int = 1234
+    # The data stages' engine (docs/data.md): datatrove's `local` or `ray` executor (an existing
+    # cluster at ray_address); `tasks` fixes the sharding and so every output byte, `workers`
+    # only how many tasks run at once.
+    executor: str = "local"
+    ray_address: str = ""
+    tasks: int = 1
+    workers: int = 1
     # training re-hashes the packed files against their manifest before step 1 (rank 0), so the
     # recorded sha256 is that of the bytes trained on; turn off for very large data
     verify: bool = True

@@ -19,8 +19,10 @@ Both splits are deduplicated together, so a validation document never has a copy
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -28,14 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from k2repro.core.atomic import atomic_dir
+from k2repro.data import engine as eng
 from k2repro.data.workdir import (
     DOCS_FORMAT,
     SPLITS,
     artifact,
-    domain_counts,
-    read_docs,
     read_manifest,
     rebase,
+    shard_artifacts,
     write_docs,
     write_json,
 )
@@ -123,32 +125,46 @@ def estimated_jaccard(sig: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarr
     return (sig[i] == sig[j]).mean(axis=1)
 
 
+def band_pairs(band: np.ndarray) -> list[np.ndarray]:
+    """(a, b) row pairs of one band's columns (n x rows) that share a bucket. A bucket bigger
+    than MAX_BUCKET_PAIRS gives a star around its first member plus a chain, not all pairs."""
+    rows = band.shape[1]
+    band = np.ascontiguousarray(band)
+    keys = band.view(np.dtype((np.void, band.dtype.itemsize * rows))).ravel()
+    _, inv, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    if counts.max(initial=0) < 2:
+        return []
+    found: list[np.ndarray] = []
+    order = np.argsort(inv, kind="stable")
+    ends = np.cumsum(counts)
+    for k in np.nonzero(counts > 1)[0]:
+        members = order[ends[k] - counts[k] : ends[k]]
+        if len(members) <= MAX_BUCKET_PAIRS:
+            a, c = np.triu_indices(len(members), k=1)
+            found.append(np.stack([members[a], members[c]], axis=1))
+        else:
+            found.append(np.stack([np.repeat(members[0], len(members) - 1), members[1:]], axis=1))
+            found.append(np.stack([members[:-1], members[1:]], axis=1))
+    return found
+
+
+def unique_pairs(pairs: np.ndarray, n: int) -> np.ndarray:
+    """Sorted unique (i, j), i < j, of index pairs below `n` (a deterministic order)."""
+    if len(pairs) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = np.sort(pairs, axis=1).astype(np.int64)
+    keys = np.unique(pairs[:, 0] * n + pairs[:, 1])
+    return np.stack([keys // n, keys % n], axis=1)
+
+
 def candidate_pairs(sig: np.ndarray, bands: int, rows: int, rows_of: np.ndarray) -> np.ndarray:
     """Unique (i, j), i < j, of documents that share a bucket in at least one band.
     `rows_of` maps signature rows back to document indices."""
     n = int(rows_of.max(initial=0)) + 1
-    found: list[np.ndarray] = []
-    for b in range(bands):
-        band = np.ascontiguousarray(sig[:, b * rows : (b + 1) * rows])
-        keys = band.view(np.dtype((np.void, band.dtype.itemsize * rows))).ravel()
-        _, inv, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        if counts.max(initial=0) < 2:
-            continue
-        order = np.argsort(inv, kind="stable")
-        ends = np.cumsum(counts)
-        for k in np.nonzero(counts > 1)[0]:
-            members = order[ends[k] - counts[k] : ends[k]]
-            if len(members) <= MAX_BUCKET_PAIRS:
-                a, c = np.triu_indices(len(members), k=1)
-                found.append(np.stack([members[a], members[c]], axis=1))
-            else:
-                found.append(np.stack([np.repeat(members[0], len(members) - 1), members[1:]], axis=1))
-                found.append(np.stack([members[:-1], members[1:]], axis=1))
+    found = [f for b in range(bands) for f in band_pairs(sig[:, b * rows : (b + 1) * rows])]
     if not found:
         return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.sort(rows_of[np.concatenate(found)], axis=1).astype(np.int64)
-    keys = np.unique(pairs[:, 0] * n + pairs[:, 1])  # sorted, so the order is deterministic
-    return np.stack([keys // n, keys % n], axis=1)
+    return unique_pairs(rows_of[np.concatenate(found)], n)
 
 
 class _UnionFind:
@@ -247,8 +263,9 @@ def _snippet(text: str, n: int = SNIPPET_CHARS) -> str:
     return s[:n] + ("..." if len(s) > n or len(text) > n * 2 else "")
 
 
-def _clusters(docs: list[dict], res: DedupResult) -> list[dict]:
-    """Report clusters: one per kept document that has exact or near copies."""
+def _clusters(info: dict[int, tuple[str, str, str]], res: DedupResult) -> list[dict]:
+    """Report clusters: one per kept document that has exact or near copies. `info` maps a
+    document index to (doc_id, domain, snippet) for every document in a cluster."""
     by_kept: dict[tuple[str, int], list[tuple[int, float]]] = {}
     for i, k in res.exact_of.items():
         by_kept.setdefault(("exact", k), []).append((i, 1.0))
@@ -258,10 +275,9 @@ def _clusters(docs: list[dict], res: DedupResult) -> list[dict]:
     for (kind, k), members in by_kept.items():
         members.sort()
         out.append({
-            "kind": kind, "kept": docs[k]["doc_id"], "kept_domain": docs[k]["domain"],
-            "kept_snippet": _snippet(docs[k]["text"]), "size": len(members) + 1,
-            "removed": [{"doc_id": docs[i]["doc_id"], "jaccard": j, "snippet": _snippet(docs[i]["text"])}
-                        for i, j in members],
+            "kind": kind, "kept": info[k][0], "kept_domain": info[k][1],
+            "kept_snippet": info[k][2], "size": len(members) + 1,
+            "removed": [{"doc_id": info[i][0], "jaccard": j, "snippet": info[i][2]} for i, j in members],
         })
     out.sort(key=lambda c: (-c["size"], c["kind"], c["kept"]))
     return out
@@ -296,60 +312,190 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def dedup(in_dir: str | os.PathLike, out: str | os.PathLike, params: DedupParams | None = None) -> dict:
-    """Deduplicate the output of `prepare` into `out`; returns the report."""
-    src = Path(in_dir)
+# --- the stage as a datatrove pipeline ----------------------------------------------------------------
+# A. signatures (data.tasks tasks over the prepared shards): per shard, each document's exact key
+#    (sha256 of its text), MinHash signature, and (doc_id, domain, bytes, has words);
+# -  driver: exact groups (first copy kept), the survivors, one signature file to memory-map;
+# B. buckets (one task per LSH band): candidate pairs of the band, verified by estimated Jaccard;
+# -  driver: union-find over verified pairs (the earliest document of a cluster is kept);
+# C. filter (data.tasks tasks): each shard without its removed documents, plus the snippets the
+#    report shows. Documents are numbered in shard order (train shards, then val), so in a
+#    cluster across the splits the train copy is kept and validation never shares text with train.
+
+SIG_BATCH = 1024
+
+
+def _shard_tag(j: int) -> str:
+    return f"{j:05d}"
+
+
+class DedupSignatures(eng.Step):
+    name = "dedup A: exact keys and MinHash signatures"
+
+    def __init__(self, scratch: str, src: str, shards: list[str], params: DedupParams, n_docs: list[int],
+                 redraw: bool = True) -> None:
+        super().__init__(scratch)
+        self.src, self.shards, self.params, self.n_docs, self.redraw = src, shards, params, n_docs, redraw
+
+    def _flush(self, batch: list[dict], fsig, fkey, fmeta) -> None:  # noqa: ANN001 - open binary/text files
+        p = self.params
+        sig, has = signatures([d["text"] for d in batch], p.num_perm, p.ngram, p.seed)
+        fsig.write(np.ascontiguousarray(sig, dtype=np.uint32).tobytes())
+        for d, h in zip(batch, has):
+            fkey.write(hashlib.sha256(d["text"].encode("utf-8")).digest()[:16])
+            fmeta.write(json.dumps([d["doc_id"], d["domain"], len(d["text"].encode("utf-8")), bool(h)]) + "\n")
+
+    def work(self, rank: int, world_size: int) -> None:
+        sc = Path(self.scratch) / "sig"
+        sc.mkdir(exist_ok=True)
+        mine = range(rank, len(self.shards), world_size)
+        prog = eng.task_progress(STAGE, rank, world_size, sum(self.n_docs[j] for j in mine), self.redraw)
+        for j in mine:
+            t = _shard_tag(j)
+            with open(sc / f"{t}.u32", "wb") as fsig, open(sc / f"{t}.key", "wb") as fkey, \
+                    open(sc / f"{t}.meta", "w", encoding="utf-8") as fmeta:
+                batch: list[dict] = []
+                for d in eng.iter_shard(Path(self.src) / self.shards[j]):
+                    batch.append(d)
+                    prog.update(1, len(d["text"].encode("utf-8")))
+                    if len(batch) == SIG_BATCH:
+                        self._flush(batch, fsig, fkey, fmeta)
+                        batch = []
+                if batch:
+                    self._flush(batch, fsig, fkey, fmeta)
+        prog.close()
+
+
+class DedupBands(eng.Step):
+    name = "dedup B: LSH buckets of one band, verified"
+
+    def __init__(self, scratch: str, n: int, params: DedupParams) -> None:
+        super().__init__(scratch)
+        self.n, self.params = n, params
+
+    def work(self, rank: int, world_size: int) -> None:
+        p, sc = self.params, Path(self.scratch)
+        sig = np.memmap(sc / "sig.u32", dtype=np.uint32, mode="r", shape=(self.n, p.num_perm))
+        surv = np.load(sc / "survivors.npy")
+        for b in range(rank, p.bands, world_size):
+            band = np.asarray(sig[surv, b * p.rows : (b + 1) * p.rows])
+            found = band_pairs(band)
+            pairs = unique_pairs(surv[np.concatenate(found)], self.n) if found else np.zeros((0, 2), np.int64)
+            ok = (estimated_jaccard(sig, pairs[:, 0], pairs[:, 1]) >= p.threshold) if len(pairs) else np.zeros(0, bool)
+            np.save(sc / f"band{b:05d}.npy", np.concatenate([pairs, ok[:, None].astype(np.int64)], axis=1))
+
+
+class DedupFilter(eng.Step):
+    name = "dedup C: drop duplicates, keep snippets for the report"
+
+    def __init__(self, scratch: str, src: str, out: str, shards: list[str]) -> None:
+        super().__init__(scratch)
+        self.src, self.out, self.shards = src, out, shards
+
+    def work(self, rank: int, world_size: int) -> None:
+        sc = Path(self.scratch)
+        for j in range(rank, len(self.shards), world_size):
+            t = _shard_tag(j)
+            drop = set(np.load(sc / f"drop{t}.npy").tolist())
+            need = set(np.load(sc / f"need{t}.npy").tolist())
+            with eng.gzip_writer(Path(self.out) / self.shards[j]) as f, \
+                    open(sc / f"snip{t}.jsonl", "w", encoding="utf-8") as fs:
+                for i, d in enumerate(eng.iter_shard(Path(self.src) / self.shards[j])):
+                    if i in need:
+                        fs.write(json.dumps([i, _snippet(d["text"])]) + "\n")
+                    if i not in drop:
+                        f.write(eng.dump_doc(d))
+
+
+def _read_meta(sc: Path, n_shards: int) -> tuple[list[list], np.ndarray]:
+    """Per document (global index): [doc_id, domain, bytes, has words], and the shard offsets."""
+    meta: list[list] = []
+    offsets = [0]
+    for j in range(n_shards):
+        with open(sc / "sig" / f"{_shard_tag(j)}.meta", encoding="utf-8") as f:
+            meta += [json.loads(line) for line in f]
+        offsets.append(len(meta))
+    return meta, np.asarray(offsets, dtype=np.int64)
+
+
+def _concat(parts: list[Path], dest: Path) -> None:
+    with open(dest, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+
+
+def dedup(in_dir: str | os.PathLike, out: str | os.PathLike, params: DedupParams | None = None,
+          engine: eng.Engine | None = None) -> dict:
+    """Deduplicate the output of `prepare` into `out` (same shards, duplicates removed, plus
+    removed.jsonl and report.{json,md}); returns the report."""
+    src, out = Path(in_dir), Path(out)
     p = (params or DedupParams()).resolved()
+    engine = (engine or eng.Engine()).checked()
     upstream = read_manifest(src, "prepare")
-    docs: list[dict] = []
-    split_of: list[str] = []
-    for s in SPLITS:
-        for d in read_docs(src / f"{s}.jsonl"):
-            docs.append(d)
-            split_of.append(s)
-    order = sorted(range(len(docs)), key=lambda i: docs[i]["doc_id"])
-    docs = [docs[i] for i in order]
-    split_of = [split_of[i] for i in order]
-    if not docs:
+    shards = eng.shards_of(upstream, SPLITS)
+    split_of_shard = [a["split"] for a in upstream["artifacts"] if a.get("split") in SPLITS]
+    if not sum(a["n_docs"] for a in upstream["artifacts"] if a.get("split") in SPLITS):
         raise BadInputError(f"{src}: no documents to deduplicate")
-    res = find_duplicates([d["text"] for d in docs], p)
-    keep = res.keep_mask(len(docs))
-    nbytes = [len(d["text"].encode("utf-8")) for d in docs]
-    counts = {
-        "input_docs": len(docs), "input_bytes": sum(nbytes),
-        "exact_removed": len(res.exact_of), "exact_removed_bytes": sum(nbytes[i] for i in res.exact_of),
-        "near_removed": len(res.near_of), "near_removed_bytes": sum(nbytes[i] for i in res.near_of),
-        "kept_docs": int(keep.sum()), "kept_bytes": int(sum(b for b, k in zip(nbytes, keep) if k)),
-        "dedup_ratio": round(1 - keep.sum() / len(docs), 6),
-        "candidate_pairs": res.n_candidates, "verified_pairs": res.n_verified,
-    }
-    kept = {s: [d for d, k, sp in zip(docs, keep, split_of) if k and sp == s] for s in SPLITS}
-    counts["splits"] = {s: {"input_docs": split_of.count(s), "kept_docs": len(kept[s]), "domains": domain_counts(kept[s])}
-                        for s in SPLITS}
-    counts["domains"] = {dom: {"input_docs": n, "kept_docs": sum(1 for d, k in zip(docs, keep) if k and d["domain"] == dom)}
-                         for dom, n in domain_counts(docs).items()}
-    report = {
-        "stage": STAGE,
-        "params": {"num_perm": p.num_perm, "threshold": p.threshold, "ngram": p.ngram, "bands": p.bands,
-                   "rows": p.rows, "seed": p.seed, "library": f"rensa {version('rensa')} RMinHash",
-                   "lsh_recall_at": {str(s): round(lsh_probability(s, p.bands, p.rows), 6)
-                                     for s in (0.5, 0.7, p.threshold, 0.9, 0.95)}},
-        "counts": counts,
-        "clusters": _clusters(docs, res),
-    }
-    removed = [{"doc_id": docs[i]["doc_id"], "split": split_of[i], "kind": "exact", "kept": docs[k]["doc_id"], "jaccard": 1.0}
-               for i, k in res.exact_of.items()]
-    removed += [{"doc_id": docs[i]["doc_id"], "split": split_of[i], "kind": "near", "kept": docs[k]["doc_id"], "jaccard": j}
-                for i, (k, j) in res.near_of.items()]
-    removed.sort(key=lambda r: r["doc_id"])
-    # Upstream artefacts (corpus files, prepared documents), paths relative to this folder.
-    inputs = rebase(upstream.get("inputs", []) + upstream["artifacts"], src, out)
-    manifest = {"stage": STAGE, "format": DOCS_FORMAT, "params": report["params"], "counts": counts,
-                "inputs": inputs, "artifacts": []}
-    with atomic_dir(out) as tmp:
-        for s in SPLITS:
-            write_docs(tmp / f"{s}.jsonl", kept[s])
-            manifest["artifacts"].append(artifact(tmp, f"{s}.jsonl", f"dedup/{s}", n_docs=len(kept[s])))
+    with eng.scratch_dir(out) as sc, atomic_dir(out) as tmp:
+        n_in = [a["n_docs"] for a in upstream["artifacts"] if a.get("split") in SPLITS]
+        eng.run_pipeline([DedupSignatures(str(sc), str(src), shards, p, n_in, engine.redraw())], engine, engine.tasks, sc)
+        meta, offsets = _read_meta(sc, len(shards))
+        n = len(meta)
+        _concat([sc / "sig" / f"{_shard_tag(j)}.u32" for j in range(len(shards))], sc / "sig.u32")
+        _concat([sc / "sig" / f"{_shard_tag(j)}.key" for j in range(len(shards))], sc / "keys.bin")
+        keys = np.fromfile(sc / "keys.bin", dtype=np.dtype((np.void, 16)))
+        _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+        rep = first[inv.ravel()]  # the earliest document with the same text
+        res = DedupResult(p)
+        res.exact_of = {int(i): int(rep[i]) for i in np.nonzero(rep != np.arange(n))[0]}
+        has = np.array([m[3] for m in meta], dtype=bool)
+        survivors = np.nonzero((rep == np.arange(n)) & has)[0].astype(np.int64)
+        np.save(sc / "survivors.npy", survivors)
+        if len(survivors) >= 2:
+            eng.run_pipeline([DedupBands(str(sc), n, p)], engine, min(engine.tasks, p.bands), sc)
+            got = [np.load(sc / f"band{b:05d}.npy") for b in range(p.bands)]
+            allp = np.concatenate(got) if got else np.zeros((0, 3), np.int64)
+            cand = unique_pairs(allp[:, :2], n)
+            ok_pairs = unique_pairs(allp[allp[:, 2] == 1][:, :2], n)
+            res.n_candidates, res.n_verified = len(cand), len(ok_pairs)
+            sig = np.memmap(sc / "sig.u32", dtype=np.uint32, mode="r", shape=(n, p.num_perm))
+            uf = _UnionFind(n) if len(ok_pairs) else None
+            for a, b in ok_pairs:
+                uf.union(int(a), int(b))
+            for k in sorted({int(x) for x in ok_pairs.ravel()}):
+                r = uf.find(k)
+                if r != k:
+                    j = float(estimated_jaccard(sig, np.array([k]), np.array([r]))[0])
+                    res.near_of[k] = (r, round(j, 4))
+            del sig
+        removed_idx = sorted(res.exact_of) + sorted(res.near_of)
+        need = set(removed_idx) | set(res.exact_of.values()) | {k for k, _ in res.near_of.values()}
+        shard_of = lambda i: int(np.searchsorted(offsets, i, side="right") - 1)  # noqa: E731
+        for j in range(len(shards)):
+            lo, hi = offsets[j], offsets[j + 1]
+            np.save(sc / f"drop{_shard_tag(j)}.npy", np.array(sorted(i - lo for i in removed_idx if lo <= i < hi), np.int64))
+            np.save(sc / f"need{_shard_tag(j)}.npy", np.array(sorted(i - lo for i in need if lo <= i < hi), np.int64))
+        eng.run_pipeline([DedupFilter(str(sc), str(src), str(tmp), shards)], engine, engine.tasks, sc)
+        info: dict[int, tuple[str, str, str]] = {}
+        for j in range(len(shards)):
+            with open(sc / f"snip{_shard_tag(j)}.jsonl", encoding="utf-8") as f:
+                for line in f:
+                    i, snip = json.loads(line)
+                    g = int(offsets[j]) + i
+                    info[g] = (meta[g][0], meta[g][1], snip)
+        report, removed = _report(p, res, meta, offsets, split_of_shard, info, shard_of)
+        kept_per_shard = [int(offsets[j + 1] - offsets[j]) - sum(1 for i in removed_idx if shard_of(i) == j)
+                          for j in range(len(shards))]
+        n_sh = len(shards) // len(SPLITS)
+        # Upstream artefacts (corpus files, prepared documents), paths relative to this folder.
+        params = report["params"] | {"tasks": engine.tasks}
+        manifest = {"stage": STAGE, "format": DOCS_FORMAT, "params": params,
+                    "lineage": upstream.get("lineage", {}) | {STAGE: params | {"datatrove": eng.datatrove_version()}},
+                    "datatrove": eng.datatrove_version(), "counts": report["counts"],
+                    "inputs": rebase(upstream.get("inputs", []) + upstream["artifacts"], src, out),
+                    "artifacts": shard_artifacts(tmp, STAGE, n_sh, {s: kept_per_shard[k * n_sh:(k + 1) * n_sh]
+                                                                  for k, s in enumerate(SPLITS)})}
         write_docs(tmp / "removed.jsonl", removed)
         write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(_markdown(report), encoding="utf-8")
@@ -357,4 +503,50 @@ def dedup(in_dir: str | os.PathLike, out: str | os.PathLike, params: DedupParams
             manifest["artifacts"].append(artifact(tmp, name, f"dedup/{name.removesuffix('.jsonl')}",
                                                   n_docs=len(removed) if name == "removed.jsonl" else 0))
         write_json(tmp / "manifest.json", manifest)
+        eng.write_execution(tmp, engine, STAGE, [src])
     return report
+
+
+def _report(p: DedupParams, res: DedupResult, meta: list[list], offsets: np.ndarray, split_of_shard: list[str],
+            info: dict[int, tuple[str, str, str]], shard_of) -> tuple[dict, list[dict]]:  # noqa: ANN001
+    n = len(meta)
+    keep = res.keep_mask(n)
+    nbytes = [m[2] for m in meta]
+    split_of = [split_of_shard[shard_of(i)] for i in range(n)] if n else []
+    counts: dict = {
+        "input_docs": n, "input_bytes": sum(nbytes),
+        "exact_removed": len(res.exact_of), "exact_removed_bytes": sum(nbytes[i] for i in res.exact_of),
+        "near_removed": len(res.near_of), "near_removed_bytes": sum(nbytes[i] for i in res.near_of),
+        "kept_docs": int(keep.sum()), "kept_bytes": int(sum(b for b, k in zip(nbytes, keep) if k)),
+        "dedup_ratio": round(1 - keep.sum() / n, 6),
+        "candidate_pairs": res.n_candidates, "verified_pairs": res.n_verified,
+    }
+    counts["splits"] = {}
+    for s in SPLITS:
+        kept_dom: dict[str, int] = {}
+        for i in range(n):
+            if keep[i] and split_of[i] == s:
+                kept_dom[meta[i][1]] = kept_dom.get(meta[i][1], 0) + 1
+        counts["splits"][s] = {"input_docs": split_of.count(s), "kept_docs": sum(kept_dom.values()),
+                               "domains": dict(sorted(kept_dom.items()))}
+    doms: dict[str, dict[str, int]] = {}
+    for i in range(n):
+        d = doms.setdefault(meta[i][1], {"input_docs": 0, "kept_docs": 0})
+        d["input_docs"] += 1
+        d["kept_docs"] += int(keep[i])
+    counts["domains"] = dict(sorted(doms.items()))
+    report = {
+        "stage": STAGE,
+        "params": {"num_perm": p.num_perm, "threshold": p.threshold, "ngram": p.ngram, "bands": p.bands,
+                   "rows": p.rows, "seed": p.seed, "library": f"rensa {version('rensa')} RMinHash",
+                   "lsh_recall_at": {str(s): round(lsh_probability(s, p.bands, p.rows), 6)
+                                     for s in (0.5, 0.7, p.threshold, 0.9, 0.95)}},
+        "counts": counts,
+        "clusters": _clusters(info, res),
+    }
+    removed = [{"doc_id": meta[i][0], "split": split_of[i], "kind": "exact", "kept": meta[k][0], "jaccard": 1.0}
+               for i, k in res.exact_of.items()]
+    removed += [{"doc_id": meta[i][0], "split": split_of[i], "kind": "near", "kept": meta[k][0], "jaccard": j}
+                for i, (k, j) in res.near_of.items()]
+    removed.sort(key=lambda r: r["doc_id"])
+    return report, removed

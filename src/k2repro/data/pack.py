@@ -16,21 +16,110 @@ from pathlib import Path
 
 import numpy as np
 
+from k2repro.core.atomic import atomic_dir
 from k2repro.core.hashing import sha256_file
-from k2repro.data.packed import MANIFEST, Doc, PackedDataset, write_packed
-from k2repro.data.tokenizer import EOS, TOKENIZER_FILE, eos_id, load_tokenizer
-from k2repro.data.workdir import SPLITS, read_docs, read_manifest, rebase, relpath
+from k2repro.data import engine as eng
+from k2repro.data.packed import FORMAT, MANIFEST, PackedDataset
+from k2repro.data.tokenizer import TOKENIZER_FILE, eos_id, eos_token, load_tokenizer
+from k2repro.data.workdir import SPLITS, read_manifest, rebase, relpath
 from k2repro.errors import BadInputError
 
 STAGE = "pack"
 ENCODE_BATCH = 256
+COPY_TOKENS = 1 << 22  # tokens per chunk when the driver joins the task shards
 
 
-def pack(in_dir: str | os.PathLike, tokenizer: str | os.PathLike, out: str | os.PathLike, seq_len: int) -> dict:
-    """Encode `<in_dir>/{train,val}.jsonl` (dedup's output) with the tokenizer, write the
-    packed folder `out` (windows of seq_len + 1 tokens, EOS after every document)."""
+class PackShards(eng.Step):
+    """One task: encode its dedup shards; per shard a raw token stream (EOS after every
+    document, uint32) and a document table (doc_id, domain, n_tokens)."""
+
+    name = "pack: encode shards"
+
+    def __init__(self, scratch: str, src: str, shards: list[str], n_docs: list[int], tokenizer: str,
+                 redraw: bool) -> None:
+        super().__init__(scratch)
+        self.src, self.shards, self.n_docs, self.tokenizer, self.redraw = src, shards, n_docs, tokenizer, redraw
+
+    def _encode(self, tok, eos: int, batch: list[dict], fbin, fdocs, stats: dict, prog) -> None:  # noqa: ANN001
+        texts = [d["text"] for d in batch]
+        prog.update(len(batch), sum(len(t.encode("utf-8")) for t in texts))
+        for d, e in zip(batch, tok.encode_batch(texts, add_special_tokens=False)):
+            ids = np.asarray(e.ids, dtype=np.uint32)
+            fbin.write(ids.tobytes())
+            fbin.write(np.uint32(eos).tobytes())
+            fdocs.write(json.dumps([d["doc_id"], d["domain"], int(ids.size)]) + "\n")
+            st = stats.setdefault(d["domain"], {"n_docs": 0, "n_tokens": 0})
+            st["n_docs"] += 1
+            st["n_tokens"] += int(ids.size) + 1  # + EOS
+
+    def work(self, rank: int, world_size: int) -> None:
+        tok = load_tokenizer(self.tokenizer)
+        eos = eos_id(tok)
+        sc = Path(self.scratch)
+        mine = range(rank, len(self.shards), world_size)
+        prog = eng.task_progress(STAGE, rank, world_size, sum(self.n_docs[j] for j in mine), self.redraw)
+        for j in mine:
+            stats: dict[str, dict[str, int]] = {}
+            with open(sc / f"{j:05d}.bin", "wb") as fbin, open(sc / f"{j:05d}.docs", "w", encoding="utf-8") as fdocs:
+                batch: list[dict] = []
+                for d in eng.iter_shard(Path(self.src) / self.shards[j]):
+                    batch.append(d)
+                    if len(batch) == ENCODE_BATCH:
+                        self._encode(tok, eos, batch, fbin, fdocs, stats, prog)
+                        batch = []
+                if batch:
+                    self._encode(tok, eos, batch, fbin, fdocs, stats, prog)
+            (sc / f"{j:05d}.json").write_text(json.dumps(stats), encoding="utf-8")
+        prog.close()
+
+
+def _join_split(sc: Path, idx: list[int], tmp: Path, split: str, window: int, dtype: type, vocab_size: int) -> dict:
+    """Concatenate the split's shard streams into `<split>.bin` (whole windows only) and their
+    document tables into `<split>.docs.parquet`, streaming."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    total = sum((sc / f"{j:05d}.bin").stat().st_size // 4 for j in idx)
+    n_samples = total // window
+    keep = n_samples * window
+    written, pos, n_docs = 0, 0, 0
+    schema = pa.schema([("doc_id", pa.string()), ("domain", pa.string()), ("token_start", pa.int64()),
+                        ("n_tokens", pa.int64())])
+    with open(tmp / f"{split}.bin", "wb") as fout, pq.ParquetWriter(tmp / f"{split}.docs.parquet", schema) as pw:
+        for j in idx:
+            arr = np.memmap(sc / f"{j:05d}.bin", dtype=np.uint32, mode="r") if (sc / f"{j:05d}.bin").stat().st_size else np.zeros(0, np.uint32)
+            for k in range(0, arr.size, COPY_TOKENS):
+                chunk = np.asarray(arr[k : k + COPY_TOKENS])
+                if chunk.size and int(chunk.max()) >= vocab_size:
+                    raise BadInputError(f"pack: shard {j} has token ids outside [0, {vocab_size})")
+                take = chunk[: max(0, keep - written)]
+                fout.write(take.astype(dtype).tobytes())
+                written += take.size
+            del arr
+            ids, doms, starts, lens = [], [], [], []
+            with open(sc / f"{j:05d}.docs", encoding="utf-8") as f:
+                for line in f:
+                    doc_id, dom, nt = json.loads(line)
+                    ids.append(doc_id)
+                    doms.append(dom)
+                    starts.append(pos)
+                    lens.append(nt)
+                    pos += nt + 1
+            n_docs += len(ids)
+            pw.write_table(pa.table([pa.array(ids, pa.string()), pa.array(doms, pa.string()),
+                                     pa.array(starts, pa.int64()), pa.array(lens, pa.int64())], schema=schema))
+    return {"n_samples": int(n_samples), "n_docs": n_docs, "n_tokens": int(keep), "dropped_tail_tokens": int(total - keep),
+            "stream_tokens": int(pos)}
+
+
+def pack(in_dir: str | os.PathLike, tokenizer: str | os.PathLike, out: str | os.PathLike, seq_len: int,
+         engine: eng.Engine | None = None) -> dict:
+    """Encode dedup's shards with the tokenizer (`data.tasks` tasks), then join them in shard
+    order into the packed folder `out` (format k2repro.data.packed: windows of seq_len + 1
+    tokens, EOS after every document); returns the manifest."""
     if seq_len < 2:
         raise BadInputError(f"train.seq_len must be >= 2 (got {seq_len})")
+    engine = (engine or eng.Engine()).checked()
     src, out = Path(in_dir), Path(out)
     tok_path = Path(tokenizer)
     if tok_path.is_dir():
@@ -39,45 +128,66 @@ def pack(in_dir: str | os.PathLike, tokenizer: str | os.PathLike, out: str | os.
     tok_m = read_manifest(tok_path.parent, "tokenize")
     tok = load_tokenizer(tok_path)
     eos = eos_id(tok)
+    vocab_size = tok.get_vocab_size()
     tok_sha = sha256_file(tok_path)
     if tok_sha != tok_m["artifacts"][0]["sha256"]:
         raise BadInputError(f"{tok_path}: sha256 differs from {tok_path.parent / 'manifest.json'} (rerun `k2repro data tokenize`)")
+    shards = eng.shards_of(dedup_m, SPLITS)
+    split_of = [a["split"] for a in dedup_m["artifacts"] if a.get("split") in SPLITS]
+    dtype = np.uint16 if vocab_size <= 65535 else np.uint32
+    window = seq_len + 1
+    with eng.scratch_dir(out) as sc, atomic_dir(out) as tmp:
+        n_docs = [a["n_docs"] for a in dedup_m["artifacts"] if a.get("split") in SPLITS]
+        step = PackShards(str(sc), str(src), shards, n_docs, str(tok_path.resolve()), engine.redraw())
+        eng.run_pipeline([step], engine, engine.tasks, sc)
+        shard_stats = [json.loads((sc / f"{j:05d}.json").read_text(encoding="utf-8")) for j in range(len(shards))]
+        manifest: dict = {"format": FORMAT, "seq_len": seq_len, "vocab_size": vocab_size, "eos_id": eos,
+                          "dtype": np.dtype(dtype).name, "splits": {}, "artifacts": []}
+        stats: dict[str, dict] = {}
+        for s in SPLITS:
+            idx = [j for j in range(len(shards)) if split_of[j] == s]
+            info = _join_split(sc, idx, tmp, s, window, dtype, vocab_size)
+            stream_tokens = info.pop("stream_tokens")
+            manifest["splits"][s] = info
+            manifest["artifacts"] += [
+                {"artifact": f"packed/{s}.bin", "path": f"{s}.bin", "sha256": sha256_file(tmp / f"{s}.bin"),
+                 "n_docs": info["n_docs"], "n_tokens": info["n_tokens"], "bytes": (tmp / f"{s}.bin").stat().st_size},
+                {"artifact": f"packed/{s}.docs", "path": f"{s}.docs.parquet",
+                 "sha256": sha256_file(tmp / f"{s}.docs.parquet"), "n_docs": info["n_docs"],
+                 "n_tokens": stream_tokens, "bytes": (tmp / f"{s}.docs.parquet").stat().st_size}]
+            per_dom: dict[str, dict[str, int]] = {}
+            for j in idx:
+                for dom, v in shard_stats[j].items():
+                    st = per_dom.setdefault(dom, {"n_docs": 0, "n_tokens": 0})
+                    st["n_docs"] += v["n_docs"]
+                    st["n_tokens"] += v["n_tokens"]
+            stats[s] = dict(sorted(per_dom.items()))
 
-    splits: dict[str, list[Doc]] = {}
-    stats: dict[str, dict] = {}
-    for s in SPLITS:
-        docs = read_docs(src / f"{s}.jsonl")
-        encoded: list[Doc] = []
-        for k in range(0, len(docs), ENCODE_BATCH):
-            chunk = docs[k : k + ENCODE_BATCH]
-            for d, e in zip(chunk, tok.encode_batch([d["text"] for d in chunk], add_special_tokens=False)):
-                encoded.append(Doc(d["doc_id"], d["domain"], np.asarray(e.ids, dtype=np.int64)))
-        splits[s] = encoded
-        per_dom: dict[str, dict[str, int]] = {}
-        for d in encoded:
-            st = per_dom.setdefault(d.domain, {"n_docs": 0, "n_tokens": 0})
-            st["n_docs"] += 1
-            st["n_tokens"] += int(d.tokens.size) + 1  # + EOS
-        stats[s] = dict(sorted(per_dom.items()))
-
-    base = out.parent
-    extra = rebase(dedup_m.get("inputs", []), src, base)
-    for row in rebase(dedup_m["artifacts"], src, base):
-        split = row["artifact"].split("/", 1)[1]
-        if split in stats:  # now known: the tokens of the deduplicated documents
-            row["n_tokens"] = sum(v["n_tokens"] for v in stats[split].values())
-        extra.append(row)
-    extra += rebase(tok_m["artifacts"], tok_path.parent, base)
-
-    domains = sorted({d for s in stats.values() for d in s})
-    meta = {
-        "stage": STAGE,
-        "tokenizer": relpath(tok_path, base), "tokenizer_sha256": tok_sha, "tokenizer_relative_to": "packed_dir_parent",
-        "eos_token": EOS, "domains": domains, "domain_stats": stats,
-        "dedup": {k: dedup_m["counts"][k] for k in ("input_docs", "kept_docs", "dedup_ratio")},
-    }
-    return write_packed(out, splits, seq_len=seq_len, vocab_size=tok.get_vocab_size(), eos_id=eos,
-                        extra_artifacts=extra, meta=meta)
+        base = out.parent
+        extra = rebase(dedup_m.get("inputs", []), src, base)
+        tokens_of_shard = {shards[j]: sum(v["n_tokens"] for v in shard_stats[j].values()) for j in range(len(shards))}
+        for row in rebase(dedup_m["artifacts"], src, base):
+            own = next((p for p in shards if row["artifact"] == f"dedup/{p.removesuffix('.jsonl.gz')}"), None)
+            if own is not None:  # now known: the tokens of the deduplicated documents
+                row["n_tokens"] = tokens_of_shard[own]
+            extra.append(row)
+        extra += rebase(tok_m["artifacts"], tok_path.parent, base)
+        manifest["artifacts"].extend(extra)
+        manifest |= {
+            "stage": STAGE,
+            "tokenizer": relpath(tok_path, base), "tokenizer_sha256": tok_sha, "tokenizer_relative_to": "packed_dir_parent",
+            "eos_token": eos_token(tok), "domains": sorted({d for s in stats.values() for d in s}), "domain_stats": stats,
+            "dedup": {k: dedup_m["counts"][k] for k in ("input_docs", "kept_docs", "dedup_ratio")},
+            **({"tokenizer_supplied": {"source": tok_m["source"], "sha256": tok_m["sha256"]}} if tok_m.get("supplied") else {}),
+            "datatrove": eng.datatrove_version(), "tasks": engine.tasks,
+            # every stage's parameters (what `data_manifest` records with the packed manifest)
+            "lineage": dedup_m.get("lineage", {}) | {
+                "tokenize": {**tok_m.get("params", {}), "vocab_size": vocab_size, "sha256": tok_sha},
+                STAGE: {"seq_len": seq_len, "tasks": engine.tasks, "datatrove": eng.datatrove_version()}},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        eng.write_execution(tmp, engine, STAGE, [src, tok_path.parent])
+    return manifest
 
 
 def tokenizer_path(packed_dir: str | os.PathLike) -> Path:

@@ -25,6 +25,7 @@ from k2repro.errors import BadInputError
 
 FORMAT = "k2repro-packed-v1"
 MANIFEST = "manifest.json"
+_ROW_KEYS = frozenset({"artifact", "path", "sha256", "n_docs", "n_tokens", "bytes"})
 
 
 @dataclass
@@ -164,13 +165,26 @@ class PackedDataset:
 
     def manifest_rows(self) -> list[dict]:
         """The `data_manifest` rows of a run trained on this folder: each artefact with its
-        sha256, paths of this folder's own files made full (relative to where it was read)."""
+        sha256, paths of this folder's own files made full (relative to where it was read);
+        `bytes` and, as JSON in `detail`, what else the manifest says of it (reader, content
+        fingerprint, split). When the data stages recorded their lineage, one more row for the
+        manifest itself: `detail` holds every stage's parameters and datatrove version, and
+        how each ran (executor, workers: execution.json)."""
         rows = []
         for a in self.artifacts():
             here = self.dir / a["path"]
             path = str(here) if not os.path.isabs(a["path"]) and here.exists() else a["path"]
+            extra = {k: v for k, v in a.items() if k not in _ROW_KEYS}
             rows.append({"artifact": a["artifact"], "path": path, "sha256": a["sha256"],
-                         "n_docs": a.get("n_docs"), "n_tokens": a.get("n_tokens")})
+                         "n_docs": a.get("n_docs"), "n_tokens": a.get("n_tokens"), "bytes": a.get("bytes"),
+                         "detail": json.dumps(extra, sort_keys=True) if extra else None})
+        if "lineage" in self.manifest:
+            mpath, epath = self.dir / MANIFEST, self.dir / "execution.json"
+            execution = json.loads(epath.read_text()).get("stages", []) if epath.exists() else []
+            rows.append({"artifact": "packed/manifest", "path": str(mpath), "sha256": sha256_file(mpath),
+                         "n_docs": None, "n_tokens": None, "bytes": mpath.stat().st_size,
+                         "detail": json.dumps({"lineage": self.manifest["lineage"], "execution": execution},
+                                              sort_keys=True)})
         return rows
 
     def verify(self) -> None:

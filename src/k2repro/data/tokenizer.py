@@ -1,19 +1,28 @@
-"""`k2repro data tokenize`: a byte-level BPE trained locally with HF `tokenizers`.
+"""`k2repro data tokenize`: a byte-level BPE trained locally with HF `tokenizers`, or the
+user's own `tokenizer.json` (`data.tokenizer=PATH`).
 
 Trained on the deduplicated train split only, so validation text never shapes the
 vocabulary. Byte-level means every input is encodable (no unknown token) and decoding is
 lossless. Training is deterministic: the trainer breaks ties between equally frequent pairs
 by the pair itself, so two runs (any thread count) write the same tokenizer.json.
+
+A supplied tokenizer (any model the `tokenizers` library loads: BPE, WordPiece, Unigram) is
+checked and copied byte for byte into the stage's output folder, so `pack` and the trainer
+find it where they find a trained one and the manifest's sha256 is that of the user's file.
+Its vocabulary must fit `model.vocab_size` (a larger one would index past the embedding);
+that is refused here, before any data is packed, and again at train start.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
 from k2repro.core.atomic import atomic_dir
 from k2repro.core.hashing import sha256_file
-from k2repro.data.workdir import artifact, read_docs, read_manifest, rebase, write_json
+from k2repro.data.workdir import artifact, read_manifest, rebase, relpath, write_json
 from k2repro.errors import BadInputError, ConfigError
 
 STAGE = "tokenize"
@@ -22,6 +31,9 @@ PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOS, PAD)
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+# End-of-document tokens of common public tokenizers, tried in this order on a supplied one
+# (GPT-2/NeoX/Qwen, Llama-2/T5/Mistral, Llama-3, Gemma).
+EOS_CANDIDATES = (EOS, "</s>", "<|end_of_text|>", "<eos>")
 
 
 def load_tokenizer(path: str | os.PathLike):  # noqa: ANN201 - tokenizers.Tokenizer, imported lazily
@@ -44,11 +56,17 @@ def decode(tokenizer, ids) -> str:  # noqa: ANN001 - tokenizers.Tokenizer, any i
     return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def eos_token(tokenizer, where: str = "tokenizer") -> str:  # noqa: ANN001
+    """The end-of-document token pack appends after every document: ours, or the first of
+    EOS_CANDIDATES that a supplied tokenizer has."""
+    for t in EOS_CANDIDATES:
+        if tokenizer.token_to_id(t) is not None:
+            return t
+    raise BadInputError(f"{where}: has no end-of-document token (none of {', '.join(EOS_CANDIDATES)})")
+
+
 def eos_id(tokenizer) -> int:  # noqa: ANN001
-    i = tokenizer.token_to_id(EOS)
-    if i is None:
-        raise BadInputError(f"tokenizer has no {EOS} token")
-    return int(i)
+    return int(tokenizer.token_to_id(eos_token(tokenizer)))
 
 
 def build_trainer(vocab_size: int, min_frequency: int):  # noqa: ANN201
@@ -65,37 +83,117 @@ def build_trainer(vocab_size: int, min_frequency: int):  # noqa: ANN201
 
 
 def train_tokenizer(in_dir: str | os.PathLike, out: str | os.PathLike, vocab_size: int = 2048,
-                    min_frequency: int = 2) -> dict:
-    """Train on `<in_dir>/train.jsonl` (dedup's output), write `<out>/tokenizer.json` and
-    `manifest.json`; returns the manifest."""
+                    min_frequency: int = 2, engine=None) -> dict:  # noqa: ANN001 - k2repro.data.engine.Engine
+    """Train on dedup's train shards as one datatrove task (BPE training is one process),
+    write `<out>/tokenizer.json` and `manifest.json`; returns the manifest."""
     if vocab_size < MIN_VOCAB:
         raise ConfigError(f"config key 'data.vocab_size': must be >= {MIN_VOCAB} "
                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens) (got {vocab_size})")
     if min_frequency < 1:
         raise ConfigError(f"config key 'data.min_frequency': must be >= 1 (got {min_frequency})")
-    src = Path(in_dir)
+    from k2repro.data import engine as eng
+
+    return eng.run_one_task(_train, engine, Path(out), Path(in_dir), Path(out), vocab_size, min_frequency)
+
+
+def _train(src: Path, out: Path, vocab_size: int, min_frequency: int, engine) -> dict:  # noqa: ANN001
+    from k2repro.data.engine import iter_shard, shards_of, write_execution
+    from k2repro.data.progress import Progress
+
     upstream = read_manifest(src, "dedup")
-    docs = read_docs(src / "train.jsonl")
-    if not docs:
-        raise BadInputError(f"{src / 'train.jsonl'}: no training documents to train the tokenizer on")
+    trained_on = [a for a in upstream["artifacts"] if a.get("split") == "train"]
+    n_docs = sum(a["n_docs"] for a in trained_on)
+    if not n_docs:
+        raise BadInputError(f"{src}: no training documents to train the tokenizer on")
     tok, trainer = build_trainer(vocab_size, min_frequency)
-    tok.train_from_iterator((d["text"] for d in docs), trainer=trainer, length=len(docs))
-    trained_on = next(a for a in upstream["artifacts"] if a["artifact"] == "dedup/train")
+    texts = (d["text"] for p in shards_of(upstream, ["train"]) for d in iter_shard(src / p))
+    with Progress(STAGE, total_docs=n_docs) as prog:
+        tok.train_from_iterator(prog.wrap(texts), trainer=trainer, length=n_docs)
     manifest = {
         "stage": STAGE,
         "params": {"vocab_size": vocab_size, "min_frequency": min_frequency, "model": "byte-level BPE",
                    "special_tokens": list(SPECIAL_TOKENS)},
-        "vocab_size": tok.get_vocab_size(), "eos_token": EOS, "eos_id": eos_id(tok),
-        "inputs": rebase([trained_on], src, out),
+        "vocab_size": tok.get_vocab_size(), "eos_token": EOS, "eos_id": eos_id(tok), "supplied": False,
+        "inputs": rebase(trained_on, src, out),
         "artifacts": [],
     }
     with atomic_dir(out) as tmp:
         tok.save(str(tmp / TOKENIZER_FILE), pretty=True)
         manifest["artifacts"].append(artifact(tmp, TOKENIZER_FILE, "tokenizer/tokenizer.json"))
+        manifest["sha256"] = manifest["artifacts"][0]["sha256"]
         write_json(tmp / "manifest.json", manifest)
+        write_execution(tmp, engine, STAGE, [src])
     return manifest
 
 
 def tokenizer_sha256(path: str | os.PathLike) -> str:
     p = Path(path)
     return sha256_file(p / TOKENIZER_FILE if p.is_dir() else p)
+
+
+def supplied_tokenizer(path: str | os.PathLike):  # noqa: ANN201 - (tokenizers.Tokenizer, dict)
+    """Load and check a user's tokenizer.json (or a folder holding one). Returns the tokenizer
+    and `info`: path, sha256 (of the file's bytes), vocab_size (added tokens included: every
+    id the model can emit), model type, EOS token and id. Anything that is not a tokenizer
+    (missing, not UTF-8 JSON, JSON that `tokenizers` cannot load) is a BadInputError naming
+    the file."""
+    tok, info, _ = _read_supplied(path)
+    return tok, info
+
+
+def _read_supplied(path: str | os.PathLike):  # noqa: ANN202 - (Tokenizer, info, the bytes checked)
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / TOKENIZER_FILE
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise BadInputError(f"{p}: data.tokenizer: no such file") from None
+    except OSError as exc:
+        raise BadInputError(f"{p}: data.tokenizer: cannot read ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+        obj = json.loads(text)
+    except UnicodeDecodeError:
+        raise BadInputError(f"{p}: not a tokenizer (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{p}:{exc.lineno}: not a tokenizer (not valid JSON: {exc.msg})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        raise BadInputError(f"{p}: not a tokenizer (JSON without a tokenizers 'model' object)")
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises a plain Exception
+        raise BadInputError(f"{p}: not a tokenizer ({str(exc).splitlines()[0]})") from None
+    eos = eos_token(tok, str(p))
+    info = {"path": str(p), "sha256": hashlib.sha256(raw).hexdigest(), "vocab_size": tok.get_vocab_size(),
+            "model": str(obj["model"].get("type", "unknown")), "eos_token": eos, "eos_id": tok.token_to_id(eos)}
+    return tok, info, raw
+
+
+def use_tokenizer(path: str | os.PathLike, out: str | os.PathLike, model_vocab_size: int) -> dict:
+    """The tokenize stage with `data.tokenizer` set: check the file, refuse a vocabulary larger
+    than `model.vocab_size` (ConfigError naming both keys), copy the bytes that were checked to
+    `<out>/tokenizer.json` with a manifest (`supplied: true`, source, sha256, vocab size).
+    Nothing is written unless every check passed. Returns the manifest."""
+    _, info, raw = _read_supplied(path)
+    if info["vocab_size"] > model_vocab_size:
+        raise ConfigError(
+            f"config key 'data.tokenizer': {info['path']} has {info['vocab_size']} tokens, more than "
+            f"config key 'model.vocab_size' = {model_vocab_size} (raise model.vocab_size to >= {info['vocab_size']})")
+    source = relpath(info["path"], out)  # like every manifest path: relative, no machine's root
+    manifest = {
+        "stage": STAGE, "supplied": True,
+        "params": {"supplied": True, "model": info["model"], "source": source},
+        "source": source, "sha256": info["sha256"],
+        "vocab_size": info["vocab_size"], "eos_token": info["eos_token"], "eos_id": info["eos_id"],
+        "inputs": [{"artifact": "tokenizer/supplied", "path": source, "sha256": info["sha256"],
+                    "n_docs": 0, "n_tokens": 0}],
+        "artifacts": [],
+    }
+    with atomic_dir(out) as tmp:
+        (tmp / TOKENIZER_FILE).write_bytes(raw)
+        manifest["artifacts"].append(artifact(tmp, TOKENIZER_FILE, "tokenizer/tokenizer.json"))
+        write_json(tmp / "manifest.json", manifest)
+    return manifest

@@ -17,7 +17,7 @@ from pathlib import Path
 from k2repro.core.hashing import sha256_file
 from k2repro.errors import BadInputError
 
-DOCS_FORMAT = "k2repro-docs-v1"
+DOCS_FORMAT = "k2repro-docs-v2"  # v2: gzip JSONL shards {train,val}/<task>.jsonl.gz
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
@@ -67,6 +67,9 @@ def read_manifest(directory: Path, stage: str) -> dict:
         raise BadInputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if m.get("stage") != stage:
         raise BadInputError(f"{path}: not the output of `k2repro data {stage}` (stage={m.get('stage')!r})")
+    fmt = m.get("format", "")
+    if fmt.startswith("k2repro-docs") and fmt != DOCS_FORMAT:
+        raise BadInputError(f"{path}: written in format {fmt}, this k2repro reads {DOCS_FORMAT} (rerun `k2repro data {stage}`)")
     return m
 
 
@@ -74,6 +77,20 @@ def artifact(directory: Path, name: str, artifact_name: str, n_docs: int = 0, n_
     """A data_manifest row for a file of a stage's output folder."""
     return {"artifact": artifact_name, "path": name, "sha256": sha256_file(directory / name),
             "n_docs": int(n_docs), "n_tokens": int(n_tokens)}
+
+
+def shard_artifacts(directory: Path, stage: str, tasks: int, n_docs: dict[str, list[int]]) -> list[dict]:
+    """Manifest rows of a docs folder's shards, in (split, task) order: the order every later
+    stage reads them in."""
+    from k2repro.data.engine import shard_name
+
+    rows = []
+    for s in SPLITS:
+        for k in range(tasks):
+            name = shard_name(s, k)
+            rows.append({**artifact(directory, name, f"{stage}/{s}/{k:05d}", n_docs=n_docs[s][k]),
+                         "split": s, "bytes": (directory / name).stat().st_size})
+    return rows
 
 
 def relpath(path: str | os.PathLike, base: str | os.PathLike) -> str:
