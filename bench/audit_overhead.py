@@ -9,6 +9,11 @@ full statistics = layer_stats_every=1 + sample stats), in ABBA-ordered pairs:
    work timed where it happens (`audit_step_cpu_ms`: sample records, max |grad| and the
    parameter/update norms on layer-statistics steps; train/costs.py). Thread CPU clocks do not
    count time spent waiting for a core, so they resolve 1% where wall clocks do not. The
+   writer's CPU is its steady rate: the writer CPU between two marks, once it drained the first
+   flush after the warm-up steps and once it drained the last step's rows before close
+   (train/costs.py); what a launch pays once beyond that rate (imports, identity tables, the
+   end marker; `writer_launch_cpu_ms`, per launch) is reported apart, and the share with it
+   spread over the bench's steps as `share_with_launch_costs_over_these_steps`. The
    difference of the loop thread's CPU in `train_step` with and without audit is kept as
    `step_cpu_diff_ms` for reference only: gloo's waits move it by +-2 ms a step, 30x the goal's
    resolution (the 2-rank full run measured -2.1 ms), so it cannot carry the share. What no
@@ -72,15 +77,22 @@ def cpu_share(runs: dict[str, list[dict]], name: str, rank: int) -> dict:
     def med(variant: str, key: str) -> float:
         return statistics.median(r["ranks"][rank][key] or 0.0 for r in runs[variant])
 
+    steady = all(r["ranks"][rank].get("writer_steady_cpu_ms") is not None for r in runs[name])
     parts = {
-        "writer_cpu_ms": med(name, "writer_cpu_ms"),
+        # the writer's steady rate (a long run's cost per step); what a launch pays once beyond
+        # it (start, warm-up, end marker) is `writer_launch_cpu_ms`, per launch, below
+        "writer_cpu_ms": med(name, "writer_steady_cpu_ms") if steady else med(name, "writer_cpu_ms"),
         "heartbeat_cpu_ms": med(name, "heartbeat_cpu_ms"),
         "flush_cpu_ms": max(0.0, med(name, "flush_cpu_ms") - med("off", "flush_cpu_ms")),
         "audit_step_cpu_ms": med(name, "audit_step_cpu_ms"),
     }
     off_ms = statistics.median(r["step_s"] for r in runs["off"]) * 1e3
     total = sum(parts.values())
+    with_launch = total - parts["writer_cpu_ms"] + med(name, "writer_cpu_ms")
     return {**parts, "audit_cpu_ms": total, "off_step_ms": off_ms, "share": total / off_ms,
+            "writer_steady": steady,
+            "writer_launch_cpu_ms": med(name, "writer_launch_cpu_ms") if steady else None,
+            "share_with_launch_costs_over_these_steps": with_launch / off_ms,
             "step_cpu_diff_ms": med(name, "step_cpu_ms") - med("off", "step_cpu_ms")}
 
 

@@ -28,6 +28,7 @@ from k2repro.audit.hostvalues import (
 )
 from k2repro.audit.layerstats import LayerPending, process_group
 from k2repro.audit.runrow import EndsOnExit
+from k2repro.audit.schema import layer_stats_writer
 
 if TYPE_CHECKING:  # pragma: no cover
     from k2repro.audit.sink import AuditSink
@@ -51,7 +52,8 @@ ABSENT_RULES_OUT: dict[str, str] = {
 
 class AuditRun(EndsOnExit):
     """One rank of one audited run. Every rank calls every method (global tables are written by
-    rank 0 only; `log_layer_stats` is collective under a process group)."""
+    one rank: rank 0, but `layer_stats` the last rank, schema.py `layer_stats_writer`;
+    `log_layer_stats` is collective under a process group)."""
 
     def __init__(self, sink: AuditSink, *, declared: Mapping[str, str] | None = None,
                  has_manifest: bool = False) -> None:
@@ -194,7 +196,9 @@ class AuditRun(EndsOnExit):
         steps, metrics, samples, layers = self._steps, self._metrics, self._samples, self._layers
         self._steps, self._metrics, self._samples, self._layers = [], [], [], []
         if self.rank != 0:  # global tables: rank 0 writes them, the others fetch nothing
-            steps, metrics, layers = [], [], []
+            steps, metrics = [], []
+        if self.rank != layer_stats_writer(self.world_size):  # ... but the last rank the layers
+            layers = []
         host = Host()
         for _, _, cols in steps:
             for k, v in cols.items():

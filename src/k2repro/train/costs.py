@@ -35,6 +35,11 @@ class Costs:
     #: parameter/update norms on layer-statistics steps), timed where it happens: the difference
     #: of two runs' step CPU cannot resolve it (gloo's waits move it by +-2 ms a step)
     audit_step_cpu_s: float = 0.0
+    #: (step, writer CPU s) once the writer has drained the first flush after WARMUP_STEPS, and
+    #: again before close: their difference is the writer's steady cost per step, apart from
+    #: what a launch pays once (imports, the identity tables, the first writes, the end marker)
+    writer_mark_a: tuple[int, float] | None = None
+    writer_mark_b: tuple[int, float] | None = None
 
     def step(self, step: int, wall_s: float, cpu_s: float) -> None:
         if self.per_step:
@@ -59,8 +64,19 @@ class Costs:
                 "flush_wall_ms": self.flush_wall_s / n * 1e3, "flush_cpu_ms": self.flush_cpu_s / n * 1e3,
                 "writer_cpu_ms": self.writer_cpu_s / n * 1e3, "heartbeat_cpu_ms": self.heartbeat_cpu_s / n * 1e3,
                 "audit_step_cpu_ms": self.audit_step_cpu_s / n * 1e3,
+                **self._writer_steady(n),
                 # the totals the old bench read, kept for its readers
                 "flush_s": self.flush_wall_s, "writer_cpu_s": self.writer_cpu_s}
+
+
+    def _writer_steady(self, n: int) -> dict[str, float | None]:
+        """The writer's CPU per step between the two marks, and what the launch paid beyond
+        that rate (ms per launch). None without both marks (a rollback, a run too short)."""
+        a, b = self.writer_mark_a, self.writer_mark_b
+        if a is None or b is None or b[0] <= a[0]:
+            return {"writer_steady_cpu_ms": None, "writer_launch_cpu_ms": None}
+        rate = (b[1] - a[1]) / (b[0] - a[0])
+        return {"writer_steady_cpu_ms": rate * 1e3, "writer_launch_cpu_ms": (self.writer_cpu_s - rate * n) * 1e3}
 
 
 __all__ = ["Costs", "WARMUP_STEPS"]

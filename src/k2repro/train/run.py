@@ -93,8 +93,12 @@ def _finish(trainer: Trainer, info: DistInfo, launch: LaunchEnv) -> int:
     trainer.progress.close()
     barrier(info)
     if trainer.sink is not None:
+        costs = trainer.costs
+        if costs.per_step and costs.writer_mark_a is not None and trainer.rollbacks == 0:
+            trainer.sink.flush(wait=True)  # the last step's rows written: the end of the steady rate
+            costs.writer_mark_b = (max(costs.step_wall_s, default=0), trainer.sink.writer_cpu_s)
         trainer.sink.close("interrupted" if trainer.interrupted else "completed")
-        trainer.costs.add_sink(trainer.sink)
+        costs.add_sink(trainer.sink)
     if trainer.interrupted:
         name = signal.Signals(trainer.interrupted).name
         _say(info, f"interrupted by {name} at step {trainer.saved_step}/{trainer.cfg.train.max_steps}; "
