@@ -222,10 +222,13 @@ def test_report_has_an_over_training_section_with_spikes_and_forensics_link(worl
     shutil.copytree(world["store"], root / "train")
     shutil.copytree(world["base"] / "eval1", root / "eval")
     # what `k2repro forensics --out-store ... --out ...` leaves behind
+    # the second spike has no lead signal and no layer (NULL text: pandas reads it back as NaN,
+    # which once made the report's strict JSON refuse the whole report, in make run)
     append_table(root / "forensics", world["run_id"], "spikes", {
-        "spike_id": [1], "onset_step": [30], "peak_step": [31], "end_step": [34], "magnitude": [9.5],
-        "class": ["transient"], "severity": ["benign"], "lead_signal": ["grad_norm"], "top_layer": ["output.weight"],
-        "top_samples": ["[1, 2]"]})
+        "spike_id": [1, 2], "onset_step": [30, 50], "peak_step": [31, 51], "end_step": [34, 52],
+        "magnitude": [9.5, 4.0], "class": ["transient", "transient"], "severity": ["benign", "benign"],
+        "lead_signal": ["grad_norm", None], "top_layer": ["output.weight", None],
+        "top_samples": ["[1, 2]", "[]"]})
     out = tmp_path / "reports"
     (out / world["run_id"]).mkdir(parents=True)
     (out / world["run_id"] / "forensics.html").write_text("<html></html>")
@@ -239,6 +242,7 @@ def test_report_has_an_over_training_section_with_spikes_and_forensics_link(worl
     assert all(row["val/ppl"] == first[row["step"]]["val/ppl"] for row in ot["rows"])
     assert all(row["train_loss"] is not None for row in ot["rows"])
     assert obj["spikes"][0]["onset_step"] == 30 and obj["spikes"][0]["class"] == "transient"
+    assert obj["spikes"][1]["lead_signal"] is None and obj["spikes"][1]["top_layer"] is None
     assert obj["forensics"] == {"html": "forensics.html"}
     page = Path(obj["files"]["html"]).read_text()
     # the UI's charts, inlined (issue 20): loss + grad norm, lr; eval loss, perplexities, memorization

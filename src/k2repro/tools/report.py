@@ -138,6 +138,8 @@ def spike_list(spikes: Any) -> list[dict]:
         for k in ("onset_step", "peak_step", "end_step"):
             s[k] = None if s[k] is None or s[k] != s[k] else int(s[k])
         s["magnitude"] = _num(s["magnitude"])
+        for k in ("class", "severity", "lead_signal", "top_layer"):  # NULL text comes back as NaN
+            s[k] = s[k] if isinstance(s[k], str) else None  # from pandas (a spike with no lead)
     return out
 
 
