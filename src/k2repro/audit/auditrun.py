@@ -26,9 +26,8 @@ from k2repro.audit.hostvalues import (
     scalar,
     step_columns,
 )
-from k2repro.audit.layerstats import LayerPending, process_group
+from k2repro.audit.layerstats import LayerPending, layer_stats_writer, process_group
 from k2repro.audit.runrow import EndsOnExit
-from k2repro.audit.schema import layer_stats_writer
 
 if TYPE_CHECKING:  # pragma: no cover
     from k2repro.audit.sink import AuditSink
@@ -52,7 +51,7 @@ ABSENT_RULES_OUT: dict[str, str] = {
 
 class AuditRun(EndsOnExit):
     """One rank of one audited run. Every rank calls every method (global tables are written by
-    one rank: rank 0, but `layer_stats` the last rank, schema.py `layer_stats_writer`;
+    one rank: rank 0, but `layer_stats` the last rank, layerstats.py `layer_stats_writer`;
     `log_layer_stats` is collective under a process group)."""
 
     def __init__(self, sink: AuditSink, *, declared: Mapping[str, str] | None = None,

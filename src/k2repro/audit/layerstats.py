@@ -16,6 +16,14 @@ from typing import Any
 COLUMNS = ("grad_norm", "param_norm", "update_norm", "update_ratio", "grad_max_abs")
 
 
+def layer_stats_writer(world_size: int) -> int:
+    """The rank that writes `layer_stats` (every rank holds the reduced values): the last one.
+    Rank 0 writes `steps` and every other global row, and the slowest rank sets the pace of
+    every collective, so the writer's work per flush is spread: two segments a flush on each of
+    two ranks instead of three on rank 0 (docs/audit-store.md, "Cheap to write")."""
+    return max(0, world_size - 1)
+
+
 def process_group() -> Any:
     """torch.distributed when a process group is initialized, else None (never imports torch:
     without torch loaded there can be no process group)."""

@@ -223,14 +223,6 @@ GLOBAL_TABLES = ("runs", "hparams", "data_manifest", "steps", "layer_stats", "ch
                  "evals", "spikes")
 
 
-def layer_stats_writer(world_size: int) -> int:
-    """The rank that writes `layer_stats` (every rank holds the reduced values): the last one.
-    Rank 0 writes `steps` and every other global row, and the slowest rank sets the pace of
-    every collective, so the writer's work per flush is spread: two segments a flush on each of
-    two ranks instead of three on rank 0 (docs/audit-store.md, "Cheap to write")."""
-    return max(0, world_size - 1)
-
-
 def columns(table: str) -> tuple[Column, ...]:
     try:
         return TABLES[table]

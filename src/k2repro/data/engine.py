@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import tempfile
+from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -188,8 +189,9 @@ class Step(_step_base()):  # type: ignore[misc]
         super().__init__()
         self.scratch = scratch
 
-    def work(self, rank: int, world_size: int) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def work(self, rank: int, world_size: int) -> None:
+        """Task `rank` of `world_size`: its share of the stage (each subclass says which)."""
 
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator:  # noqa: ANN401
         if data:

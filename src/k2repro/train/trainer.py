@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from k2repro.audit.layerstats import max_abs
-from k2repro.audit.schema import layer_stats_writer
+from k2repro.audit.layerstats import layer_stats_writer, max_abs
 from k2repro.config.load import config_hash, flatten, packed_window_note, to_dict
 from k2repro.config.schema import RunConfig
 from k2repro.core.ids import new_run_id
