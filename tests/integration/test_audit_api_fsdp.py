@@ -62,6 +62,27 @@ SCRIPT = textwrap.dedent('''
             run.log_step(step, loss=1.0)
         if rank == 0:
             print("ddp_run_id=" + run.run_id, flush=True)
+
+    # Rank 1 fails before step 3's layer statistics, rank 0 after them: rank 0's gather of
+    # step 3 never completes. Closing its failed run must not wait on it, nor lose steps 1-2.
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 4))
+    opt = torch.optim.SGD(plain.parameters(), lr=0.05)
+    try:
+        with k2repro.audit.start(sys.argv[1], name="failing") as run:
+            if rank == 0:
+                print("failed_run_id=" + run.run_id, flush=True)
+            for step in (1, 2, 3):
+                if step == 3 and rank == 1:
+                    raise RuntimeError("rank 1 fails")
+                F.cross_entropy(plain(torch.randn(4, 6)), torch.zeros(4, dtype=torch.long)).backward()
+                run.log_layer_stats(step, plain, opt)
+                opt.step()
+                opt.zero_grad()
+                run.log_step(step, loss=1.0)
+            raise RuntimeError("rank 0 fails")
+    except RuntimeError:
+        pass
     dist.destroy_process_group()
 ''')
 
@@ -99,10 +120,15 @@ def test_fsdp2_two_ranks_match_the_unsharded_model(tmp_path) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
     rid = p.stdout.split("run_id=")[1].split()[0]
     ddp_rid = p.stdout.split("ddp_run_id=")[1].split()[0]
+    failed_rid = p.stdout.split("failed_run_id=")[1].split()[0]
     ref = _reference()
     names = ["0.weight", "0.bias", "2.weight", "2.bias"]
     with open_store(store) as st:
-        assert sorted(st.runs()["run_id"]) == sorted([rid, ddp_rid])  # both ranks under rank 0's ids
+        assert sorted(st.runs()["run_id"]) == sorted([rid, ddp_rid, failed_rid])  # both ranks under rank 0's ids
+        failed = st.run(failed_rid)
+        assert failed["status"] == "failed" and "rank 0 fails" in failed["error"]
+        assert "while flushing" not in failed["error"]  # no wait on the gather that never completed
+        assert sorted(set(st.layer_stats(failed_rid)["step"])) == [1, 2]
         run = st.run(rid)
         assert run["status"] == "completed" and run["world_size"] == 2 and run["launcher"] == "torchrun"
         assert sorted(set(st.sql("SELECT rank FROM env WHERE run_id = ?", [rid])["rank"])) == [0, 1]

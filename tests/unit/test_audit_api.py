@@ -207,6 +207,41 @@ def test_layer_stats_of_a_step_that_never_ran_have_no_update(tmp_path) -> None:
         assert (ls[ls["step"] == 2]["update_norm"] > 0).all()
 
 
+def test_layer_stats_follow_a_changed_model() -> None:
+    """The parameter list is cached per model (audit/layerstats.py model_params): freezing a
+    parameter, replacing one and adding a submodule must all show in what is measured,
+    the last within PLAN_REFRESH calls, and names must equal named_parameters' at every call."""
+    from k2repro.audit import layerstats
+
+    model = _model()
+
+    def measured() -> list[str]:
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        return layerstats.measure(1, model).names
+
+    def expected() -> list[str]:
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+
+    assert measured() == expected() == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    model[0].bias.requires_grad_(False)  # frozen: left out at once
+    assert measured() == expected() == ["0.weight", "2.weight", "2.bias"]
+    model[0].bias.requires_grad_(True)
+    new = torch.nn.Parameter(torch.full((3, 8), 7.0))
+    model[2].weight = new  # replaced: measured at once, with its own values
+    item = layerstats.measure(1, model)
+    assert item.names == expected()
+    row = layerstats.matrices([layerstats.reduce(item)])[0][item.names.index("2.weight")]
+    assert float(row[1]) == pytest.approx(float(new.detach().norm()))
+    model.add_module("3", torch.nn.Linear(3, 2))  # a new submodule: within PLAN_REFRESH calls
+    seen = [("3.weight" in measured()) for _ in range(layerstats.PLAN_REFRESH + 1)]
+    assert seen[-1] and measured() == expected()
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        layerstats.measure(1, model)
+
+
 def test_samples_fill_loss_spread_and_absent_lists_the_rest(tmp_path) -> None:
     model = _model()
     with k2repro.audit.start(tmp_path, name="samples", flush_every=2) as run:

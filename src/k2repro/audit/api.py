@@ -8,8 +8,8 @@ safety and run lifecycle that k2repro's own trainer uses (not a copy of them).
 The loop never waits: values may be 0-d tensors, which stay on their device (detached) until
 the next flush, where all of them move to the host in one transfer per device and dtype (a
 `.item()` per value per step would be a host-device sync each). Per-parameter statistics are
-reduced on the device with one all_reduce for the sums and one for the maxima when a process
-group is initialized (FSDP2/DTensor shards are counted once).
+reduced on the device with one asynchronous all_gather of every rank's sums and maxima when a
+process group is initialized, waited for at the flush (FSDP2/DTensor shards are counted once).
 
 Importing this module does not import torch; tensors are recognised when they are logged.
 """

@@ -7,6 +7,7 @@ and ends the run.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import traceback
@@ -69,12 +70,13 @@ class AuditRun(EndsOnExit):
         self._steps: list[tuple[int, Any, dict[str, Any]]] = []  # (step, time, columns)
         self._metrics: list[tuple[int, Any, str, Any]] = []  # (step, time, name, value)
         self._samples: list[tuple[int, Any, Any, Any]] = []  # (step, ids, losses, n_tokens)
-        self._layers: list[tuple[int, list[str], list[int], Any, bool]] = []
+        self._layers: list[layerstats.LayerRows] = []
         self._pending_layer: LayerPending | None = None
         self._carry: dict[int, Any] = {}  # per-sample losses of steps whose row is not logged yet
         self._since_flush = 0
         self._t_last = time.perf_counter()
         self._closed = False
+        self._failing = False  # closing a failed run: wait on no collective
 
     # -- logging ----------------------------------------------------------------------------
 
@@ -86,7 +88,6 @@ class AuditRun(EndsOnExit):
         to their `steps` column if there is one (loss_max, step_time_s, ...), else to `metrics`
         as (step, name, value). `step_time_s` defaults to the time since the previous call.
         Flushes every `flush_every` calls."""
-        from k2repro.audit import schema as S
         from k2repro.audit.writer import utcnow
 
         step = as_step(step)
@@ -96,7 +97,7 @@ class AuditRun(EndsOnExit):
             if val is not None:
                 cols[key] = scalar(val, key)
                 self._seen.add(f"steps.{key}")
-        known = set(S.column_names("steps")) - {"run_id", "step", "time"}
+        known = _step_extra_columns()
         when = utcnow()
         for key, val in extra.items():
             if val is None:
@@ -197,14 +198,18 @@ class AuditRun(EndsOnExit):
         if self.rank != 0:  # global tables: rank 0 writes them, the others fetch nothing
             steps, metrics = [], []
         if self.rank != layer_stats_writer(self.world_size):  # ... but the last rank the layers
+            for m in layers if not self._failing else ():  # a failed run waits on no other rank
+                m.settle()
             layers = []
+        elif self._failing:  # other ranks may be gone: the rows whose gather completes (bounded)
+            layers = layerstats.completed(layers)
         host = Host()
         for _, _, cols in steps:
             for k, v in cols.items():
                 cols[k] = host.add(v)
         metric_vals = [host.add(m[3]) for m in metrics]
         sample_vals = [(s[0], host.add(s[1]), host.add(s[2]), host.add(s[3])) for s in samples]
-        layer_mats = [host.add(m.mat) for m in layers]
+        layer_mats = [host.add(m) for m in layerstats.matrices(layers)]
         host.fetch()
         if steps:
             per_step = losses_by_step(sample_vals, host, self._carry) if self.world_size == 1 else {}
@@ -227,6 +232,7 @@ class AuditRun(EndsOnExit):
         if self._closed:
             return
         self._closed = True
+        self._failing = status != "completed" and process_group() is not None
         try:
             if self._pending_layer is not None:
                 if status == "completed" or process_group() is None:
@@ -282,6 +288,14 @@ class AuditRun(EndsOnExit):
         item, self._pending_layer = self._pending_layer, None
         if item is not None and item.handle is not None:
             item.handle.remove()
+
+
+@functools.cache
+def _step_extra_columns() -> frozenset[str]:
+    """`steps` columns a log_step keyword may fill (built once: log_step runs every step)."""
+    from k2repro.audit import schema as S
+
+    return frozenset(S.column_names("steps")) - {"run_id", "step", "time"}
 
 
 def _size(p: Path) -> int:

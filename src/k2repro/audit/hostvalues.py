@@ -29,6 +29,8 @@ def is_tensor(x: Any) -> bool:
 
 def scalar(val: Any, key: str) -> Any:
     """A number, or a detached one-element tensor (no sync: numel is metadata)."""
+    if type(val) is float or type(val) is int:  # the common case first: a dozen a step
+        return val
     if is_tensor(val):
         if val.numel() != 1:
             raise ValueError(f"'{key}' must be a scalar (got a tensor of shape {tuple(val.shape)})")

@@ -1,6 +1,7 @@
 """Per-parameter statistics of a model under any parallelism (`layer_stats` of the audit API):
 grad, parameter and update norms and max |grad|, reduced on the device, DTensor shards counted
-once (FSDP2), with one all_reduce for the sums and one for the maxima under a process group.
+once (FSDP2), with one asynchronous all_gather of every rank's sums and maxima under a process
+group, waited for at the flush.
 
 k2repro's own trainer folds the same statistics into the one collective its step already does
 (train/stepstats.py); this module is for loops k2repro does not own.
@@ -41,67 +42,192 @@ class LayerPending:
     step: int
     names: list[str]
     numel: list[int]
-    sums: Any  # (3P,) local grad_sq, param_sq, update_sq (weighted, see count_weights)
+    sums: Any  # (2P,) local grad_sq, param_sq (weighted, see count_weights)
     gmax: Any  # (P,) local max |grad|
     has_update: bool
     weights: Any = None  # (P,) count_weights of the parameters
     snapshot: list | None = None  # local parameters before the optimizer step
     params: list | None = None
     handle: Any = None  # the optimizer step hook that measures the update
+    update: Any = None  # (P,) weighted update_sq when measured with before=
 
 
 @dataclasses.dataclass
 class LayerRows:
-    """One call's reduced statistics: `mat` is (P, 5) in COLUMNS order, on the device."""
+    """One call's statistics, not yet reduced to rows: `vec` is (world, 4P) on the device,
+    every rank's grad_sq, param_sq, update_sq and max |grad| (world 1 without a process group);
+    `matrices()` turns many calls into (P, 5) rows at once.
+
+    Under a process group `vec` is filled by an asynchronous all_gather, waited for at the next
+    flush, long after it arrived: a blocking collective in the optimizer step would hold the
+    step until the slowest rank reaches it, spinning meanwhile (0.2-0.3 ms a call on 2 CPU
+    ranks here), for numbers nobody reads before the flush. Roots and ratios are taken at the
+    flush too, for all its calls in one set of kernels instead of eight per call."""
 
     step: int
     names: list[str]
     numel: list[int]
-    mat: Any
+    vec: Any
     has_update: bool
+    work: Any = None  # the all_gather's handle while it runs
+
+    def settle(self) -> None:
+        """Wait for the collective (a rank that does not write the rows: nothing to compute)."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+
+
+#: A failed run's writer waits at most this long in all for gathers other ranks may never
+#: join (a peer that died closes its connections, which ends the wait sooner).
+FAILED_WAIT_S = 5.0
+
+
+def completed(layers: Sequence[LayerRows], timeout_s: float = FAILED_WAIT_S) -> list[LayerRows]:
+    """The calls whose gather completes within `timeout_s` in all, in order up to the first
+    that does not: closing a failed run, whose other ranks may never send their part."""
+    import time
+    from datetime import timedelta
+
+    deadline = time.monotonic() + timeout_s
+    out: list[LayerRows] = []
+    for item in layers:
+        if item.work is not None:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0 or item.work.wait(timedelta(seconds=left)) is False:
+                    break
+            except Exception:  # noqa: BLE001 - a timeout or a peer gone: these rows are lost
+                break
+            item.work = None
+        out.append(item)
+    return out
+
+
+def matrices(layers: Sequence[LayerRows]) -> list[Any]:
+    """Each call's (P, 5) rows in COLUMNS order, on the device: calls with the same parameter
+    count are reduced together (sum over ranks of the squares, max of the maxima, roots and
+    ratios) in one set of kernels."""
+    import torch
+
+    for item in layers:
+        item.settle()
+    out: list[Any] = [None] * len(layers)
+    groups: dict[tuple, list[int]] = {}
+    for i, item in enumerate(layers):
+        groups.setdefault((len(item.names), tuple(item.vec.shape), item.vec.device), []).append(i)
+    for (P, _, _), idx in groups.items():
+        v = torch.stack([layers[i].vec for i in idx])  # (k, world, 4P)
+        sums, gmax = v[:, :, :3 * P].sum(1).view(-1, 3, P).sqrt(), v[:, :, 3 * P:].amax(1)
+        gn, pn, un = sums.unbind(1)
+        mats = torch.stack([gn, pn, un, un / pn.clamp(min=1e-30), gmax], dim=2)  # (k, P, 5)
+        for j, i in enumerate(idx):
+            out[i] = mats[j]
+    return out
 
 
 def measure(step: int, model: Any, *, before: Any = None, keep_snapshot: bool = False) -> LayerPending:
     """This rank's local statistics of the parameters that require grad (see
     AuditRun.log_layer_stats for when to call it). With `before`, the update is measured now;
-    with `keep_snapshot`, the parameters are copied so `update_sq` can measure it after the step."""
+    with `keep_snapshot`, the parameters are copied so `update_sq` can measure it after the step.
+
+    Everything runs under no_grad, so no tensor is detached (a dispatcher call each); the
+    parameter list comes from `model_params` (walked again only when the model changed)."""
     import torch
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("log_layer_stats: the model has no parameters that require grad")
-    names, params = [n for n, _ in named], [p for _, p in named]
-    ws = [local_shard(p).detach() for p in params]
-    dev = ws[0].device
-    grads = []
-    for p, w in zip(params, ws):
-        g = p.grad
-        if g is not None and any(pl.is_partial() for pl in getattr(g, "placements", ())):
-            raise ValueError("log_layer_stats: gradients with a Partial placement are not reduced yet: "
-                             "call it after the gradient reduction")
-        grads.append(local_shard(g) if g is not None else torch.zeros((), dtype=w.dtype, device=w.device))
+    names, params, numel = model_params(model)
     with torch.no_grad():
+        ws = locals_of(params)
+        dev = ws[0].device
+        grads = []
+        for p, w in zip(params, ws):
+            g = p.grad
+            if g is None:
+                grads.append(torch.zeros((), dtype=w.dtype, device=w.device))
+                continue
+            pl = getattr(g, "placements", None)
+            if pl is not None and any(x.is_partial() for x in pl):
+                raise ValueError("log_layer_stats: gradients with a Partial placement are not reduced yet: "
+                                 "call it after the gradient reduction")
+            loc = getattr(g, "_local_tensor", None)
+            grads.append(loc if loc is not None else local_shard(g))
         weights = count_weights(params, dev)
-        grad_sq = _sq_norms(grads, dev)
         gmax = max_abs(grads, dev)
-        snapshot = None
+        snapshot = update = None
         if before is not None:
             prev = align_before(before, names, params)
-            param_sq, update_sq = _sq_norms(prev, dev), _sq_norms(torch._foreach_sub(ws, prev), dev)
+            sums = _sq_norms(grads + prev, dev)  # grad and parameter norms: one foreach call
+            update = _sq_norms(torch._foreach_sub(ws, prev), dev).mul_(weights)
         else:
-            param_sq = _sq_norms(ws, dev)
-            update_sq = torch.zeros_like(param_sq)
+            sums = _sq_norms(grads + ws, dev)
             if keep_snapshot:
                 snapshot = snapshot_of(params, ws)
-        sums = torch.cat([grad_sq, param_sq, update_sq]) * weights.repeat(3)
-    return LayerPending(step, names, [int(p.numel()) for p in params], sums, gmax, before is not None,
-                        weights, snapshot, params if snapshot is not None else None)
+        sums.view(2, -1).mul_(weights)
+    return LayerPending(step, names, numel, sums, gmax, before is not None,
+                        weights, snapshot, params if snapshot is not None else None, update=update)
+
+
+class _Plan:
+    """Where a model's parameters live: (module, attribute, name, parameter) in
+    `named_parameters` order, shared parameters once. Walking the module tree costs more than
+    any single statistic of a small model (0.1-0.2 ms for 40 parameters); checking that every
+    attribute still holds its parameter costs a dict lookup each."""
+
+    __slots__ = ("entries", "calls", "numel")
+
+    def __init__(self, model: Any) -> None:
+        seen: set[int] = set()
+        self.entries: list[tuple[Any, str, str, Any]] = []
+        for prefix, mod in model.named_modules():
+            for attr, p in mod._parameters.items():
+                if p is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                self.entries.append((mod, attr, f"{prefix}.{attr}" if prefix else attr, p))
+        self.calls = 0
+        self.numel = {id(p): int(p.numel()) for *_, p in self.entries}
+
+    def current(self) -> bool:
+        return all(mod._parameters.get(attr) is p for mod, attr, _, p in self.entries)
+
+
+_PLANS: Any = None  # weakref.WeakKeyDictionary: model -> _Plan
+#: A parameter registered on a new submodule after the first call is not seen by `current`;
+#: the tree is walked again every this many calls, so it is picked up within them.
+PLAN_REFRESH = 64
+
+
+def model_params(model: Any) -> tuple[list[str], list, list[int]]:
+    """Names, parameters and element counts of the parameters that require grad, as
+    `named_parameters` gives them, cached per model: the tree is walked again when a parameter
+    was replaced (FSDP2 swapping sharded and unsharded parameters included) and every
+    PLAN_REFRESH calls; requires_grad is read every call (freezing takes effect at once)."""
+    global _PLANS
+    if _PLANS is None:
+        import weakref
+
+        _PLANS = weakref.WeakKeyDictionary()
+    if not hasattr(model, "named_modules"):
+        raise ValueError(f"log_layer_stats: {type(model).__name__} is not a torch.nn.Module")
+    plan = _PLANS.get(model)
+    if plan is None or plan.calls >= PLAN_REFRESH or not plan.current():
+        plan = _PLANS[model] = _Plan(model)
+    plan.calls += 1
+    names, params, numel = [], [], []
+    for _, _, name, p in plan.entries:
+        if p.requires_grad:
+            names.append(name)
+            params.append(p)
+            numel.append(plan.numel[id(p)])
+    if not params:
+        raise ValueError("log_layer_stats: the model has no parameters that require grad")
+    return names, params, numel
 
 
 def _sq_norms(ts: list, dev: Any) -> Any:
     import torch
 
-    return stack_on(torch._foreach_norm(ts, 2, dtype=torch.float32), dev).pow(2)
+    return stack_on(torch._foreach_norm(ts, 2, dtype=torch.float32), dev).pow_(2)
 
 
 def update_sq(item: LayerPending) -> Any:
@@ -109,18 +235,19 @@ def update_sq(item: LayerPending) -> Any:
     import torch
 
     with torch.no_grad():
-        now = [local_shard(p).detach() for p in item.params or []]
+        now = locals_of(item.params or [])
         snap = item.snapshot or []
         torch._foreach_sub_(snap, now)  # in place: the snapshot is spent, and no new buffers
-        out = _sq_norms(snap, item.sums.device) * item.weights
+        out = _sq_norms(snap, item.sums.device).mul_(item.weights)
     release_snapshot(item.snapshot)
     return out
 
 
 def reduce(item: LayerPending, update: Any = None) -> LayerRows:
-    """Reduce over ranks (one all_reduce of the sums, one of the maxima under a process group)
-    and take roots and ratios, on the device. `update`: squared update norms measured after
-    the step (replacing the zeros of `measure`)."""
+    """Start the reduction over ranks: under a process group one asynchronous all_gather of
+    every rank's sums and maxima (two all_reduces cost twice the fixed price of a collective,
+    which at these sizes is all there is); `matrices()` finishes it. `update`: squared update
+    norms measured after the step (else those of `before=`, else zeros: no update)."""
     import torch
 
     if item.handle is not None:
@@ -128,17 +255,17 @@ def reduce(item: LayerPending, update: Any = None) -> LayerRows:
     release_snapshot(item.snapshot)  # a measurement dropped before its update (a skipped step)
     item.snapshot = item.params = None
     P = len(item.names)
-    sums, gmax, has_update = item.sums, item.gmax, item.has_update
-    if update is not None:
-        sums, has_update = torch.cat([sums[:2 * P], update]), True
+    has_update = item.has_update or update is not None
+    if update is None:
+        update = item.update if item.update is not None else item.gmax.new_zeros(P)
+    mine = torch.cat([item.sums, update, item.gmax.to(item.sums.dtype)])
     d = process_group()
     if d is not None and d.get_world_size() > 1:
-        sums, gmax = sums.clone(), gmax.clone()
-        d.all_reduce(sums, op=d.ReduceOp.SUM)
-        d.all_reduce(gmax, op=d.ReduceOp.MAX)
-    gn, pn, un = sums[:P].sqrt(), sums[P:2 * P].sqrt(), sums[2 * P:].sqrt()
-    mat = torch.stack([gn, pn, un, un / pn.clamp(min=1e-30), gmax], dim=1)
-    return LayerRows(item.step, item.names, item.numel, mat, has_update)
+        world = d.get_world_size()
+        every = mine.new_empty(world * mine.numel())  # flat: gloo wants rank chunks of mine's shape
+        work = d.all_gather_into_tensor(every, mine, async_op=True)
+        return LayerRows(item.step, item.names, item.numel, every.view(world, -1), has_update, work)
+    return LayerRows(item.step, item.names, item.numel, mine.view(1, -1), has_update)
 
 
 def layer_columns(layers: list[LayerRows], mats: list[Any]) -> dict[str, list]:
@@ -168,10 +295,26 @@ def local_shard(t: Any) -> Any:
     return local(t)
 
 
+def locals_of(ts: Sequence[Any]) -> list:
+    """`local_shard` of every tensor, reading DTensor's field inline: this runs for every
+    parameter three times a measurement, and a function call and an import per tensor add up."""
+    out = []
+    for t in ts:
+        loc = getattr(t, "_local_tensor", None)
+        out.append(loc if loc is not None else local_shard(t))
+    return out
+
+
 def stack_on(ts: Sequence[Any], dev: Any) -> Any:
+    """The 0-d results of a foreach op stacked on `dev`. They are on one device unless the model
+    spans several; asking every tensor for its device costs more than the stack."""
     import torch
 
-    return torch.stack([t if t.device == dev else t.to(dev) for t in ts])
+    try:
+        out = torch.stack(list(ts))
+    except RuntimeError:  # tensors on several devices
+        return torch.stack([t if t.device == dev else t.to(dev) for t in ts])
+    return out if out.device == dev else out.to(dev)
 
 
 def grad_norm(model_or_params: Any) -> Any:
@@ -305,5 +448,5 @@ def inner_optimizer(opt: Any) -> Any:
     return opt
 
 
-__all__ = ["COLUMNS", "process_group", "LayerPending", "LayerRows", "measure", "update_sq", "reduce", "layer_columns", "local_shard", "stack_on", "grad_norm", "max_abs", "count_weights",
+__all__ = ["COLUMNS", "process_group", "LayerPending", "LayerRows", "completed", "matrices", "measure", "update_sq", "reduce", "layer_columns", "local_shard", "stack_on", "grad_norm", "max_abs", "count_weights",
            "align_before", "inner_optimizer"]

@@ -296,10 +296,14 @@ class K2ReproCallback(Callback):
         if per <= 0 or b < 0 or (b + 1) * per > int(total):
             return None
         # OLMo-core maps its index file anew on every get_global_indices() call (a third of
-        # the callback's time per step at the defaults): keep one map per loader and epoch.
-        key = (id(dl), getattr(dl, "epoch", None), str(getattr(dl, "_global_indices_file", "")))
+        # the callback's time per step at the defaults): keep one map per loader, epoch and seed
+        # (the fields its file name is made of; the path itself is a property built per call),
+        # seen as a plain ndarray (slicing a memmap makes a memmap object each time).
+        key = (id(dl), getattr(dl, "epoch", None), getattr(dl, "seed", None), id(getattr(dl, "_global_indices", None)))
         if self._indices is None or self._indices[0] != key:
-            self._indices = (key, get())
+            import numpy as np
+
+            self._indices = (key, np.asarray(get()).view(np.ndarray))
         return self._indices[1][b * per:(b + 1) * per].tolist()
 
     def _drain(self, final: bool = False) -> None:
@@ -311,6 +315,8 @@ class K2ReproCallback(Callback):
         step already written go to `metrics` only."""
         run = self._active
         if run is None:
+            return
+        if not self._inbox and not final:  # nothing arrived since the last drain
             return
         with self._lock:
             inbox, self._inbox = self._inbox, []
