@@ -14,8 +14,10 @@ rows and lineage: this module computes none of them itself):
   layout (`k2repro batch` reads a step's token ids through it);
 - pre_step: the step's global instance indices, from the data loader's global index and
   `batches_processed` (every rank checks its own share, `batch["index"]`, against them): they
-  become `steps.batch_hash` and `sample_stats` rows (sample id, batch position; loss NULL:
-  OLMo-core sums the loss inside `train_batch` and never shows per-instance losses);
+  become `steps.batch_hash` and `sample_stats` rows (sample id, batch position, the rank it went
+  to; loss NULL: OLMo-core sums the loss inside `train_batch` and never shows per-instance
+  losses), written by the last rank for the whole batch. A rank whose share differs logs an
+  `audit_data_order` warning and writes the instances it was given (batch position NULL);
 - pre_optim_step: `layer_stats` every `layer_stats_every` steps, with the optimizer (exact
   updates), FSDP2 shards reduced on the device (`AuditRun.log_layer_stats`);
 - log_metrics (rank-reduced numbers, delivered late and from OLMo-core's bookkeeping thread):
@@ -49,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
                       "(ai2-olmo-core>=3.0,<3.1)") from exc
 
 from k2repro.audit.api import AuditRun, config_dict, start
+from k2repro.audit.layerstats import layer_stats_writer
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +185,10 @@ class K2ReproCallback(Callback):
         if n_tok is not None:
             info["tokens"] = int(n_tok)
         local = _ints(batch.get("index"))
-        glob = self._global_ids(dl)
-        pos: list[int | None] = [None] * len(local or [])
-        if glob is not None and local is not None:
+        glob = self._global_ids(dl) if local is not None else None
+        if glob is not None:
             ws, r = run.world_size, run.rank
             if glob[r::ws] == local:
-                pos = list(range(r, len(glob), ws))
                 info["batch_ids"] = glob
             else:
                 glob = None
@@ -196,10 +197,20 @@ class K2ReproCallback(Callback):
                                   reason="this rank's batch['index'] is not its share of the loader's global "
                                          "indices: batch_hash left out")
                 self._order_ok = False
-        if local is not None:
+        n_tok_row = int(batch["input_ids"].shape[-1])
+        if glob is not None:
+            # The step's instances come from the loader's global index, which every rank holds
+            # and checked its own share of: the last rank writes the whole batch's rows (with
+            # the rank each instance went to), beside the layer statistics it writes already.
+            # Rank 0 writes steps and metrics: three segments a flush there cost a third more.
+            if run.rank == layer_stats_writer(run.world_size):
+                n = len(glob)
+                run.sink.log_samples({"step": [step] * n, "sample_id": glob, "loss": [None] * n,
+                                      "batch_pos": list(range(n)), "rank": [i % run.world_size for i in range(n)],
+                                      "n_tokens": [n_tok_row] * n})
+        elif local is not None:  # no global order to trust: each rank writes what it was given
             run.sink.log_samples({"step": [step] * len(local), "sample_id": local, "loss": [None] * len(local),
-                                  "batch_pos": pos,
-                                  "n_tokens": [int(batch["input_ids"].shape[-1])] * len(local)})
+                                  "batch_pos": [None] * len(local), "n_tokens": [n_tok_row] * len(local)})
         skip = getattr(self.trainer, "steps_to_skip", None) or []
         if any(sr.start <= step < sr.stop for sr in skip):
             info["skipped_by_config"] = True
