@@ -64,12 +64,13 @@ SCRIPT = textwrap.dedent('''
             print("ddp_run_id=" + run.run_id, flush=True)
 
     # Rank 1 fails before step 3's layer statistics, rank 0 after them: rank 0's gather of
-    # step 3 never completes. Closing its failed run must not wait on it, nor lose steps 1-2.
+    # step 3 never completes. Closing its failed run must not wait on it, nor lose steps 1-2
+    # (flush_every=1: every call is gathered at once; by default a flush's worth together).
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 4))
     opt = torch.optim.SGD(plain.parameters(), lr=0.05)
     try:
-        with k2repro.audit.start(sys.argv[1], name="failing") as run:
+        with k2repro.audit.start(sys.argv[1], name="failing", flush_every=1) as run:
             if rank == 0:
                 print("failed_run_id=" + run.run_id, flush=True)
             for step in (1, 2, 3):

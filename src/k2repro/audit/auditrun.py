@@ -70,7 +70,10 @@ class AuditRun(EndsOnExit):
         self._steps: list[tuple[int, Any, dict[str, Any]]] = []  # (step, time, columns)
         self._metrics: list[tuple[int, Any, str, Any]] = []  # (step, time, name, value)
         self._samples: list[tuple[int, Any, Any, Any]] = []  # (step, ids, losses, n_tokens)
-        self._layers: list[layerstats.LayerRows] = []
+        self._layers: list[layerstats.LayerRows] = []  # gathered (or a single process): flushable
+        self._ungathered: list[layerstats.LayerRows] = []  # this rank's part, not yet gathered
+        self._layer_prev: int | None = None  # step of the previous log_layer_stats call
+        self._layer_gap: int | None = None  # steps between the last two calls
         self._pending_layer: LayerPending | None = None
         self._carry: dict[int, Any] = {}  # per-sample losses of steps whose row is not logged yet
         self._since_flush = 0
@@ -101,6 +104,12 @@ class AuditRun(EndsOnExit):
         when = utcnow()
         for key, val in extra.items():
             if val is None:
+                continue
+            if type(val) is float or type(val) is int:  # the common case, checked first: a trainer's
+                if key in known:  # own metrics are a dozen plain numbers a step
+                    cols[key] = val
+                else:
+                    self._metrics.append((step, when, key, val))
                 continue
             if key in known:
                 cols[key] = val if isinstance(val, str | bool) else scalar(val, key)
@@ -152,6 +161,9 @@ class AuditRun(EndsOnExit):
         the update. Collective when a process group is initialized: every rank calls it."""
         step = as_step(step)
         self._finish_layer(update=None)  # the previous call's step never ran (e.g. an AMP skip)
+        if self._layer_prev is not None:
+            self._layer_gap = step - self._layer_prev
+        self._layer_prev = step
         item = layerstats.measure(step, model, before=before, keep_snapshot=optimizer is not None)
         self._seen.add("layer_stats")
         self._pending_layer = item
@@ -198,11 +210,13 @@ class AuditRun(EndsOnExit):
         if self.rank != 0:  # global tables: rank 0 writes them, the others fetch nothing
             steps, metrics = [], []
         if self.rank != layer_stats_writer(self.world_size):  # ... but the last rank the layers
-            for m in layers if not self._failing else ():  # a failed run waits on no other rank
-                m.settle()
-            layers = []
+            layers = []  # (their gathers complete on the process group's threads, unwaited)
         elif self._failing:  # other ranks may be gone: the rows whose gather completes (bounded)
             layers = layerstats.completed(layers)
+        elif not self._closed:  # a flush never waits on other ranks: what arrived, the rest later
+            here = [m.arrived() for m in layers]
+            self._layers = [m for m, h in zip(layers, here) if not h] + self._layers
+            layers = [m for m, h in zip(layers, here) if h]
         host = Host()
         for _, _, cols in steps:
             for k, v in cols.items():
@@ -239,6 +253,10 @@ class AuditRun(EndsOnExit):
                     self._finish_layer(update=None)
                 else:
                     self._drop_layer()
+            if self._failing:  # never gathered: other ranks may be gone
+                self._ungathered = []
+            else:
+                self._gather()
             self.flush()
             if self.rank == 0:
                 missing = {k: self._why(k) for k in ABSENT_RULES_OUT
@@ -279,10 +297,30 @@ class AuditRun(EndsOnExit):
             "rules_out": {k: ABSENT_RULES_OUT.get(k, "") for k in items}})
 
     def _finish_layer(self, update: Any) -> None:
-        """Reduce the pending call's statistics and queue its rows for the next flush."""
+        """Take the pending call's statistics, and under a process group start gathering them
+        with the calls before it once they span a flush's worth of steps (flush_every): one
+        collective per flush instead of one per call when layer statistics are taken every
+        step. Which calls are gathered together depends only on their steps, the same on every
+        rank, as a collective needs. Rows wait for their gather, so they reach the store up to
+        one flush later than the steps."""
         item, self._pending_layer = self._pending_layer, None
-        if item is not None:
-            self._layers.append(layerstats.reduce(item, update))
+        if item is None:
+            return
+        rows = layerstats.reduce(item, update)
+        if self.world_size == 1 or process_group() is None:
+            self._layers.append(rows)
+            return
+        self._ungathered.append(rows)
+        gap = self._layer_gap
+        if gap is None or gap <= 0 or rows.step - self._ungathered[0].step + gap >= self.flush_every:
+            self._gather()
+
+    def _gather(self) -> None:
+        """Start the all_gather of the calls not yet gathered (collective)."""
+        if self._ungathered:
+            layerstats.gather(self._ungathered)
+            self._layers += self._ungathered
+            self._ungathered = []
 
     def _drop_layer(self) -> None:
         item, self._pending_layer = self._pending_layer, None

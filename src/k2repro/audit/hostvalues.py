@@ -83,7 +83,7 @@ class Host:
         self._out: dict[tuple, Any] = {}
 
     def add(self, v: Any) -> Any:
-        if not is_tensor(v):
+        if type(v) is float or type(v) is int or not is_tensor(v):
             return v
         key = (str(v.device), str(v.dtype))
         group = self._groups.setdefault(key, [])

@@ -71,8 +71,13 @@ class LayerRows:
     has_update: bool
     work: Any = None  # the all_gather's handle while it runs
 
+    def arrived(self) -> bool:
+        """Whether every rank's part is here (a flush writes these and keeps the rest)."""
+        return self.work is None or bool(self.work.is_completed())
+
     def settle(self) -> None:
-        """Wait for the collective (a rank that does not write the rows: nothing to compute)."""
+        """Wait for the collective (a rank that does not write the rows: nothing to compute).
+        Calls gathered together share one handle: waiting again on a completed one is free."""
         if self.work is not None:
             self.work.wait()
             self.work = None
@@ -244,10 +249,9 @@ def update_sq(item: LayerPending) -> Any:
 
 
 def reduce(item: LayerPending, update: Any = None) -> LayerRows:
-    """Start the reduction over ranks: under a process group one asynchronous all_gather of
-    every rank's sums and maxima (two all_reduces cost twice the fixed price of a collective,
-    which at these sizes is all there is); `matrices()` finishes it. `update`: squared update
-    norms measured after the step (else those of `before=`, else zeros: no update)."""
+    """This rank's part of the rows, ready for `gather` (under a process group) or `matrices`:
+    `update` is the squared update norms measured after the step (else those of `before=`,
+    else zeros: no update)."""
     import torch
 
     if item.handle is not None:
@@ -259,13 +263,29 @@ def reduce(item: LayerPending, update: Any = None) -> LayerRows:
     if update is None:
         update = item.update if item.update is not None else item.gmax.new_zeros(P)
     mine = torch.cat([item.sums, update, item.gmax.to(item.sums.dtype)])
-    d = process_group()
-    if d is not None and d.get_world_size() > 1:
-        world = d.get_world_size()
-        every = mine.new_empty(world * mine.numel())  # flat: gloo wants rank chunks of mine's shape
-        work = d.all_gather_into_tensor(every, mine, async_op=True)
-        return LayerRows(item.step, item.names, item.numel, every.view(world, -1), has_update, work)
     return LayerRows(item.step, item.names, item.numel, mine.view(1, -1), has_update)
+
+
+def gather(layers: Sequence[LayerRows]) -> None:
+    """Start the reduction over ranks of these calls: one asynchronous all_gather of every
+    rank's sums and maxima for all of them (a collective's fixed price, paid once instead of
+    once a call, or twice with an all_reduce for the sums and one for the maxima), after which
+    each call's `vec` is its (world, 4P) view; `matrices()` waits and finishes. Collective:
+    every rank calls it with the same calls."""
+    import torch
+
+    d = process_group()
+    if not layers or d is None or d.get_world_size() == 1:
+        return
+    world = d.get_world_size()
+    mine = torch.cat([item.vec.view(-1) for item in layers])
+    every = mine.new_empty(world * mine.numel())  # flat: gloo wants rank chunks of mine's shape
+    work = d.all_gather_into_tensor(every, mine, async_op=True)
+    every, off = every.view(world, -1), 0
+    for item in layers:
+        n = item.vec.numel()
+        item.vec, item.work = every[:, off:off + n], work
+        off += n
 
 
 def layer_columns(layers: list[LayerRows], mats: list[Any]) -> dict[str, list]:
@@ -448,5 +468,5 @@ def inner_optimizer(opt: Any) -> Any:
     return opt
 
 
-__all__ = ["COLUMNS", "process_group", "LayerPending", "LayerRows", "completed", "matrices", "measure", "update_sq", "reduce", "layer_columns", "local_shard", "stack_on", "grad_norm", "max_abs", "count_weights",
+__all__ = ["COLUMNS", "process_group", "LayerPending", "LayerRows", "completed", "gather", "matrices", "measure", "update_sq", "reduce", "layer_columns", "local_shard", "stack_on", "grad_norm", "max_abs", "count_weights",
            "align_before", "inner_optimizer"]
