@@ -6,6 +6,16 @@ vocabulary. Byte-level means every input is encodable (no unknown token) and dec
 lossless. Training is deterministic: the trainer breaks ties between equally frequent pairs
 by the pair itself, so two runs (any thread count) write the same tokenizer.json.
 
+BPE training is one process whose memory grows with the text it counts, so on a large corpus
+it learns from a sample of at most `data.tokenizer_train_mb` MB of the train split: each
+document is in it when a hash of its id (salted apart from the train/validation split's hash)
+falls below `train_mb / kept MB of the dedup output`, and the sample stops at the bound. The
+choice depends only on the document ids and dedup's counts, so it is the same on every run,
+executor and worker count, and it is spread over every shard rather than the first ones. When
+the deduplicated corpus is within the bound (the bundled corpus), every train document is used
+and the manifest is what it was before the bound existed; otherwise the manifest's params
+record the bound and `sample` what was drawn.
+
 A supplied tokenizer (any model the `tokenizers` library loads: BPE, WordPiece, Unigram) is
 checked and copied byte for byte into the stage's output folder, so `pack` and the trainer
 find it where they find a trained one and the manifest's sha256 is that of the user's file.
@@ -18,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from k2repro.core.atomic import atomic_dir
@@ -26,6 +37,8 @@ from k2repro.data.workdir import artifact, read_manifest, rebase, relpath, write
 from k2repro.errors import BadInputError, ConfigError
 
 STAGE = "tokenize"
+DEFAULT_TRAIN_MB = 256
+SAMPLE_SALT = b"k2repro-tokenizer-sample\0"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOS, PAD)
@@ -83,20 +96,69 @@ def build_trainer(vocab_size: int, min_frequency: int):  # noqa: ANN201
 
 
 def train_tokenizer(in_dir: str | os.PathLike, out: str | os.PathLike, vocab_size: int = 2048,
-                    min_frequency: int = 2, engine=None) -> dict:  # noqa: ANN001 - k2repro.data.engine.Engine
-    """Train on dedup's train shards as one datatrove task (BPE training is one process),
-    write `<out>/tokenizer.json` and `manifest.json`; returns the manifest."""
+                    min_frequency: int = 2, engine=None, train_mb: float = DEFAULT_TRAIN_MB) -> dict:  # noqa: ANN001 - k2repro.data.engine.Engine
+    """Train on dedup's train shards (at most `train_mb` MB of them, see the module doc) as one
+    datatrove task (BPE training is one process), write `<out>/tokenizer.json` and
+    `manifest.json`; returns the manifest."""
     if vocab_size < MIN_VOCAB:
         raise ConfigError(f"config key 'data.vocab_size': must be >= {MIN_VOCAB} "
                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens) (got {vocab_size})")
     if min_frequency < 1:
         raise ConfigError(f"config key 'data.min_frequency': must be >= 1 (got {min_frequency})")
+    if not train_mb > 0:
+        raise ConfigError(f"config key 'data.tokenizer_train_mb': must be > 0 (got {train_mb})")
     from k2repro.data import engine as eng
 
-    return eng.run_one_task(_train, engine, Path(out), Path(in_dir), Path(out), vocab_size, min_frequency)
+    return eng.run_one_task(_train, engine, Path(out), Path(in_dir), Path(out), vocab_size, min_frequency,
+                            float(train_mb))
 
 
-def _train(src: Path, out: Path, vocab_size: int, min_frequency: int, engine) -> dict:  # noqa: ANN001
+def sample_key(doc_id: str) -> float:
+    """A document's place in [0, 1) for the tokenizer's training sample (salted, so it is
+    independent of the train/validation split, which hashes the same ids)."""
+    h = hashlib.sha256(SAMPLE_SALT + doc_id.encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+class TrainSample:
+    """The train documents BPE learns from: all of them when dedup kept at most `max_bytes`,
+    else those whose `sample_key` is below max_bytes / kept bytes, in shard order, stopping
+    before the sample would pass `max_bytes`. Counts what it yields."""
+
+    def __init__(self, max_bytes: int, kept_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.fraction = 1.0 if kept_bytes <= max_bytes else max_bytes / kept_bytes
+        self.docs = self.bytes = self.seen = 0
+        self.full = False
+
+    @property
+    def bounded(self) -> bool:
+        return self.fraction < 1.0
+
+    def texts(self, docs: Iterator[dict], prog=None) -> Iterator[str]:  # noqa: ANN001 - a Progress
+        """The sampled texts of `docs`; `prog` counts every document read (the stage's pace)."""
+        for d in docs:
+            self.seen += 1
+            n = len(d["text"].encode("utf-8"))
+            if prog is not None:
+                prog.update(1, n)
+            if self.full or (self.bounded and sample_key(d["doc_id"]) >= self.fraction):
+                continue
+            if self.bounded and self.bytes + n > self.max_bytes:
+                self.full = True  # the hash share overshot the bound: stop here, whatever follows
+                continue
+            self.docs += 1
+            self.bytes += n
+            yield d["text"]
+
+    def record(self, max_mb: float) -> dict:
+        """What the manifest says of the sample (only when it is one)."""
+        return {"max_mb": max_mb, "method": "sha256(salt, doc_id) < fraction, in shard order, up to max_mb",
+                "fraction": round(self.fraction, 6), "docs": self.docs, "bytes": self.bytes,
+                "of_docs": self.seen, "stopped_at_bound": self.full}
+
+
+def _train(src: Path, out: Path, vocab_size: int, min_frequency: int, train_mb: float, engine) -> dict:  # noqa: ANN001
     from k2repro.data.engine import iter_shard, shards_of, write_execution
     from k2repro.data.progress import Progress
 
@@ -105,17 +167,22 @@ def _train(src: Path, out: Path, vocab_size: int, min_frequency: int, engine) ->
     n_docs = sum(a["n_docs"] for a in trained_on)
     if not n_docs:
         raise BadInputError(f"{src}: no training documents to train the tokenizer on")
+    sample = TrainSample(int(train_mb * 1e6), int(upstream["counts"]["kept_bytes"]))
     tok, trainer = build_trainer(vocab_size, min_frequency)
-    texts = (d["text"] for p in shards_of(upstream, ["train"]) for d in iter_shard(src / p))
+    docs = (d for p in shards_of(upstream, ["train"]) for d in iter_shard(src / p))
     with Progress(STAGE, total_docs=n_docs) as prog:
-        tok.train_from_iterator(prog.wrap(texts), trainer=trainer, length=n_docs)
+        tok.train_from_iterator(sample.texts(docs, prog), trainer=trainer,
+                                length=round(n_docs * sample.fraction) if sample.bounded else n_docs)
+    params = {"vocab_size": vocab_size, "min_frequency": min_frequency, "model": "byte-level BPE",
+              "special_tokens": list(SPECIAL_TOKENS)}
     manifest = {
         "stage": STAGE,
-        "params": {"vocab_size": vocab_size, "min_frequency": min_frequency, "model": "byte-level BPE",
-                   "special_tokens": list(SPECIAL_TOKENS)},
+        # the bound is recorded when it chose a sample: a corpus within it trains as before
+        "params": params | ({"train_mb": train_mb} if sample.bounded else {}),
         "vocab_size": tok.get_vocab_size(), "eos_token": EOS, "eos_id": eos_id(tok), "supplied": False,
         "inputs": rebase(trained_on, src, out),
         "artifacts": [],
+        **({"sample": sample.record(train_mb)} if sample.bounded else {}),
     }
     with atomic_dir(out) as tmp:
         tok.save(str(tmp / TOKENIZER_FILE), pretty=True)
