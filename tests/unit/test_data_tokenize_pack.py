@@ -143,6 +143,21 @@ def test_pack_encoding_gives_the_ids_of_a_plain_encode(work: Path) -> None:
     assert lens == [len(tok.encode(t, add_special_tokens=False).ids) for t in texts]
 
 
+def test_pack_batches_and_join_chunks_do_not_change_an_output_byte(work: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pack's memory bounds (encode batches of at most ENCODE_BATCH_BYTES, the join copying
+    COPY_TOKENS at a time) are not part of the result: one document per batch and 7-token
+    chunks write the packed folder of the defaults, byte for byte."""
+    import k2repro.data.pack as pk
+
+    monkeypatch.setattr(pk, "ENCODE_BATCH_BYTES", 1)
+    monkeypatch.setattr(pk, "COPY_TOKENS", 7)
+    pk.pack(work / "dedup", work / "tokenizer", tmp_path / "packed", seq_len=SEQ_LEN)
+    for name in ("train.bin", "val.bin", "train.docs.parquet", "val.docs.parquet"):
+        assert (tmp_path / "packed" / name).read_bytes() == (work / "packed" / name).read_bytes(), name
+    assert PackedDataset(tmp_path / "packed", "train").manifest["splits"] == PackedDataset(work / "packed", "train").manifest["splits"]
+
+
 def test_tokenizer_within_the_bound_trains_on_everything_and_records_nothing_new(work: Path) -> None:
     m = json.loads((work / "tokenizer" / "manifest.json").read_text())
     kept = read_manifest(work / "dedup", "dedup")["counts"]["kept_bytes"]

@@ -363,7 +363,8 @@ def shard_name(split: str, k: int) -> str:
 @contextlib.contextmanager
 def gzip_writer(path: Path) -> Iterator[io.TextIOWrapper]:
     """A text file written as gzip with no file name and mtime 0 in its header, so equal
-    content gives equal bytes."""
+    content written the same way gives equal bytes (zlib's output also depends on how the
+    content was cut into writes: keep every writer of a shard on this text path)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
                                                  compresslevel=GZIP_LEVEL) as gz, \
@@ -386,6 +387,14 @@ def iter_shard(path: Path) -> Iterator[dict]:
                 yield {"doc_id": d["doc_id"], "domain": d["domain"], "text": d["text"]}
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise BadInputError(f"{path}:{lineno}: not a document record (doc_id, domain, text)") from None
+
+
+def iter_shard_lines(path: Path) -> Iterator[str]:
+    """The lines (newline included) of one shard, unparsed."""
+    if not path.exists():
+        raise BadInputError(f"{path}: missing (run the previous `k2repro data` stage)")
+    with gzip.open(path, "rt", encoding="utf-8", newline="\n") as f:
+        yield from f
 
 
 def shards_of(manifest: dict, splits: Iterable[str]) -> list[str]:

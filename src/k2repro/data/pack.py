@@ -108,15 +108,15 @@ def _join_split(sc: Path, idx: list[int], tmp: Path, split: str, window: int, dt
                         ("n_tokens", pa.int64())])
     with open(tmp / f"{split}.bin", "wb") as fout, pq.ParquetWriter(tmp / f"{split}.docs.parquet", schema) as pw:
         for j in idx:
-            arr = np.memmap(sc / f"{j:05d}.bin", dtype=np.uint32, mode="r") if (sc / f"{j:05d}.bin").stat().st_size else np.zeros(0, np.uint32)
-            for k in range(0, arr.size, COPY_TOKENS):
-                chunk = np.asarray(arr[k : k + COPY_TOKENS])
-                if chunk.size and int(chunk.max()) >= vocab_size:
-                    raise BadInputError(f"pack: shard {j} has token ids outside [0, {vocab_size})")
-                take = chunk[: max(0, keep - written)]
-                fout.write(take.astype(dtype).tobytes())
-                written += take.size
-            del arr
+            # read in chunks, not memory-mapped: the pages of a mapped shard would count in this
+            # process's resident memory until unmapped (a whole shard, GBs on a large corpus)
+            with open(sc / f"{j:05d}.bin", "rb") as fin:
+                while (chunk := np.fromfile(fin, dtype=np.uint32, count=COPY_TOKENS)).size:
+                    if int(chunk.max()) >= vocab_size:
+                        raise BadInputError(f"pack: shard {j} has token ids outside [0, {vocab_size})")
+                    take = chunk[: max(0, keep - written)]
+                    fout.write(take.astype(dtype).tobytes())
+                    written += take.size
             ids, doms, starts, lens = [], [], [], []
             with open(sc / f"{j:05d}.docs", encoding="utf-8") as f:
                 for line in f:
