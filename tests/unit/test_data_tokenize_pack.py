@@ -179,18 +179,17 @@ def test_tokenizer_sample_is_bounded_deterministic_and_recorded(work: Path, tmp_
     assert a["params"]["train_mb"] == mb and s["max_mb"] == mb
     docs = _train_docs(work)
     assert s["of_docs"] == len(docs) and 0 < s["docs"] < len(docs) and 0 < s["bytes"] <= mb * 1e6
-    # the documents drawn are those whose salted hash falls below the fraction, in shard order
-    frac = mb * 1e6 / kept
-    assert s["fraction"] == round(frac, 6)
-    chosen, size = [], 0
-    for d in docs:
-        n = len(d["text"].encode("utf-8"))
-        if sample_key(d["doc_id"]) < frac:
-            if size + n > mb * 1e6:
-                break
-            chosen.append(d["text"])
-            size += n
-    assert (len(chosen), size) == (s["docs"], s["bytes"])
+    # the documents drawn: by increasing salted hash of the id while they fit, read in shard order
+    size = {d["doc_id"]: len(d["text"].encode("utf-8")) for d in docs}
+    taken, total = set(), 0
+    for doc_id in sorted(size, key=sample_key):
+        if total + size[doc_id] > mb * 1e6:
+            break
+        taken.add(doc_id)
+        total += size[doc_id]
+    chosen = [d["text"] for d in docs if d["doc_id"] in taken]
+    assert (len(chosen), total) == (s["docs"], s["bytes"])
+    assert total > mb * 1e6 - max(size.values())  # it stopped only when the next one did not fit
     tok, trainer = build_trainer(512, 2)
     tok.train_from_iterator(chosen, trainer=trainer)
     assert tok.to_str(pretty=True) == load_tokenizer(tmp_path / "a").to_str(pretty=True)
@@ -203,8 +202,14 @@ def test_train_sample_never_passes_its_bound() -> None:
     total = sum(len(d["text"]) for d in docs)
     for max_bytes in (1, 4000, 100_000, total // 3, total - 1):
         s = TrainSample(max_bytes, total)
+        s.plan(iter(docs))
         got = list(s.texts(iter(docs)))
         assert s.bounded and sum(map(len, got)) == s.bytes <= max_bytes and s.seen == len(docs)
+        assert len(got) == s.planned_docs
+        # the smallest keys, up to the first that does not fit
+        taken = [d for d in docs if sample_key(d["doc_id"]) <= s.cutoff]
+        nxt = min((d for d in docs if sample_key(d["doc_id"]) > s.cutoff), key=lambda d: sample_key(d["doc_id"]))
+        assert [d["text"] for d in taken] == got and s.bytes + len(nxt["text"]) > max_bytes
     s = TrainSample(total, total)  # the whole corpus fits: every document, in order
     assert not s.bounded and list(s.texts(iter(docs))) == [d["text"] for d in docs]
 
@@ -212,7 +217,7 @@ def test_train_sample_never_passes_its_bound() -> None:
 def test_sample_hash_is_independent_of_the_split_hash() -> None:
     ids = [f"c:{i}" for i in range(4000)]
     side = assign_splits(ids, 0.5, 1234)
-    low = [i for i in ids if sample_key(i) < 0.5]
+    low = sorted(ids, key=sample_key)[:2000]  # the half a sample would take first
     share_val = sum(side[i] == "val" for i in low) / len(low)
     assert 0.45 < share_val < 0.55  # same ids, yet the sample is not the validation half
 

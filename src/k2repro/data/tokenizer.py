@@ -7,20 +7,14 @@ lossless. Training is deterministic: the trainer breaks ties between equally fre
 by the pair itself, so two runs (any thread count) write the same tokenizer.json.
 
 BPE training is one process whose memory grows with the text it counts, so on a large corpus
-it learns from a sample of at most `data.tokenizer_train_mb` MB of the train split: each
-document is in it when a hash of its id (salted apart from the train/validation split's hash)
-falls below `train_mb / kept MB of the dedup output`, and the sample stops at the bound. The
-choice depends only on the document ids and dedup's counts, so it is the same on every run,
-executor and worker count, and it is spread over every shard rather than the first ones. When
-the deduplicated corpus is within the bound (the bundled corpus), every train document is used
-and the manifest is what it was before the bound existed; otherwise the manifest's params
-record the bound and `sample` what was drawn.
-
-A supplied tokenizer (any model the `tokenizers` library loads: BPE, WordPiece, Unigram) is
-checked and copied byte for byte into the stage's output folder, so `pack` and the trainer
-find it where they find a trained one and the manifest's sha256 is that of the user's file.
-Its vocabulary must fit `model.vocab_size` (a larger one would index past the embedding);
-that is refused here, before any data is packed, and again at train start.
+it learns from a sample of at most `data.tokenizer_train_mb` MB of the train split: the
+documents with the smallest salted hash of their id (salted apart from the train/validation
+split's hash) whose texts fit in the bound together, read in shard order. A first pass over the
+split finds the cut-off; the choice depends only on the document ids and sizes, so it is the
+same on every run, executor and worker count, and it is spread evenly over every shard. When
+dedup kept no more than the bound (the bundled corpus), there is no first pass, every train
+document is used and the manifest is what it was before the bound existed; otherwise the
+manifest's params record the bound and `sample` what was drawn.
 """
 
 from __future__ import annotations
@@ -113,49 +107,63 @@ def train_tokenizer(in_dir: str | os.PathLike, out: str | os.PathLike, vocab_siz
                             float(train_mb))
 
 
-def sample_key(doc_id: str) -> float:
-    """A document's place in [0, 1) for the tokenizer's training sample (salted, so it is
-    independent of the train/validation split, which hashes the same ids)."""
-    h = hashlib.sha256(SAMPLE_SALT + doc_id.encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "big") / 2**64
+def sample_key(doc_id: str) -> int:
+    """A document's rank key for the tokenizer's training sample: 64 bits of a salted sha256
+    of its id (salted, so the sample is independent of the train/validation split, which
+    hashes the same ids)."""
+    return int.from_bytes(hashlib.sha256(SAMPLE_SALT + doc_id.encode("utf-8")).digest()[:8], "big")
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8"))
 
 
 class TrainSample:
-    """The train documents BPE learns from: all of them when dedup kept at most `max_bytes`,
-    else those whose `sample_key` is below max_bytes / kept bytes, in shard order, stopping
-    before the sample would pass `max_bytes`. Counts what it yields."""
+    """The train documents BPE learns from: all of them when dedup kept at most `max_bytes`
+    (`kept_bytes`, both splits, bounds the train split), else the documents with the
+    smallest `sample_key` whose texts fit in `max_bytes` together (`plan` finds the cut-off
+    in a first pass), in shard order. Counts what it yields."""
 
     def __init__(self, max_bytes: int, kept_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.fraction = 1.0 if kept_bytes <= max_bytes else max_bytes / kept_bytes
+        self.bounded = kept_bytes > max_bytes
+        self.cutoff: int | None = None  # bounded: documents with sample_key <= cutoff are in
         self.docs = self.bytes = self.seen = 0
-        self.full = False
+        self.planned_docs = 0
 
-    @property
-    def bounded(self) -> bool:
-        return self.fraction < 1.0
+    def plan(self, docs: Iterator[dict]) -> None:
+        """First pass (bounded only): take documents by increasing key while they fit."""
+        import numpy as np
+
+        keys, sizes = [], []
+        for d in docs:
+            keys.append(sample_key(d["doc_id"]))
+            sizes.append(_utf8_len(d["text"]))
+        k = np.array(keys, dtype=np.uint64)
+        order = np.argsort(k, kind="stable")
+        fits = np.cumsum(np.array(sizes, dtype=np.int64)[order]) <= self.max_bytes
+        n = int(np.argmin(fits)) if not fits.all() else len(order)  # the first that does not fit
+        self.planned_docs = n
+        self.cutoff = int(k[order[n - 1]]) if n else -1
 
     def texts(self, docs: Iterator[dict], prog=None) -> Iterator[str]:  # noqa: ANN001 - a Progress
         """The sampled texts of `docs`; `prog` counts every document read (the stage's pace)."""
         for d in docs:
             self.seen += 1
-            n = len(d["text"].encode("utf-8"))
+            n = _utf8_len(d["text"])
             if prog is not None:
                 prog.update(1, n)
-            if self.full or (self.bounded and sample_key(d["doc_id"]) >= self.fraction):
-                continue
-            if self.bounded and self.bytes + n > self.max_bytes:
-                self.full = True  # the hash share overshot the bound: stop here, whatever follows
-                continue
+            if self.bounded and (sample_key(d["doc_id"]) > self.cutoff or self.bytes + n > self.max_bytes):
+                continue  # (the byte check only matters for equal keys, i.e. a repeated id)
             self.docs += 1
             self.bytes += n
             yield d["text"]
 
     def record(self, max_mb: float) -> dict:
         """What the manifest says of the sample (only when it is one)."""
-        return {"max_mb": max_mb, "method": "sha256(salt, doc_id) < fraction, in shard order, up to max_mb",
-                "fraction": round(self.fraction, 6), "docs": self.docs, "bytes": self.bytes,
-                "of_docs": self.seen, "stopped_at_bound": self.full}
+        return {"max_mb": max_mb, "docs": self.docs, "bytes": self.bytes, "of_docs": self.seen,
+                "method": "the train documents with the smallest sha256(salt, doc_id) whose texts fit in "
+                          "max_mb together, in shard order"}
 
 
 def _train(src: Path, out: Path, vocab_size: int, min_frequency: int, train_mb: float, engine) -> dict:  # noqa: ANN001
@@ -168,11 +176,16 @@ def _train(src: Path, out: Path, vocab_size: int, min_frequency: int, train_mb: 
     if not n_docs:
         raise BadInputError(f"{src}: no training documents to train the tokenizer on")
     sample = TrainSample(int(train_mb * 1e6), int(upstream["counts"]["kept_bytes"]))
+
+    def docs() -> Iterator[dict]:
+        return (d for p in shards_of(upstream, ["train"]) for d in iter_shard(src / p))
+
+    if sample.bounded:
+        sample.plan(docs())
     tok, trainer = build_trainer(vocab_size, min_frequency)
-    docs = (d for p in shards_of(upstream, ["train"]) for d in iter_shard(src / p))
     with Progress(STAGE, total_docs=n_docs) as prog:
-        tok.train_from_iterator(sample.texts(docs, prog), trainer=trainer,
-                                length=round(n_docs * sample.fraction) if sample.bounded else n_docs)
+        tok.train_from_iterator(sample.texts(docs(), prog), trainer=trainer,
+                                length=sample.planned_docs if sample.bounded else n_docs)
     params = {"vocab_size": vocab_size, "min_frequency": min_frequency, "model": "byte-level BPE",
               "special_tokens": list(SPECIAL_TOKENS)}
     manifest = {
