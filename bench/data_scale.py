@@ -247,8 +247,9 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-def _tree_mem(pid: int) -> tuple[int, int]:
-    """(sum of the current RSS, largest VmHWM) over the process and its descendants."""
+def _tree_mem(pid: int, cpu: dict[int, float] | None = None) -> tuple[int, int]:
+    """(sum of the current RSS, largest VmHWM) over the process and its descendants; with
+    `cpu`, also the latest user + system CPU seconds of each of them (by pid)."""
     import psutil
 
     try:
@@ -260,6 +261,9 @@ def _tree_mem(pid: int) -> tuple[int, int]:
     for q in procs:
         try:
             total += q.memory_info().rss
+            if cpu is not None:
+                t = q.cpu_times()
+                cpu[q.pid] = max(cpu.get(q.pid, 0.0), t.user + t.system)
         except psutil.Error:
             continue
         hwm = max(hwm, _hwm(q.pid))
@@ -268,8 +272,11 @@ def _tree_mem(pid: int) -> tuple[int, int]:
 
 def run_stage(src: Path, conf: Path, cwd: Path, stage: str, overrides: list[str], log: Path) -> dict:
     """One stage as its own process: wall time, the peak RSS of its largest process (VmHWM),
-    and the peak of the whole process tree's RSS (polled every 0.1 s, so a spike shorter
-    than that can be missed)."""
+    the peak of the whole process tree's RSS (polled every 0.1 s, so a spike shorter
+    than that can be missed), and the tree's CPU seconds (each process's own user + system
+    time as last polled, so up to 0.1 s of each is missed; children's times are not added
+    twice). CPU seconds say how much work a stage did even when other work on a shared machine
+    stretches its wall time."""
     env = {**os.environ, "PYTHONPATH": str(src), "K2REPRO_CONF": str(conf), "OMP_NUM_THREADS": "1",
            "K2REPRO_PROGRESS_EVERY": "30"}
     with open(log, "a", encoding="utf-8") as err:
@@ -277,11 +284,12 @@ def run_stage(src: Path, conf: Path, cwd: Path, stage: str, overrides: list[str]
         proc = subprocess.Popen([sys.executable, "-m", "k2repro", "data", stage, *overrides, "--json"], cwd=cwd,
                                 env=env, stdout=subprocess.PIPE, stderr=err, text=True)
         peak = [0, 0]
+        cpu: dict[int, float] = {}
         done = threading.Event()
 
         def poll() -> None:
             while not done.is_set():
-                total, hwm = _tree_mem(proc.pid)
+                total, hwm = _tree_mem(proc.pid, cpu)
                 peak[0], peak[1] = max(peak[0], total), max(peak[1], hwm)
                 done.wait(0.1)
 
@@ -292,10 +300,11 @@ def run_stage(src: Path, conf: Path, cwd: Path, stage: str, overrides: list[str]
         secs = time.perf_counter() - t0
         done.set()
         th.join()
+        cpu_s = sum(cpu.values())
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
         raise SystemExit(f"data_scale: {stage} failed (exit {proc.returncode}): " + " | ".join(tail))
-    return {"seconds": round(secs, 2), "peak_rss_mb": round(peak[1] / 2**20, 1),
+    return {"seconds": round(secs, 2), "cpu_s": round(cpu_s, 2), "peak_rss_mb": round(peak[1] / 2**20, 1),
             "peak_tree_rss_mb": round(peak[0] / 2**20, 1), "summary": json.loads(out.strip().splitlines()[-1])}
 
 
@@ -344,12 +353,13 @@ def run_variant(name: str, src: Path, conf: Path, corpus: Path, work: Path, extr
         r = run_stage(src, conf, work, stage, common, log)
         r["mb_per_s"] = round(mb / r["seconds"], 2)
         stages[stage] = r
-        print(f"data_scale: {name} {stage}: {r['seconds']} s, {r['mb_per_s']} MB/s, "
+        print(f"data_scale: {name} {stage}: {r['seconds']} s ({r['cpu_s']} cpu-s), {r['mb_per_s']} MB/s, "
               f"peak {r['peak_tree_rss_mb']} MB", file=sys.stderr, flush=True)
     kept = kept_ids(w / "packed")
     total_s = sum(s["seconds"] for s in stages.values())
     res = {"overrides": extra, "stages": stages,
            "total": {"seconds": round(total_s, 2), "mb_per_s": round(mb / total_s, 2),
+                     "cpu_s": round(sum(s["cpu_s"] for s in stages.values()), 2),
                      "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
                      "peak_tree_rss_mb": max(s["peak_tree_rss_mb"] for s in stages.values())},
            "dedup_quality": quality(truth, kept)}
@@ -441,7 +451,8 @@ def main() -> None:
                           "(word edits, exact 5-gram Jaccard >= 0.85) whose (original, copy) groups are the truth; "
                           "no network",
             "new_tree_is_this_checkout": tree == REPO.resolve(), "label": args.label,
-            "how_measured": "each stage its own process; seconds wall; MB/s = corpus text MB / seconds; peak_rss_mb = "
+            "how_measured": "each stage its own process; seconds wall; cpu_s = user + system CPU seconds of the "
+                            "stage's process tree (each process's own, as last polled every 0.1 s); MB/s = corpus text MB / seconds; peak_rss_mb = "
                             "largest single process (VmHWM, polled); peak_tree_rss_mb = polled sum over the stage's "
                             "process tree (0.1 s)",
             "goal": "peak_tree_rss_mb <= 2048; new_w2 total seconds <= inhouse; dedup quality equal",

@@ -108,6 +108,19 @@ def test_vocab_size_too_small(slice_run: Path) -> None:
     assert not (slice_run / "tok_small").exists()
 
 
+def test_tokenizer_train_mb_reaches_the_stage_and_is_checked(slice_run: Path) -> None:
+    """data.tokenizer_train_mb from the command line bounds the training sample (recorded in
+    the manifest); a bound that is not positive is one line naming the key, exit 2, no output."""
+    r = k2(slice_run, "data", "tokenize", "--config-name", "pipeline", "--in", "w1/dedup", "--out", "tok_bounded",
+           "data.tokenizer_train_mb=0.2", "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((slice_run / "tok_bounded" / "manifest.json").read_text())
+    assert m["params"]["train_mb"] == 0.2 and 0 < m["sample"]["bytes"] <= 200_000
+    assert m["sample"]["docs"] < m["sample"]["of_docs"]
+    msg = _bad(slice_run, "tokenize", "--in", "w1/dedup", "--out", "tok_zero", "data.tokenizer_train_mb=0")
+    assert "data.tokenizer_train_mb" in msg and not (slice_run / "tok_zero").exists()
+
+
 def test_dedup_report_lists_real_duplicates_of_the_sample_corpus(tmp_path: Path) -> None:
     for stage in ("prepare", "dedup"):
         r = k2(tmp_path, "data", stage, f"data.source={REPO / 'data' / 'sample'}", "data.work_dir=w")

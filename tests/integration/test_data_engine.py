@@ -82,6 +82,42 @@ def test_workers_change_no_output_byte(local_runs) -> None:  # noqa: ANN001
         assert json.loads(f.readline())["doc_id"].startswith("prose:")  # task 1 read the second file
 
 
+def _threads_after_encoding(out: str, tokenizer: str, engine: Engine) -> dict:  # noqa: ARG001 - CallStep's signature
+    """In a task: the threads this process has before and after HF tokenizers encodes a batch
+    (its rayon pool starts on that first parallel call), and the pool size it was given."""
+    from k2repro.data.tokenizer import load_tokenizer
+
+    before = len(os.listdir("/proc/self/task"))
+    load_tokenizer(tokenizer).encode_batch_fast(["a few words to encode " * 50] * 64)
+    rec = {"before": before, "after": len(os.listdir("/proc/self/task")),
+           "env": os.environ.get("RAYON_NUM_THREADS"), "pid": os.getpid()}
+    Path(out, f"{os.getpid()}.json").write_text(json.dumps(rec))
+    return rec
+
+
+def test_side_by_side_workers_share_the_cpus_between_their_thread_pools(local_runs, tmp_path: Path) -> None:  # noqa: ANN001
+    """Two workers on this machine's CPUs: each task's process starts its tokenizer thread pool
+    with its share (CPUs // 2), not one thread per CPU (2 x CPUs threads in all), and not none
+    (TOKENIZERS_PARALLELISM=false would leave a worker on a large machine one thread)."""
+    from k2repro.data.engine import CallStep, cpu_count, run_pipeline, scratch_dir, thread_share
+
+    if "RAYON_NUM_THREADS" in os.environ:
+        pytest.fail("RAYON_NUM_THREADS is set in the test environment; unset it (a user's value wins by design)")
+    root, _ = local_runs
+    tok = str(root / "local1" / "w" / "tokenizer" / "tokenizer.json")
+    (tmp_path / "probe").mkdir()
+    engine = Engine(tasks=2, workers=2)
+    with scratch_dir(tmp_path / "x") as sc:
+        run_pipeline([CallStep(str(sc), _threads_after_encoding, (str(tmp_path / "probe"), tok), engine)], engine, 2, sc)
+    recs = [json.loads(p.read_text()) for p in sorted((tmp_path / "probe").glob("*.json"))]
+    share = thread_share(2)
+    assert share == max(1, cpu_count() // 2)
+    assert len(recs) == 2 and len({r["pid"] for r in recs}) == 2 and os.getpid() not in {r["pid"] for r in recs}
+    for r in recs:
+        assert r["env"] == str(share)
+        assert r["after"] - r["before"] == share, recs  # the pool's threads, started by the encoding
+
+
 def test_bad_input_in_a_worker_is_one_error_and_no_output(tmp_path: Path) -> None:
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.jsonl").write_text('{"text": "fine"}\n')

@@ -119,3 +119,30 @@ def test_dedup_stage_on_the_engine_matches_and_keeps_precision_recall(cs, tmp_pa
     assert report["counts"]["candidate_pairs"] == ref.n_candidates and report["counts"]["verified_pairs"] == ref.n_verified
     precision, recall = precision_recall(got.duplicate_pairs(), cs.true_pairs)
     assert precision >= 0.95 and recall >= 0.95
+
+
+def test_dedup_batches_and_verify_chunks_do_not_change_an_output_byte(cs, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Memory bounds of the stage (signature batches of at most SIG_BATCH_BYTES of text,
+    candidates verified VERIFY_CHUNK at a time) are not part of the result: one document per
+    batch and 3 pairs per chunk write the same files as the defaults."""
+    import hashlib
+    import json
+
+    import k2repro.data.dedup as dd
+    from k2repro.data.prepare import prepare
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jsonl").write_text("".join(json.dumps({"id": f"{i:05d}", "text": t}) + "\n"
+                                                   for i, t in enumerate(cs.texts[:400])))
+    prepare(tmp_path / "c", tmp_path / "p", val_fraction=0.1)
+
+    def digests(d):  # noqa: ANN001, ANN202
+        return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(d.rglob("*")) if p.is_file() and p.name != "execution.json"}
+
+    report = dd.dedup(tmp_path / "p", tmp_path / "d1")
+    assert report["counts"]["verified_pairs"] > 3  # several verify chunks below
+    monkeypatch.setattr(dd, "SIG_BATCH_BYTES", 1)
+    monkeypatch.setattr(dd, "VERIFY_CHUNK", 3)
+    dd.dedup(tmp_path / "p", tmp_path / "d2")
+    assert digests(tmp_path / "d1") == digests(tmp_path / "d2")

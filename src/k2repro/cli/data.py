@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
             result = use_tokenizer(d.tokenizer, out, model_vocab_size=cfg.model.vocab_size)
         else:
             result = train_tokenizer(args.inp or work / "dedup", out, vocab_size=d.vocab_size,
-                                     min_frequency=d.min_frequency, engine=engine)
+                                     min_frequency=d.min_frequency, engine=engine,
+                                     train_mb=d.tokenizer_train_mb)
     elif stage == "pack":
         from k2repro.data.pack import pack
 

@@ -46,6 +46,9 @@ class DataConfig:
     min_frequency: int = 2
     # a tokenizer.json to use instead of training one (empty: train; `k2repro data tokenize`)
     tokenizer: str = ""
+    # training reads at most this many MB of the train split (a deterministic sample beyond it),
+    # so its memory stays bounded on a large corpus (docs/data.md, "Tokenizer")
+    tokenizer_train_mb: float = 256
     dedup_num_perm: int = 128
     dedup_threshold: float = 0.8
     dedup_ngram: int = 5

@@ -104,7 +104,7 @@ def shingles(text: str, n: int) -> list[str]:
     words = _WORD.findall(text.lower())
     if len(words) < n:
         return [" ".join(words)] if words else []
-    return [" ".join(g) for g in zip(*(words[i:] for i in range(n)))]
+    return list(map(" ".join, zip(*(words[i:] for i in range(n)))))
 
 
 def signatures(texts: list[str], num_perm: int, ngram: int, seed: int = MINHASH_SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -322,7 +322,12 @@ def _markdown(report: dict) -> str:
 #    report shows. Documents are numbered in shard order (train shards, then val), so in a
 #    cluster across the splits the train copy is kept and validation never shares text with train.
 
+# A signature batch: at most this many documents or bytes of text (its shingle strings take
+# ~13 bytes of memory per byte of text while rensa hashes them).
 SIG_BATCH = 1024
+SIG_BATCH_BYTES = 8 << 20
+# Candidate pairs verified at a time (each reads two 512-byte signature rows).
+VERIFY_CHUNK = 1 << 16
 
 
 def _shard_tag(j: int) -> str:
@@ -337,13 +342,13 @@ class DedupSignatures(eng.Step):
         super().__init__(scratch)
         self.src, self.shards, self.params, self.n_docs, self.redraw = src, shards, params, n_docs, redraw
 
-    def _flush(self, batch: list[dict], fsig, fkey, fmeta) -> None:  # noqa: ANN001 - open binary/text files
+    def _flush(self, batch: list[dict], sizes: list[int], fsig, fkey, fmeta) -> None:  # noqa: ANN001 - open files
         p = self.params
         sig, has = signatures([d["text"] for d in batch], p.num_perm, p.ngram, p.seed)
         fsig.write(np.ascontiguousarray(sig, dtype=np.uint32).tobytes())
-        for d, h in zip(batch, has):
-            fkey.write(hashlib.sha256(d["text"].encode("utf-8")).digest()[:16])
-            fmeta.write(json.dumps([d["doc_id"], d["domain"], len(d["text"].encode("utf-8")), bool(h)]) + "\n")
+        fkey.write(b"".join(hashlib.sha256(d["text"].encode("utf-8")).digest()[:16] for d in batch))
+        fmeta.write("".join(json.dumps([d["doc_id"], d["domain"], n, bool(h)]) + "\n"
+                            for d, n, h in zip(batch, sizes, has)))
 
     def work(self, rank: int, world_size: int) -> None:
         sc = Path(self.scratch) / "sig"
@@ -355,14 +360,19 @@ class DedupSignatures(eng.Step):
             with open(sc / f"{t}.u32", "wb") as fsig, open(sc / f"{t}.key", "wb") as fkey, \
                     open(sc / f"{t}.meta", "w", encoding="utf-8") as fmeta:
                 batch: list[dict] = []
+                sizes: list[int] = []
+                nbytes = 0
                 for d in eng.iter_shard(Path(self.src) / self.shards[j]):
+                    n = len(d["text"].encode("utf-8"))
                     batch.append(d)
-                    prog.update(1, len(d["text"].encode("utf-8")))
-                    if len(batch) == SIG_BATCH:
-                        self._flush(batch, fsig, fkey, fmeta)
-                        batch = []
+                    sizes.append(n)
+                    nbytes += n
+                    prog.update(1, n)
+                    if len(batch) == SIG_BATCH or nbytes >= SIG_BATCH_BYTES:
+                        self._flush(batch, sizes, fsig, fkey, fmeta)
+                        batch, sizes, nbytes = [], [], 0
                 if batch:
-                    self._flush(batch, fsig, fkey, fmeta)
+                    self._flush(batch, sizes, fsig, fkey, fmeta)
         prog.close()
 
 
@@ -381,7 +391,10 @@ class DedupBands(eng.Step):
             band = np.asarray(sig[surv, b * p.rows : (b + 1) * p.rows])
             found = band_pairs(band)
             pairs = unique_pairs(surv[np.concatenate(found)], self.n) if found else np.zeros((0, 2), np.int64)
-            ok = (estimated_jaccard(sig, pairs[:, 0], pairs[:, 1]) >= p.threshold) if len(pairs) else np.zeros(0, bool)
+            ok = np.zeros(len(pairs), bool)
+            for k in range(0, len(pairs), VERIFY_CHUNK):  # bounded memory however many candidates
+                c = pairs[k : k + VERIFY_CHUNK]
+                ok[k : k + len(c)] = estimated_jaccard(sig, c[:, 0], c[:, 1]) >= p.threshold
             np.save(sc / f"band{b:05d}.npy", np.concatenate([pairs, ok[:, None].astype(np.int64)], axis=1))
 
 
@@ -398,13 +411,18 @@ class DedupFilter(eng.Step):
             t = _shard_tag(j)
             drop = set(np.load(sc / f"drop{t}.npy").tolist())
             need = set(np.load(sc / f"need{t}.npy").tolist())
+            # The kept lines are copied as they are: prepare wrote each with `dump_doc`, which is
+            # what re-encoding the parsed document would give (signature pass A parsed every
+            # line, so a corrupt one has already failed the stage); only report snippets parse.
+            # They go through the same text writer as before, as text: gzip's bytes depend on
+            # how the content reaches zlib, not only on the content.
             with eng.gzip_writer(Path(self.out) / self.shards[j]) as f, \
                     open(sc / f"snip{t}.jsonl", "w", encoding="utf-8") as fs:
-                for i, d in enumerate(eng.iter_shard(Path(self.src) / self.shards[j])):
+                for i, line in enumerate(eng.iter_shard_lines(Path(self.src) / self.shards[j])):
                     if i in need:
-                        fs.write(json.dumps([i, _snippet(d["text"])]) + "\n")
+                        fs.write(json.dumps([i, _snippet(json.loads(line)["text"])]) + "\n")
                     if i not in drop:
-                        f.write(eng.dump_doc(d))
+                        f.write(line)
 
 
 def _read_meta(sc: Path, n_shards: int) -> tuple[list[list], np.ndarray]:

@@ -55,6 +55,7 @@ GZIP_LEVEL = 3  # fast; the outputs are intermediate, and level 6 triples the ti
 # workers > 1, hung). The server preloads the stage modules once, so each worker starts with
 # them imported instead of importing datatrove and k2repro again (~1 s each).
 START_METHOD = "forkserver"
+RAYON_THREADS_ENV = "RAYON_NUM_THREADS"
 PRELOAD = ["k2repro.data.engine", "k2repro.data.prepare", "k2repro.data.dedup", "k2repro.data.pack",
            "k2repro.data.tokenizer", "k2repro.data.readers", "numpy"]
 
@@ -151,14 +152,41 @@ def quiet_datatrove() -> None:
     _default_logger()
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def thread_share(workers: int, cpus: int | None = None) -> int:
+    """Threads each of `workers` side-by-side worker processes may use: their share of the CPUs."""
+    return max(1, (cpus or cpu_count()) // max(1, workers))
+
+
+def set_thread_share(threads: int) -> None:
+    """Cap the Rust thread pools of this process (HF tokenizers' and rensa's rayon pools read
+    RAYON_NUM_THREADS when they first start) at `threads`. Without it every worker process
+    starts a pool of one thread per CPU, so N workers on N CPUs run N x N threads; with HF
+    tokenizers' own switch (TOKENIZERS_PARALLELISM=false) instead, a worker on a machine with
+    more CPUs than workers would encode on one thread. A value the user set wins. Must run
+    before the first parallel call of the process: the forkserver's workers start fresh."""
+    os.environ.setdefault(RAYON_THREADS_ENV, str(threads))
+
+
 def _executor_classes() -> tuple[type, type]:
     """Local and Ray executors that quieten datatrove's logging inside each task first."""
     from datatrove.executor.local import LocalPipelineExecutor
     from datatrove.executor.ray import RayPipelineExecutor
 
     class _Local(LocalPipelineExecutor):
+        threads = 0  # > 0: each task's process caps its Rust thread pools at this many threads
+
         def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> Any:  # noqa: ANN401
             quiet_datatrove()
+            if self.threads:
+                set_thread_share(self.threads)
             return super()._run_for_rank(rank, local_rank, node_rank)
 
     class _Ray(RayPipelineExecutor):
@@ -265,11 +293,6 @@ def run_pipeline(steps: list, engine: Engine, tasks: int, scratch: Path) -> None
     local_cls, ray_cls = _executor_classes()
     logs = scratch / "datatrove" / f"{len(list((scratch / 'datatrove').glob('*'))) if (scratch / 'datatrove').exists() else 0}"
     workers = max(1, min(engine.workers, tasks))
-    saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
-    if workers > 1 and engine.executor == "local" and saved_env is None:
-        # Several worker processes are the parallelism: HF tokenizers' own thread pool in each
-        # would oversubscribe the cores (an explicit user setting wins).
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if engine.executor == "ray":
         _ray_init(engine.ray_address)
         ex = ray_cls(steps, tasks=tasks, workers=workers, logging_dir=str(logs), skip_completed=False,
@@ -281,6 +304,8 @@ def run_pipeline(steps: list, engine: Engine, tasks: int, scratch: Path) -> None
             multiprocess.get_context(START_METHOD).set_forkserver_preload(PRELOAD)
         ex = local_cls(steps, tasks=tasks, workers=workers, logging_dir=str(logs), skip_completed=False,
                        start_method=START_METHOD)
+        if workers > 1:  # side-by-side workers share the CPUs; one worker (this process) has them all
+            ex.threads = thread_share(workers)
     failed: BaseException | None = None
     try:
         if engine.executor == "local" and workers == 1:
@@ -296,8 +321,6 @@ def run_pipeline(steps: list, engine: Engine, tasks: int, scratch: Path) -> None
         failed = exc
     finally:
         quiet_datatrove()  # datatrove's close_task_logger re-adds its default sink in this process
-        if saved_env is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
     _raise_task_error(scratch)
     if failed is not None:
         raise failed
@@ -340,7 +363,8 @@ def shard_name(split: str, k: int) -> str:
 @contextlib.contextmanager
 def gzip_writer(path: Path) -> Iterator[io.TextIOWrapper]:
     """A text file written as gzip with no file name and mtime 0 in its header, so equal
-    content gives equal bytes."""
+    content written the same way gives equal bytes (zlib's output also depends on how the
+    content was cut into writes: keep every writer of a shard on this text path)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
                                                  compresslevel=GZIP_LEVEL) as gz, \
@@ -363,6 +387,14 @@ def iter_shard(path: Path) -> Iterator[dict]:
                 yield {"doc_id": d["doc_id"], "domain": d["domain"], "text": d["text"]}
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise BadInputError(f"{path}:{lineno}: not a document record (doc_id, domain, text)") from None
+
+
+def iter_shard_lines(path: Path) -> Iterator[str]:
+    """The lines (newline included) of one shard, unparsed."""
+    if not path.exists():
+        raise BadInputError(f"{path}: missing (run the previous `k2repro data` stage)")
+    with gzip.open(path, "rt", encoding="utf-8", newline="\n") as f:
+        yield from f
 
 
 def shards_of(manifest: dict, splits: Iterable[str]) -> list[str]:

@@ -6,11 +6,15 @@ vocabulary. Byte-level means every input is encodable (no unknown token) and dec
 lossless. Training is deterministic: the trainer breaks ties between equally frequent pairs
 by the pair itself, so two runs (any thread count) write the same tokenizer.json.
 
-A supplied tokenizer (any model the `tokenizers` library loads: BPE, WordPiece, Unigram) is
-checked and copied byte for byte into the stage's output folder, so `pack` and the trainer
-find it where they find a trained one and the manifest's sha256 is that of the user's file.
-Its vocabulary must fit `model.vocab_size` (a larger one would index past the embedding);
-that is refused here, before any data is packed, and again at train start.
+BPE training is one process whose memory grows with the text it counts, so on a large corpus
+it learns from a sample of at most `data.tokenizer_train_mb` MB of the train split: the
+documents with the smallest salted hash of their id (salted apart from the train/validation
+split's hash) whose texts fit in the bound together, read in shard order. A first pass over the
+split finds the cut-off; the choice depends only on the document ids and sizes, so it is the
+same on every run, executor and worker count, and it is spread evenly over every shard. When
+dedup kept no more than the bound (the bundled corpus), there is no first pass, every train
+document is used and the manifest is what it was before the bound existed; otherwise the
+manifest's params record the bound and `sample` what was drawn.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from k2repro.core.atomic import atomic_dir
@@ -26,6 +31,8 @@ from k2repro.data.workdir import artifact, read_manifest, rebase, relpath, write
 from k2repro.errors import BadInputError, ConfigError
 
 STAGE = "tokenize"
+DEFAULT_TRAIN_MB = 256
+SAMPLE_SALT = b"k2repro-tokenizer-sample\0"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOS, PAD)
@@ -83,20 +90,83 @@ def build_trainer(vocab_size: int, min_frequency: int):  # noqa: ANN201
 
 
 def train_tokenizer(in_dir: str | os.PathLike, out: str | os.PathLike, vocab_size: int = 2048,
-                    min_frequency: int = 2, engine=None) -> dict:  # noqa: ANN001 - k2repro.data.engine.Engine
-    """Train on dedup's train shards as one datatrove task (BPE training is one process),
-    write `<out>/tokenizer.json` and `manifest.json`; returns the manifest."""
+                    min_frequency: int = 2, engine=None, train_mb: float = DEFAULT_TRAIN_MB) -> dict:  # noqa: ANN001 - k2repro.data.engine.Engine
+    """Train on dedup's train shards (at most `train_mb` MB of them, see the module doc) as one
+    datatrove task (BPE training is one process), write `<out>/tokenizer.json` and
+    `manifest.json`; returns the manifest."""
     if vocab_size < MIN_VOCAB:
         raise ConfigError(f"config key 'data.vocab_size': must be >= {MIN_VOCAB} "
                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens) (got {vocab_size})")
     if min_frequency < 1:
         raise ConfigError(f"config key 'data.min_frequency': must be >= 1 (got {min_frequency})")
+    if not train_mb > 0:
+        raise ConfigError(f"config key 'data.tokenizer_train_mb': must be > 0 (got {train_mb})")
     from k2repro.data import engine as eng
 
-    return eng.run_one_task(_train, engine, Path(out), Path(in_dir), Path(out), vocab_size, min_frequency)
+    return eng.run_one_task(_train, engine, Path(out), Path(in_dir), Path(out), vocab_size, min_frequency,
+                            float(train_mb))
 
 
-def _train(src: Path, out: Path, vocab_size: int, min_frequency: int, engine) -> dict:  # noqa: ANN001
+def sample_key(doc_id: str) -> int:
+    """A document's rank key for the tokenizer's training sample: 64 bits of a salted sha256
+    of its id (salted, so the sample is independent of the train/validation split, which
+    hashes the same ids)."""
+    return int.from_bytes(hashlib.sha256(SAMPLE_SALT + doc_id.encode("utf-8")).digest()[:8], "big")
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+class TrainSample:
+    """The train documents BPE learns from: all of them when dedup kept at most `max_bytes`
+    (`kept_bytes`, both splits, bounds the train split), else the documents with the
+    smallest `sample_key` whose texts fit in `max_bytes` together (`plan` finds the cut-off
+    in a first pass), in shard order. Counts what it yields."""
+
+    def __init__(self, max_bytes: int, kept_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bounded = kept_bytes > max_bytes
+        self.cutoff: int | None = None  # bounded: documents with sample_key <= cutoff are in
+        self.docs = self.bytes = self.seen = 0
+        self.planned_docs = 0
+
+    def plan(self, docs: Iterator[dict]) -> None:
+        """First pass (bounded only): take documents by increasing key while they fit."""
+        import numpy as np
+
+        keys, sizes = [], []
+        for d in docs:
+            keys.append(sample_key(d["doc_id"]))
+            sizes.append(_utf8_len(d["text"]))
+        k = np.array(keys, dtype=np.uint64)
+        order = np.argsort(k, kind="stable")
+        fits = np.cumsum(np.array(sizes, dtype=np.int64)[order]) <= self.max_bytes
+        n = int(np.argmin(fits)) if not fits.all() else len(order)  # the first that does not fit
+        self.planned_docs = n
+        self.cutoff = int(k[order[n - 1]]) if n else -1
+
+    def texts(self, docs: Iterator[dict], prog=None) -> Iterator[str]:  # noqa: ANN001 - a Progress
+        """The sampled texts of `docs`; `prog` counts every document read (the stage's pace)."""
+        for d in docs:
+            self.seen += 1
+            n = _utf8_len(d["text"])
+            if prog is not None:
+                prog.update(1, n)
+            if self.bounded and (sample_key(d["doc_id"]) > self.cutoff or self.bytes + n > self.max_bytes):
+                continue  # (the byte check only matters for equal keys, i.e. a repeated id)
+            self.docs += 1
+            self.bytes += n
+            yield d["text"]
+
+    def record(self, max_mb: float) -> dict:
+        """What the manifest says of the sample (only when it is one)."""
+        return {"max_mb": max_mb, "docs": self.docs, "bytes": self.bytes, "of_docs": self.seen,
+                "method": "the train documents with the smallest sha256(salt, doc_id) whose texts fit in "
+                          "max_mb together, in shard order"}
+
+
+def _train(src: Path, out: Path, vocab_size: int, min_frequency: int, train_mb: float, engine) -> dict:  # noqa: ANN001
     from k2repro.data.engine import iter_shard, shards_of, write_execution
     from k2repro.data.progress import Progress
 
@@ -105,17 +175,27 @@ def _train(src: Path, out: Path, vocab_size: int, min_frequency: int, engine) ->
     n_docs = sum(a["n_docs"] for a in trained_on)
     if not n_docs:
         raise BadInputError(f"{src}: no training documents to train the tokenizer on")
+    sample = TrainSample(int(train_mb * 1e6), int(upstream["counts"]["kept_bytes"]))
+
+    def docs() -> Iterator[dict]:
+        return (d for p in shards_of(upstream, ["train"]) for d in iter_shard(src / p))
+
+    if sample.bounded:
+        sample.plan(docs())
     tok, trainer = build_trainer(vocab_size, min_frequency)
-    texts = (d["text"] for p in shards_of(upstream, ["train"]) for d in iter_shard(src / p))
     with Progress(STAGE, total_docs=n_docs) as prog:
-        tok.train_from_iterator(prog.wrap(texts), trainer=trainer, length=n_docs)
+        tok.train_from_iterator(sample.texts(docs(), prog), trainer=trainer,
+                                length=sample.planned_docs if sample.bounded else n_docs)
+    params = {"vocab_size": vocab_size, "min_frequency": min_frequency, "model": "byte-level BPE",
+              "special_tokens": list(SPECIAL_TOKENS)}
     manifest = {
         "stage": STAGE,
-        "params": {"vocab_size": vocab_size, "min_frequency": min_frequency, "model": "byte-level BPE",
-                   "special_tokens": list(SPECIAL_TOKENS)},
+        # the bound is recorded when it chose a sample: a corpus within it trains as before
+        "params": params | ({"train_mb": train_mb} if sample.bounded else {}),
         "vocab_size": tok.get_vocab_size(), "eos_token": EOS, "eos_id": eos_id(tok), "supplied": False,
         "inputs": rebase(trained_on, src, out),
         "artifacts": [],
+        **({"sample": sample.record(train_mb)} if sample.bounded else {}),
     }
     with atomic_dir(out) as tmp:
         tok.save(str(tmp / TOKENIZER_FILE), pretty=True)
