@@ -55,3 +55,10 @@ def test_corpus_holds_its_truth(tmp_path: Path) -> None:
     other = next(i for i in docs if i.startswith("b") and all(i not in g["ids"] for g in t["groups"]))
     q = quality(t, kept - set(g0["ids"]) - {other})
     assert q[f"{g0['kind']}_groups_all_removed"] == 1 and q["removed_outside_injected"] == 1
+    # where that group's text went: kept as `other` (a natural duplicate) or lost with it
+    replaced = {i: (other, 0.9) for i in g0["ids"]}
+    q = quality(t, kept - set(g0["ids"]), replaced)
+    assert q[f"{g0['kind']}_groups_all_removed_text_kept"] == 1 and q[f"{g0['kind']}_groups_text_lost"] == 0
+    assert q[f"{g0['kind']}_groups_all_removed_min_jaccard_to_kept"] == 0.9
+    q = quality(t, kept - set(g0["ids"]) - {other}, replaced)
+    assert q[f"{g0['kind']}_groups_all_removed_text_kept"] == 0 and q[f"{g0['kind']}_groups_text_lost"] == 1
