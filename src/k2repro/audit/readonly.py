@@ -111,19 +111,39 @@ def run_query(store: Any, query: str, params: list[Any] | None, timeout: float,
 
     worker = threading.Thread(target=work, name="k2repro-sql", daemon=True)
     deadline = time.monotonic() + timeout if timeout > 0 else None
-    why = None
+    why: str | None = None
+
+    def on_sigint(_signum: int, _frame: Any) -> None:
+        # A handler that records and returns, instead of a KeyboardInterrupt raised inside
+        # Event.wait: raised between taking and releasing the Event's lock, that exception left
+        # the lock held, and the worker's finished.set() then waited for it for ever (a test
+        # caught the hang under load).
+        nonlocal why
+        why = why or "sigint"
+        store.con.interrupt()
+
+    import signal
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
     worker.start()
     try:
-        while not finished.wait(0.05):
-            if deadline is not None and time.monotonic() > deadline:
-                why = "timeout"
-                store.con.interrupt()
-                break
-    except KeyboardInterrupt:
-        why = "sigint"
-        store.con.interrupt()
-    while not finished.wait(10):  # DuckDB stops at its next check; keep asking
-        store.con.interrupt()
+        try:
+            while not finished.wait(0.05):
+                if why is not None:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    why = "timeout"
+                    store.con.interrupt()
+                    break
+        except KeyboardInterrupt:  # a caller's thread that is not the main one cannot get here
+            why = "sigint"
+            store.con.interrupt()
+        while not finished.wait(1):  # DuckDB stops at its next check; keep asking
+            store.con.interrupt()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
     if why == "timeout":
         raise QueryTimeout(f"SQL: the query ran longer than {timeout:g} s and was stopped (--timeout to change it)")
     if why == "sigint":
