@@ -4,6 +4,7 @@ statistics equal to those of the same model trained on one process on the whole 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -147,3 +148,46 @@ def test_fsdp2_two_ranks_match_the_unsharded_model(tmp_path) -> None:
             got = ls[ls["step"] == step].set_index("param").loc[[f"module.{n}" for n in names]]
             for col in ("grad_norm", "grad_max_abs", "param_norm", "update_norm"):
                 np.testing.assert_allclose(got[col].to_numpy(), ref[step][col], rtol=2e-5, err_msg=f"ddp {col} {step}")
+
+
+EARLY_DESTROY = textwrap.dedent('''
+    import sys
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    import k2repro.audit
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 4))
+    opt = torch.optim.SGD(plain.parameters(), lr=0.05)
+    with k2repro.audit.start(sys.argv[1], name="early-destroy") as run:
+        for step in (1, 2):
+            F.cross_entropy(plain(torch.randn(4, 6)), torch.zeros(4, dtype=torch.long)).backward()
+            run.log_layer_stats(step, plain, opt)
+            opt.step()
+            opt.zero_grad()
+            run.log_step(step, loss=1.0)
+        dist.destroy_process_group()
+        if dist.is_available() and not dist.is_initialized() and run.rank == 0:
+            print("run_id=" + run.run_id, flush=True)
+''')
+
+
+def test_process_group_destroyed_before_close_drops_what_was_not_gathered(tmp_path) -> None:
+    """Step 2's statistics (not gathered yet: a flush's worth go out together) cannot be reduced
+    over ranks once the process group is gone: dropped with a warning event, not written as one
+    rank's shard."""
+    script = tmp_path / "early_destroy.py"
+    script.write_text(EARLY_DESTROY)
+    store = tmp_path / "store"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script), str(store)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rid = p.stdout.split("run_id=")[1].split()[0]
+    with open_store(store) as st:
+        assert st.run(rid)["status"] == "completed"
+        assert sorted(set(st.layer_stats(rid)["step"])) == [1]
+        dropped = st.events(rid, kind="layer_stats_dropped")
+        assert len(dropped) == 2 and all(json.loads(d)["steps"] == [2] for d in dropped["detail"])

@@ -317,10 +317,17 @@ class AuditRun(EndsOnExit):
 
     def _gather(self) -> None:
         """Start the all_gather of the calls not yet gathered (collective)."""
-        if self._ungathered:
+        if not self._ungathered:
+            return
+        if process_group() is None:  # destroyed before close: one rank's shards are not the rows
+            self.sink.log_event("layer_stats_dropped", None, "warning", {
+                "steps": [r.step for r in self._ungathered],
+                "reason": "the process group was destroyed before the audit run closed: these calls' "
+                          "statistics could not be reduced over ranks (close the run first)"})
+        else:
             layerstats.gather(self._ungathered)
             self._layers += self._ungathered
-            self._ungathered = []
+        self._ungathered = []
 
     def _drop_layer(self) -> None:
         item, self._pending_layer = self._pending_layer, None
