@@ -112,17 +112,23 @@ def _reference() -> dict[int, dict[str, list[float]]]:
     return out
 
 
-def test_fsdp2_two_ranks_match_the_unsharded_model(tmp_path) -> None:
-    script = tmp_path / "fsdp_loop.py"
-    script.write_text(SCRIPT)
+def _launch(tmp_path, name: str, text: str, timeout: int) -> tuple[str, object]:  # noqa: ANN001
+    """Run `text` as a script on 2 gloo ranks under torchrun with a store; its stdout and the store."""
+    script = tmp_path / name
+    script.write_text(text)
     store = tmp_path / "store"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script), str(store)], env=env, capture_output=True, text=True, timeout=300)
+                        str(script), str(store)], env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-3000:]
-    rid = p.stdout.split("run_id=")[1].split()[0]
-    ddp_rid = p.stdout.split("ddp_run_id=")[1].split()[0]
-    failed_rid = p.stdout.split("failed_run_id=")[1].split()[0]
+    return p.stdout, store
+
+
+def test_fsdp2_two_ranks_match_the_unsharded_model(tmp_path) -> None:
+    stdout, store = _launch(tmp_path, "fsdp_loop.py", SCRIPT, 300)
+    rid = stdout.split("run_id=")[1].split()[0]
+    ddp_rid = stdout.split("ddp_run_id=")[1].split()[0]
+    failed_rid = stdout.split("failed_run_id=")[1].split()[0]
     ref = _reference()
     names = ["0.weight", "0.bias", "2.weight", "2.bias"]
     with open_store(store) as st:
@@ -178,14 +184,8 @@ def test_process_group_destroyed_before_close_drops_what_was_not_gathered(tmp_pa
     """Step 2's statistics (not gathered yet: a flush's worth go out together) cannot be reduced
     over ranks once the process group is gone: dropped with a warning event, not written as one
     rank's shard."""
-    script = tmp_path / "early_destroy.py"
-    script.write_text(EARLY_DESTROY)
-    store = tmp_path / "store"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script), str(store)], env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rid = p.stdout.split("run_id=")[1].split()[0]
+    stdout, store = _launch(tmp_path, "early_destroy.py", EARLY_DESTROY, 120)
+    rid = stdout.split("run_id=")[1].split()[0]
     with open_store(store) as st:
         assert st.run(rid)["status"] == "completed"
         assert sorted(set(st.layer_stats(rid)["step"])) == [1]
