@@ -105,19 +105,14 @@ class AuditRun(EndsOnExit):
         for key, val in extra.items():
             if val is None:
                 continue
-            if type(val) is float or type(val) is int:  # the common case, checked first: a trainer's
-                if key in known:  # own metrics are a dozen plain numbers a step
-                    cols[key] = val
-                else:
-                    self._metrics.append((step, when, key, val))
-                continue
-            if key in known:
-                cols[key] = val if isinstance(val, str | bool) else scalar(val, key)
-            elif isinstance(val, str | bytes) or isinstance(val, Mapping | list | tuple):
+            number = type(val) is float or type(val) is int  # the common case: a dozen a step, and
+            if key in known:  # the ABC checks below cost more than the rest of the loop
+                cols[key] = val if number or isinstance(val, str | bool) else scalar(val, key)
+            elif not number and (isinstance(val, str | bytes) or isinstance(val, Mapping | list | tuple)):
                 raise ValueError(f"log_step: '{key}' is not a steps column and not a number "
                                  "(use log_event for structured values)")
             else:
-                self._metrics.append((step, when, key, scalar(val, key)))
+                self._metrics.append((step, when, key, val if number else scalar(val, key)))
         if batch_ids is not None:
             cols["batch_hash"] = keep(batch_ids, "batch_ids")
         if "batch_hash" in cols:

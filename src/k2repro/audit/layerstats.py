@@ -120,8 +120,9 @@ def matrices(layers: Sequence[LayerRows]) -> list[Any]:
     out: list[Any] = [None] * len(layers)
     groups: dict[tuple, list[int]] = {}
     for i, item in enumerate(layers):
-        groups.setdefault((len(item.names), tuple(item.vec.shape), item.vec.device), []).append(i)
-    for (P, _, _), idx in groups.items():
+        groups.setdefault((tuple(item.vec.shape), item.vec.device), []).append(i)
+    for (shape, _), idx in groups.items():
+        P = shape[1] // 4
         v = torch.stack([layers[i].vec for i in idx])  # (k, world, 4P)
         sums, gmax = v[:, :, :3 * P].sum(1).view(-1, 3, P).sqrt(), v[:, :, 3 * P:].amax(1)
         gn, pn, un = sums.unbind(1)
@@ -144,18 +145,14 @@ def measure(step: int, model: Any, *, before: Any = None, keep_snapshot: bool = 
     with torch.no_grad():
         ws = locals_of(params)
         dev = ws[0].device
-        grads = []
-        for p, w in zip(params, ws):
-            g = p.grad
-            if g is None:
-                grads.append(torch.zeros((), dtype=w.dtype, device=w.device))
-                continue
+        grads = [p.grad for p in params]
+        for g in grads:
             pl = getattr(g, "placements", None)
             if pl is not None and any(x.is_partial() for x in pl):
                 raise ValueError("log_layer_stats: gradients with a Partial placement are not reduced yet: "
                                  "call it after the gradient reduction")
-            loc = getattr(g, "_local_tensor", None)
-            grads.append(loc if loc is not None else local_shard(g))
+        grads = locals_of([g if g is not None else torch.zeros((), dtype=w.dtype, device=w.device)
+                           for g, w in zip(grads, ws)])
         weights = count_weights(params, dev)
         gmax = max_abs(grads, dev)
         snapshot = update = None
